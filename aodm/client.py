@@ -1,0 +1,193 @@
+"""The Python client: a typed method per action, plus the crypto that makes it a DM client.
+
+    client = await Client.connect(url, identity, handle="alice")
+    session = (await client.establish_session("bob")).session_id
+    await client.rotate_session_key(session)
+    await client.send_text(session, "hello")
+"""
+
+import secrets
+from typing import TypeVar
+
+import msgspec
+
+from aodm import crypto
+from shared import envelope, topology
+from shared.encoding import b64encode
+from shared.errors import Timeout, error_for
+from shared.registry_api import (
+    REGISTRY_TARGET,
+    ChatList,
+    Established,
+    EstablishSession,
+    GetChatList,
+    GetHandles,
+    HandleInfo,
+    HandleList,
+    QueryHandle,
+    QuerySession,
+    Register,
+    SessionRef,
+)
+from shared.replies import Err, reply_decoder
+from shared.session_api import (
+    GetCurrentKey,
+    GetKeyByGeneration,
+    KeyBatch,
+    MessagePage,
+    QueryMessage,
+    RotateSessionKey,
+    Rotated,
+    SealedKey,
+    SendMessage,
+    Sent,
+    StoredMessage,
+)
+from shared.transport import Bus
+
+T = TypeVar("T")
+_encoder = msgspec.json.Encoder()
+
+
+class Client:
+    def __init__(self, bus: Bus, identity: crypto.Identity, handle: str | None = None, *, timeout: float = 15.0) -> None:
+        self.bus = bus
+        self.identity = identity
+        self.handle = handle
+        self.timeout = timeout
+        self._keys: dict[tuple[str, int], bytes] = {}
+        self._current: dict[str, int] = {}
+
+    @classmethod
+    async def connect(cls, url: str, identity: crypto.Identity, handle: str | None = None, **kw) -> "Client":
+        return cls(await Bus.connect(url, name=f"aodm-client-{handle or identity.address[:8]}"), identity, handle, **kw)
+
+    async def close(self) -> None:
+        await self.bus.close()
+
+    # -- the envelope round trip -------------------------------------------------------
+
+    def sign(self, target: str, action: str, data: msgspec.Struct, *, as_handle: bool = True) -> envelope.Envelope:
+        return envelope.sign(
+            self.identity.signing_key,
+            target=target,
+            from_=self.handle if as_handle else None,
+            action=action,
+            data=_encoder.encode(data).decode(),
+            anchor=b64encode(secrets.token_bytes(16)),
+        )
+
+    async def send_envelope(self, env: envelope.Envelope) -> msgspec.Raw:
+        """Publish, wait for the reply, raise the typed error of an `Err`."""
+        try:
+            body = await self.bus.call(topology.REQUESTS, env.target, envelope.encode(env), timeout=self.timeout)
+        except TimeoutError:
+            raise Timeout(f"no reply to {env.action} within {self.timeout}s") from None
+        reply = reply_decoder.decode(body)
+        if isinstance(reply, Err):
+            raise error_for(reply.code, reply.message)
+        return reply.result
+
+    async def call(self, target: str, data: msgspec.Struct, result: type[T], *, as_handle: bool = True) -> T:
+        env = self.sign(target, type(data).__name__, data, as_handle=as_handle)
+        return msgspec.json.decode(await self.send_envelope(env), type=result)
+
+    # -- registry ----------------------------------------------------------------------
+
+    async def register(self, handle: str) -> HandleInfo:
+        info = await self.call(REGISTRY_TARGET, Register(handle, self.identity.box_public), HandleInfo, as_handle=False)
+        self.handle = handle
+        return info
+
+    async def query_handle(self, handle: str) -> HandleInfo:
+        return await self.call(REGISTRY_TARGET, QueryHandle(handle), HandleInfo, as_handle=False)
+
+    async def get_handles(self, owner: str | None = None) -> list[HandleInfo]:
+        result = await self.call(REGISTRY_TARGET, GetHandles(owner or self.identity.address), HandleList, as_handle=False)
+        return result.handles
+
+    async def query_session(self, handle_a: str, handle_b: str) -> str | None:
+        return (await self.call(REGISTRY_TARGET, QuerySession(handle_a, handle_b), SessionRef, as_handle=False)).session_id
+
+    async def establish_session(self, peer: str) -> Established:
+        return await self.call(REGISTRY_TARGET, EstablishSession(peer), Established)
+
+    async def get_chat_list(self) -> ChatList:
+        return await self.call(REGISTRY_TARGET, GetChatList(), ChatList)
+
+    # -- session -----------------------------------------------------------------------
+
+    async def rotate_session_key(self, session_id: str, peer: str, session_key: bytes | None = None) -> int:
+        """Seal a fresh key to both members' registered box keys (steps 1–4 of the seed)."""
+        session_key = session_key or crypto.new_session_key()
+        keys = []
+        for handle in sorted({self.handle, peer}):
+            box_public = self.identity.box_public if handle == self.handle else (await self.query_handle(handle)).box_key
+            keys.append(SealedKey(handle, box_public, crypto.seal_session_key(session_key, box_public)))
+        generation = (await self.call(session_id, RotateSessionKey(keys), Rotated)).generation
+        self._keys[(session_id, generation)] = session_key
+        self._current[session_id] = generation
+        return generation
+
+    async def get_current_key(self, session_id: str) -> KeyBatch:
+        return await self.call(session_id, GetCurrentKey(), KeyBatch)
+
+    async def get_key_by_generation(self, session_id: str, generation: int) -> KeyBatch:
+        return await self.call(session_id, GetKeyByGeneration(generation), KeyBatch)
+
+    async def send_message(self, session_id: str, content: str, generation: int | None = None) -> Sent:
+        return await self.call(session_id, SendMessage(content, generation), Sent)
+
+    async def query_messages(
+        self,
+        session_id: str,
+        *,
+        from_: int | None = None,
+        until: int | None = None,
+        limit: int = 50,
+        order: str = "asc",
+        cursor: str | None = None,
+    ) -> MessagePage:
+        return await self.call(session_id, QueryMessage(from_, until, limit, order, cursor), MessagePage)
+
+    # -- plaintext on top --------------------------------------------------------------
+
+    def _open(self, session_id: str, batch: KeyBatch) -> bytes:
+        mine = next(k for k in batch.keys if k.handle == self.handle)
+        key = crypto.open_session_key(mine.sealed_key, self.identity.box_key)
+        self._keys[(session_id, batch.generation)] = key
+        return key
+
+    async def session_key(self, session_id: str, generation: int | None = None) -> tuple[int, bytes]:
+        """The key of a generation (default: current), fetched and opened once, then cached."""
+        if generation is None:
+            generation = self._current.get(session_id)
+            if generation is None:
+                batch = await self.get_current_key(session_id)
+                self._current[session_id] = batch.generation
+                return batch.generation, self._open(session_id, batch)
+        if (session_id, generation) not in self._keys:
+            self._open(session_id, await self.get_key_by_generation(session_id, generation))
+        return generation, self._keys[(session_id, generation)]
+
+    async def send_text(self, session_id: str, text: str) -> Sent:
+        generation, key = await self.session_key(session_id)
+        return await self.send_message(session_id, crypto.encrypt(key, text), generation)
+
+    async def decrypt(self, session_id: str, generation: int, content: str) -> str:
+        _, key = await self.session_key(session_id, generation)
+        return crypto.decrypt(key, content)
+
+    async def read_text(self, session_id: str, message: StoredMessage) -> str:
+        return await self.decrypt(session_id, message.generation, message.content)
+
+    async def history(self, session_id: str, **query) -> list[StoredMessage]:
+        """Every message matching the query, following cursors to the end."""
+        messages: list[StoredMessage] = []
+        cursor = None
+        while True:
+            page = await self.query_messages(session_id, cursor=cursor, **query)
+            messages += page.messages
+            if page.next_cursor is None:
+                return messages
+            cursor = page.next_cursor

@@ -1,0 +1,98 @@
+"""Client-side cryptography. Servers never see a plaintext or a private key.
+
+- identity: an Ed25519 signing key (signs envelopes) and an X25519 box key (receives
+  sealed session keys);
+- session key: 32 random bytes, sealed to each member's box key with a SealedBox;
+- message: SecretBox under the session key, encoded as base64url(nonce ‖ ciphertext),
+  PyNaCl's combined form.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+from nacl.exceptions import CryptoError
+from nacl.public import PrivateKey, PublicKey, SealedBox
+from nacl.secret import SecretBox
+from nacl.signing import SigningKey
+from nacl.utils import random
+
+from shared.encoding import b64decode, b64encode
+from shared.envelope import address_of
+
+
+class DecryptionFailed(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Identity:
+    signing_key: SigningKey
+    box_key: PrivateKey
+
+    @classmethod
+    def generate(cls) -> "Identity":
+        return cls(SigningKey.generate(), PrivateKey.generate())
+
+    @property
+    def address(self) -> str:
+        return address_of(bytes(self.signing_key.verify_key))
+
+    @property
+    def sign_public(self) -> str:
+        return self.address
+
+    @property
+    def box_public(self) -> str:
+        return b64encode(bytes(self.box_key.public_key))
+
+    def to_json(self) -> bytes:
+        return msgspec.json.encode(
+            {"SigningSeed": b64encode(bytes(self.signing_key)), "BoxSecret": b64encode(bytes(self.box_key))}
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Identity":
+        raw = msgspec.json.decode(data, type=dict[str, str])
+        return cls(
+            SigningKey(b64decode(raw["SigningSeed"], field="SigningSeed", length=32)),
+            PrivateKey(b64decode(raw["BoxSecret"], field="BoxSecret", length=32)),
+        )
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600, exist_ok=True)
+        path.write_bytes(self.to_json())
+
+    @classmethod
+    def load(cls, path: Path) -> "Identity":
+        return cls.from_json(path.read_bytes())
+
+
+def new_session_key() -> bytes:
+    return random(SecretBox.KEY_SIZE)
+
+
+def seal_session_key(session_key: bytes, box_public: str) -> str:
+    recipient = PublicKey(b64decode(box_public, field="BoxKey", length=32))
+    return b64encode(SealedBox(recipient).encrypt(session_key))
+
+
+def open_session_key(sealed: str, box_key: PrivateKey) -> bytes:
+    try:
+        return SealedBox(box_key).decrypt(b64decode(sealed, field="SealedKey"))
+    except CryptoError as exc:
+        raise DecryptionFailed("the session key was not sealed to this identity") from exc
+
+
+def encrypt(session_key: bytes, plaintext: str, *, nonce: bytes | None = None) -> str:
+    box = SecretBox(session_key)
+    sealed = box.encrypt(plaintext.encode(), nonce) if nonce else box.encrypt(plaintext.encode())
+    return b64encode(bytes(sealed))
+
+
+def decrypt(session_key: bytes, content: str) -> str:
+    try:
+        return SecretBox(session_key).decrypt(b64decode(content, field="Content")).decode()
+    except CryptoError as exc:
+        raise DecryptionFailed("message does not open with this session key") from exc

@@ -1,0 +1,66 @@
+"""The handle registry: handles with their owners' keys, and the pair → session map."""
+
+import asyncio
+
+import asyncpg
+import msgspec
+
+from shared import db, runtime, topology
+from shared.config import Settings
+from shared.encoding import b64decode
+from shared.envelope import Envelope
+from shared.errors import Unauthorized
+from shared.logs import log
+from shared.registry_api import EstablishSession, GetChatList, GetHandles, QueryHandle, QuerySession, Register
+from shared.service import Action, Processor
+from shared.transport import Delivery
+
+from services.registry import handles, sessions, store
+
+ACTIONS = {
+    "Register": Action(Register, handles.register, "send", needs_handle=False),
+    "QueryHandle": Action(QueryHandle, handles.query_handle, "dryrun", needs_handle=False),
+    "GetHandles": Action(GetHandles, handles.get_handles, "dryrun", needs_handle=False),
+    "QuerySession": Action(QuerySession, sessions.query_session, "dryrun", needs_handle=False),
+    "EstablishSession": Action(EstablishSession, sessions.establish_session, "send"),
+    "GetChatList": Action(GetChatList, sessions.get_chat_list, "dryrun"),
+}
+
+
+async def authenticate(conn: asyncpg.Connection, env: Envelope, action: Action) -> tuple[str, None]:
+    """From is the signer's own address, or a handle whose registered key signed."""
+    if env.from_ == env.owner:
+        if action.needs_handle:
+            raise Unauthorized("From must be a handle registered to Owner for this action")
+        return env.from_, None
+    row = await store.handle(conn, env.from_)
+    if row is None:
+        raise Unauthorized(f"From {env.from_!r} is not a registered handle")
+    if bytes(row["sign_key"]) != b64decode(env.owner, field="Owner", length=32):
+        raise Unauthorized(f"handle {env.from_!r} is not owned by the key that signed")
+    return env.from_, None
+
+
+async def start(rt: runtime.Runtime) -> None:
+    processor = Processor(
+        name="registry", schema=store.SCHEMA, pool=rt.pool, bus=rt.bus, actions=ACTIONS, authenticate=authenticate
+    )
+    processor.stopping = rt.stop
+
+    async def on_activity(delivery: Delivery) -> None:
+        try:
+            await db.retrying(lambda: sessions.record_activity(rt.pool, delivery.body), what="activity")
+        except msgspec.DecodeError as exc:  # internal traffic: log and drop
+            log.warning("bad activity event dropped", error=str(exc))
+        await delivery.ack()
+
+    await rt.consume(topology.REGISTRY_QUEUE, processor, concurrency=16)
+    await rt.consume(topology.ACTIVITY_QUEUE, on_activity, concurrency=4)
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    await runtime.serve("registry", settings, stop, start, schema=store.SCHEMA, migrations=store.MIGRATIONS)
+
+
+if __name__ == "__main__":
+    runtime.main("registry", run)

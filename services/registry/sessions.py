@@ -1,0 +1,63 @@
+"""Pair actions: QuerySession, EstablishSession, GetChatList, and the activity feed."""
+
+import secrets
+
+import msgspec
+
+from shared import topology
+from shared.encoding import b64encode
+from shared.errors import Forbidden, NotFound
+from shared.notifications import SessionEstablished
+from shared.registry_api import (
+    Activity,
+    Chat,
+    ChatList,
+    Established,
+    EstablishSession,
+    GetChatList,
+    QuerySession,
+    SessionRef,
+    check_handle,
+)
+from shared.service import Context
+from shared.session_api import Member, Spawn
+
+from services.registry import store
+
+
+async def query_session(ctx: Context, req: QuerySession) -> SessionRef:
+    return SessionRef(await store.session_of(ctx.conn, check_handle(req.handle_a), check_handle(req.handle_b)))
+
+
+async def establish_session(ctx: Context, req: EstablishSession) -> Established:
+    """Spawn the pair's session once; a repeat, or the loser of a race, gets the same id."""
+    peer = check_handle(req.handle)
+    if peer == ctx.caller:
+        raise Forbidden("a session needs two different handles")
+    peer_row = await store.handle(ctx.conn, peer)
+    if peer_row is None:
+        raise NotFound(f"no handle {peer!r}")
+    session_id = b64encode(secrets.token_bytes(32))
+    if not await store.insert_session(ctx.conn, session_id, ctx.caller, peer, ctx.now):
+        return Established(await store.session_of(ctx.conn, ctx.caller, peer), created=False)
+    me_row = await store.handle(ctx.conn, ctx.caller)
+    members = [Member(r["handle"], b64encode(r["sign_key"]), b64encode(r["box_key"])) for r in (me_row, peer_row)]
+    # Spawn goes straight into the session's shard ahead of anything a client can send it.
+    ctx.emit(topology.SESSIONS, session_id, Spawn(session_id, members))
+    ctx.notify(SessionEstablished, [ctx.caller], session_id=session_id, peer=peer)
+    ctx.notify(SessionEstablished, [peer], session_id=session_id, peer=ctx.caller)
+    return Established(session_id, created=True)
+
+
+async def get_chat_list(ctx: Context, req: GetChatList) -> ChatList:
+    rows = await store.chats_of(ctx.conn, ctx.caller)
+    return ChatList([Chat(r["session_id"], r["peer"], r["created_at"], r["last_activity"]) for r in rows])
+
+
+activity_decoder = msgspec.json.Decoder(Activity)
+
+
+async def record_activity(pool, body: bytes) -> None:
+    """Internal feed from the session workers; last activity only moves forward."""
+    activity = activity_decoder.decode(body)
+    await store.touch_session(pool, activity.session_id, activity.at)

@@ -1,0 +1,89 @@
+"""All of the registry's SQL. The registry owns the `registry` schema."""
+
+import asyncpg
+
+from shared.service import requests_table
+
+SCHEMA = "registry"
+
+MIGRATIONS = [
+    requests_table(SCHEMA)
+    + """
+    CREATE TABLE registry.handles (
+        handle text PRIMARY KEY,
+        sign_key bytea NOT NULL,
+        box_key bytea NOT NULL,
+        created_at bigint NOT NULL
+    );
+    CREATE INDEX handles_by_sign_key ON registry.handles (sign_key);
+    CREATE TABLE registry.sessions (
+        session_id text PRIMARY KEY,
+        handle_lo text NOT NULL REFERENCES registry.handles,
+        handle_hi text NOT NULL REFERENCES registry.handles,
+        created_at bigint NOT NULL,
+        last_activity bigint NOT NULL,
+        UNIQUE (handle_lo, handle_hi),
+        CHECK (handle_lo < handle_hi)
+    );
+    CREATE INDEX sessions_by_hi ON registry.sessions (handle_hi);
+    """,
+]
+
+
+async def insert_handle(conn: asyncpg.Connection, handle: str, sign_key: bytes, box_key: bytes, at: int) -> bool:
+    return bool(
+        await conn.fetchval(
+            """INSERT INTO registry.handles (handle, sign_key, box_key, created_at) VALUES ($1, $2, $3, $4)
+               ON CONFLICT DO NOTHING RETURNING true""",
+            handle, sign_key, box_key, at,
+        )
+    )
+
+
+async def handle(conn: asyncpg.Connection, name: str) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT handle, sign_key, box_key, created_at FROM registry.handles WHERE handle = $1", name)
+
+
+async def handles_of(conn: asyncpg.Connection, sign_key: bytes) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT handle, sign_key, box_key, created_at FROM registry.handles WHERE sign_key = $1 ORDER BY handle",
+        sign_key,
+    )
+
+
+def _pair(a: str, b: str) -> tuple[str, str]:
+    return (a, b) if a < b else (b, a)
+
+
+async def session_of(conn: asyncpg.Connection, a: str, b: str) -> str | None:
+    return await conn.fetchval(
+        "SELECT session_id FROM registry.sessions WHERE handle_lo = $1 AND handle_hi = $2", *_pair(a, b)
+    )
+
+
+async def insert_session(conn: asyncpg.Connection, session_id: str, a: str, b: str, at: int) -> bool:
+    """Exactly one session per pair: the unique (lo, hi) key settles concurrent inserts."""
+    return bool(
+        await conn.fetchval(
+            """INSERT INTO registry.sessions (session_id, handle_lo, handle_hi, created_at, last_activity)
+               VALUES ($1, $2, $3, $4, $4) ON CONFLICT (handle_lo, handle_hi) DO NOTHING RETURNING true""",
+            session_id, *_pair(a, b), at,
+        )
+    )
+
+
+async def chats_of(conn: asyncpg.Connection, name: str) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT session_id, CASE WHEN handle_lo = $1 THEN handle_hi ELSE handle_lo END AS peer,
+                  created_at, last_activity
+           FROM registry.sessions WHERE handle_lo = $1 OR handle_hi = $1
+           ORDER BY last_activity DESC, session_id""",
+        name,
+    )
+
+
+async def touch_session(conn: asyncpg.Connection | asyncpg.Pool, session_id: str, at: int) -> None:
+    await conn.execute(
+        "UPDATE registry.sessions SET last_activity = greatest(last_activity, $2) WHERE session_id = $1",
+        session_id, at,
+    )

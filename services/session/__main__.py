@@ -1,0 +1,52 @@
+"""The DM session worker: runs every session process, sharded by session id."""
+
+import asyncio
+
+import msgspec
+
+from shared import db, runtime, topology
+from shared.config import Settings
+from shared.logs import log
+from shared.service import Action, Processor
+from shared.session_api import GetCurrentKey, GetKeyByGeneration, QueryMessage, RotateSessionKey, SendMessage
+from shared.transport import Delivery
+
+from services.session import keys, members, messages, store
+from services.session.shards import ShardOwner
+
+ACTIONS = {
+    "RotateSessionKey": Action(RotateSessionKey, keys.rotate_session_key, "send"),
+    "GetCurrentKey": Action(GetCurrentKey, keys.get_current_key, "dryrun"),
+    "GetKeyByGeneration": Action(GetKeyByGeneration, keys.get_key_by_generation, "dryrun"),
+    "SendMessage": Action(SendMessage, messages.send_message, "send"),
+    "QueryMessage": Action(QueryMessage, messages.query_message, "dryrun"),
+}
+
+
+async def start(rt: runtime.Runtime) -> None:
+    directory = members.MemberDirectory()
+    processor = Processor(
+        name="session", schema=store.SCHEMA, pool=rt.pool, bus=rt.bus, actions=ACTIONS, authenticate=directory.authenticate
+    )
+    processor.stopping = rt.stop
+
+    async def on_shard_message(delivery: Delivery) -> None:
+        # Only services publish to the sessions exchange directly; clients' requests reach
+        # the shards through aodm.requests (its alternate exchange), so they cannot spawn.
+        if delivery.exchange != topology.SESSIONS:
+            return await processor(delivery)
+        try:
+            await db.retrying(lambda: members.spawn(rt.pool, delivery.body), what="spawn")
+        except msgspec.DecodeError as exc:
+            log.warning("bad spawn dropped", error=str(exc))
+        await delivery.ack()
+
+    rt.background(ShardOwner(rt, on_shard_message).run())
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    await runtime.serve("session", settings, stop, start, schema=store.SCHEMA, migrations=store.MIGRATIONS)
+
+
+if __name__ == "__main__":
+    runtime.main("session", run)

@@ -1,0 +1,64 @@
+"""Key actions: RotateSessionKey, GetCurrentKey, GetKeyByGeneration."""
+
+from shared import topology
+from shared.encoding import b64decode, b64encode
+from shared.errors import InvalidArgument, NoSessionKey, NotFound
+from shared.notifications import KeyRotated
+from shared.registry_api import Activity
+from shared.service import Context
+from shared.session_api import (
+    SEALED_KEY_BYTES,
+    GetCurrentKey,
+    GetKeyByGeneration,
+    KeyBatch,
+    RotateSessionKey,
+    Rotated,
+    SealedKey,
+)
+
+from services.session import store
+from services.session.members import Members
+
+
+def _checked_entries(members: Members, req: RotateSessionKey) -> list[tuple[str, bytes, bytes]]:
+    """Exactly one entry per member, each sealed to that member's registered box key."""
+    handles = [entry.handle for entry in req.keys]
+    if sorted(handles) != sorted(members.handles):
+        raise InvalidArgument(f"Keys must hold exactly one entry for each of {', '.join(sorted(members.handles))}")
+    entries = []
+    for entry in req.keys:
+        box_key = b64decode(entry.box_key, field="BoxKey", length=32)
+        if box_key != members.box_key(entry.handle):
+            raise InvalidArgument(f"the key for {entry.handle!r} is not sealed to its registered box key")
+        entries.append((entry.handle, box_key, b64decode(entry.sealed_key, field="SealedKey", length=SEALED_KEY_BYTES)))
+    return entries
+
+
+async def rotate_session_key(ctx: Context, req: RotateSessionKey) -> Rotated:
+    members: Members = ctx.scope
+    entries = _checked_entries(members, req)
+    session_id = ctx.envelope.target
+    generation = await store.next_generation(ctx.conn, session_id)
+    await store.insert_key_batch(ctx.conn, session_id, generation, ctx.caller, ctx.now, entries)
+    ctx.notify(KeyRotated, members.handles, session_id=session_id, generation=generation, rotated_by=ctx.caller)
+    ctx.emit(topology.INTERNAL, topology.ACTIVITY_ROUTING_KEY, Activity(session_id, ctx.now))
+    return Rotated(generation)
+
+
+async def _batch(ctx: Context, generation: int) -> KeyBatch:
+    rows = await store.key_batch(ctx.conn, ctx.envelope.target, generation)
+    if not rows:
+        raise NotFound(f"no key generation {generation}")
+    keys = [SealedKey(r["handle"], b64encode(r["box_key"]), b64encode(r["sealed_key"])) for r in rows]
+    return KeyBatch(generation, rows[0]["rotated_by"], rows[0]["created_at"], keys)
+
+
+async def get_current_key(ctx: Context, req: GetCurrentKey) -> KeyBatch:
+    generation = await store.current_generation(ctx.conn, ctx.envelope.target)
+    if not generation:
+        raise NoSessionKey("the session has no key yet: RotateSessionKey first")
+    return await _batch(ctx, generation)
+
+
+async def get_key_by_generation(ctx: Context, req: GetKeyByGeneration) -> KeyBatch:
+    return await _batch(ctx, req.generation)

@@ -1,0 +1,77 @@
+"""Who belongs to a session: created by the registry's Spawn, read on every request.
+
+Members never change once spawned, so they are cached in memory after the first read."""
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import asyncpg
+import msgspec
+
+from shared.encoding import b64decode
+from shared.envelope import Envelope, now_ms
+from shared.errors import Forbidden, NotFound, Unauthorized
+from shared.service import Action
+from shared.session_api import Spawn
+
+from services.session import store
+
+
+@dataclass(frozen=True)
+class Members:
+    sign_keys: dict[str, bytes]
+    box_keys: dict[str, bytes]
+
+    @property
+    def handles(self) -> list[str]:
+        return sorted(self.sign_keys)
+
+    def box_key(self, handle: str) -> bytes:
+        return self.box_keys[handle]
+
+    def other(self, handle: str) -> str:
+        return next(h for h in self.sign_keys if h != handle)
+
+
+class MemberDirectory:
+    def __init__(self, capacity: int = 100_000) -> None:
+        self._cache: OrderedDict[str, Members] = OrderedDict()
+        self._capacity = capacity
+
+    async def lookup(self, conn: asyncpg.Connection, session_id: str) -> Members | None:
+        members = self._cache.get(session_id)
+        if members is None:
+            rows = await store.members(conn, session_id)
+            if len(rows) != 2:
+                return None
+            members = Members(
+                {r["handle"]: bytes(r["sign_key"]) for r in rows}, {r["handle"]: bytes(r["box_key"]) for r in rows}
+            )
+            self._cache[session_id] = members
+            if len(self._cache) > self._capacity:
+                self._cache.popitem(last=False)
+        return members
+
+    async def authenticate(self, conn: asyncpg.Connection, env: Envelope, action: Action) -> tuple[str, Members]:
+        """Only the two members may call a session, reads included, each with its own key."""
+        members = await self.lookup(conn, env.target)
+        if members is None:
+            raise NotFound(f"no session {env.target!r}")
+        key = members.sign_keys.get(env.from_)
+        if key is None:
+            raise Forbidden(f"{env.from_!r} is not a member of this session")
+        if key != b64decode(env.owner, field="Owner", length=32):
+            raise Unauthorized(f"handle {env.from_!r} is not owned by the key that signed")
+        return env.from_, members
+
+
+spawn_decoder = msgspec.json.Decoder(Spawn)
+
+
+async def spawn(pool: asyncpg.Pool, body: bytes) -> None:
+    message = spawn_decoder.decode(body)
+    members = [(m.handle, b64decode(m.sign_key, length=32), b64decode(m.box_key, length=32)) for m in message.members]
+    if len(members) != 2:
+        raise msgspec.ValidationError("a session has exactly two members")
+    async with pool.acquire() as conn:
+        await store.create_session(conn, message.session_id, now_ms(), members)

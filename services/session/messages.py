@@ -1,0 +1,80 @@
+"""Message actions: SendMessage, QueryMessage."""
+
+from shared import topology
+from shared.encoding import b64decode, b64encode
+from shared.errors import InvalidArgument, NoSessionKey, NotFound
+from shared.notifications import NewMessage
+from shared.registry_api import Activity
+from shared.service import Context
+from shared.session_api import MAX_PAGE, MessagePage, QueryMessage, SendMessage, Sent, StoredMessage
+
+from services.session import store
+from services.session.members import Members
+
+MIN_CONTENT_BYTES = 24 + 16  # SecretBox nonce + MAC: anything shorter cannot be a message
+NO_BOUND = 2**62
+
+
+async def send_message(ctx: Context, req: SendMessage) -> Sent:
+    members: Members = ctx.scope
+    content = b64decode(req.content, field="Content")
+    if len(content) < MIN_CONTENT_BYTES:
+        raise InvalidArgument(f"Content must be nonce ‖ SecretBox ciphertext, at least {MIN_CONTENT_BYTES} bytes")
+    session_id = ctx.envelope.target
+    state = await store.advance_message(ctx.conn, session_id, ctx.now)
+    current = state["key_generation"]
+    if current == 0:
+        raise NoSessionKey("the session has no key yet: RotateSessionKey first")
+    generation = req.generation or current
+    if generation > current:
+        raise NotFound(f"no key generation {generation}; the current one is {current}")
+    seq, ts = state["message_seq"], state["last_timestamp"]
+    sender_key = members.sign_keys[ctx.caller]
+    await store.insert_message(ctx.conn, session_id, seq, ctx.envelope.id, ctx.caller, sender_key, generation, ts, content)
+    ctx.notify(
+        NewMessage,
+        [members.other(ctx.caller)],
+        session_id=session_id,
+        message_id=ctx.envelope.id,
+        seq=seq,
+        sender=ctx.caller,
+        generation=generation,
+        timestamp=ts,
+        content=req.content,
+    )
+    ctx.emit(topology.INTERNAL, topology.ACTIVITY_ROUTING_KEY, Activity(session_id, ts))
+    return Sent(ctx.envelope.id, seq, ts, generation)
+
+
+def _cursor(text: str | None, descending: bool) -> tuple[int, int]:
+    if text is None:
+        return (NO_BOUND, NO_BOUND) if descending else (-1, -1)
+    try:
+        ts, seq = (int(part) for part in text.split(".", 1))
+    except ValueError:
+        raise InvalidArgument("Cursor is not one this service issued") from None
+    if not (0 <= ts <= NO_BOUND and 0 <= seq <= NO_BOUND):
+        raise InvalidArgument("Cursor is not one this service issued")
+    return ts, seq
+
+
+async def query_message(ctx: Context, req: QueryMessage) -> MessagePage:
+    if not 1 <= req.limit <= MAX_PAGE:
+        raise InvalidArgument(f"Limit must be between 1 and {MAX_PAGE}")
+    lo = 0 if req.from_ is None else req.from_
+    hi = NO_BOUND if req.until is None else req.until
+    if lo > hi:
+        raise InvalidArgument("From is after Until")
+    descending = req.order == "desc"
+    after = _cursor(req.cursor, descending)
+    rows = await store.message_page(ctx.conn, ctx.envelope.target, lo, hi, after, req.limit + 1, descending)
+    more = len(rows) > req.limit
+    rows = rows[: req.limit]
+    messages = [
+        StoredMessage(
+            r["message_id"], r["seq"], r["sender"], b64encode(r["sender_key"]), r["generation"], r["ts"], b64encode(r["content"])
+        )
+        for r in rows
+    ]
+    next_cursor = f"{rows[-1]['ts']}.{rows[-1]['seq']}" if more else None
+    return MessagePage(messages, next_cursor)

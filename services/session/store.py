@@ -1,0 +1,144 @@
+"""All of the session worker's SQL. It owns the `session` schema; every table is keyed
+by session_id first, so the schema can be distributed by session (see docs/scaling.md)."""
+
+import asyncpg
+
+from shared.service import requests_table
+
+SCHEMA = "session"
+
+MIGRATIONS = [
+    requests_table(SCHEMA)
+    + """
+    CREATE TABLE session.sessions (
+        session_id text PRIMARY KEY,
+        created_at bigint NOT NULL,
+        key_generation int NOT NULL DEFAULT 0,
+        message_seq bigint NOT NULL DEFAULT 0,
+        last_timestamp bigint NOT NULL DEFAULT 0
+    );
+    CREATE TABLE session.members (
+        session_id text NOT NULL REFERENCES session.sessions,
+        handle text NOT NULL,
+        sign_key bytea NOT NULL,
+        box_key bytea NOT NULL,
+        PRIMARY KEY (session_id, handle)
+    );
+    CREATE TABLE session.keys (
+        session_id text NOT NULL,
+        generation int NOT NULL,
+        handle text NOT NULL,
+        box_key bytea NOT NULL,
+        sealed_key bytea NOT NULL,
+        rotated_by text NOT NULL,
+        created_at bigint NOT NULL,
+        PRIMARY KEY (session_id, generation, handle)
+    );
+    CREATE TABLE session.messages (
+        session_id text NOT NULL,
+        seq bigint NOT NULL,
+        message_id text NOT NULL,
+        sender text NOT NULL,
+        sender_key bytea NOT NULL,
+        generation int NOT NULL,
+        ts bigint NOT NULL,
+        content bytea NOT NULL,
+        PRIMARY KEY (session_id, seq)
+    );
+    CREATE INDEX messages_by_time ON session.messages (session_id, ts, seq);
+    """,
+]
+
+
+async def create_session(conn: asyncpg.Connection, session_id: str, at: int, members: list[tuple[str, bytes, bytes]]) -> None:
+    """Idempotent: a repeated Spawn changes nothing."""
+    async with conn.transaction():
+        await conn.execute(
+            "INSERT INTO session.sessions (session_id, created_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            session_id, at,
+        )
+        await conn.executemany(
+            """INSERT INTO session.members (session_id, handle, sign_key, box_key) VALUES ($1, $2, $3, $4)
+               ON CONFLICT DO NOTHING""",
+            [(session_id, *member) for member in members],
+        )
+
+
+async def members(conn: asyncpg.Connection, session_id: str) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT handle, sign_key, box_key FROM session.members WHERE session_id = $1", session_id
+    )
+
+
+async def next_generation(conn: asyncpg.Connection, session_id: str) -> int:
+    """The row lock serialises rotations of one session: generations stay consecutive."""
+    return await conn.fetchval(
+        "UPDATE session.sessions SET key_generation = key_generation + 1 WHERE session_id = $1 RETURNING key_generation",
+        session_id,
+    )
+
+
+async def insert_key_batch(
+    conn: asyncpg.Connection, session_id: str, generation: int, rotated_by: str, at: int, entries: list[tuple[str, bytes, bytes]]
+) -> None:
+    await conn.executemany(
+        """INSERT INTO session.keys (session_id, generation, handle, box_key, sealed_key, rotated_by, created_at)
+           VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+        [(session_id, generation, handle, box, sealed, rotated_by, at) for handle, box, sealed in entries],
+    )
+
+
+async def current_generation(conn: asyncpg.Connection, session_id: str) -> int:
+    return await conn.fetchval("SELECT key_generation FROM session.sessions WHERE session_id = $1", session_id)
+
+
+async def key_batch(conn: asyncpg.Connection, session_id: str, generation: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT handle, box_key, sealed_key, rotated_by, created_at FROM session.keys
+           WHERE session_id = $1 AND generation = $2 ORDER BY handle""",
+        session_id, generation,
+    )
+
+
+async def advance_message(conn: asyncpg.Connection, session_id: str, now: int) -> asyncpg.Record:
+    """Next sequence number and a timestamp that never goes backwards within the session,
+    so (timestamp, seq) order is also the order of arrival."""
+    return await conn.fetchrow(
+        """UPDATE session.sessions SET message_seq = message_seq + 1, last_timestamp = greatest(last_timestamp, $2)
+           WHERE session_id = $1 RETURNING message_seq, last_timestamp, key_generation""",
+        session_id, now,
+    )
+
+
+async def insert_message(
+    conn: asyncpg.Connection,
+    session_id: str,
+    seq: int,
+    message_id: str,
+    sender: str,
+    sender_key: bytes,
+    generation: int,
+    ts: int,
+    content: bytes,
+) -> None:
+    await conn.execute(
+        """INSERT INTO session.messages (session_id, seq, message_id, sender, sender_key, generation, ts, content)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+        session_id, seq, message_id, sender, sender_key, generation, ts, content,
+    )
+
+
+_PAGE = """
+    SELECT seq, message_id, sender, sender_key, generation, ts, content FROM session.messages
+    WHERE session_id = $1 AND ts >= $2 AND ts <= $3 AND (ts, seq) {cmp} ($4, $5)
+    ORDER BY ts {dir}, seq {dir} LIMIT $6
+"""
+_PAGE_ASC = _PAGE.format(cmp=">", dir="ASC")
+_PAGE_DESC = _PAGE.format(cmp="<", dir="DESC")
+
+
+async def message_page(
+    conn: asyncpg.Connection, session_id: str, lo: int, hi: int, after: tuple[int, int], limit: int, descending: bool
+) -> list[asyncpg.Record]:
+    """Keyset paging on (ts, seq): stable under concurrent inserts, no gap, no duplicate."""
+    return await conn.fetch(_PAGE_DESC if descending else _PAGE_ASC, session_id, lo, hi, *after, limit)

@@ -1,0 +1,77 @@
+"""Settings from the environment, checked at start with an error that names the variable."""
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+class ConfigError(Exception):
+    pass
+
+
+def _int(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = int(raw)
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+        return value
+
+    return parse
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return raw
+
+    return parse
+
+
+def _url(*schemes: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if not raw.startswith(tuple(f"{s}://" for s in schemes)):
+            raise ValueError(f"must start with {' or '.join(s + '://' for s in schemes)}")
+        return raw
+
+    return parse
+
+
+# name: (default, parser, description) — the documented set; docs/operations.md lists it.
+VARIABLES: dict[str, tuple[str, Callable[[str], object], str]] = {
+    "AODM_AMQP_URL": ("amqp://guest:guest@127.0.0.1:5672/", _url("amqp", "amqps"), "RabbitMQ URL (with vhost)"),
+    "AODM_DATABASE_URL": ("postgresql://root@127.0.0.1:5432/aodm", _url("postgresql", "postgres"), "PostgreSQL DSN; the database is created if missing"),
+    "AODM_SESSION_SHARDS": ("8", _int(1, 1024), "number of session shard queues (fixed per deployment)"),
+    "AODM_PREFETCH": ("64", _int(1, 10000), "unacknowledged messages per consumer"),
+    "AODM_DB_POOL_SIZE": ("10", _int(1, 200), "PostgreSQL connections per service process"),
+    "AODM_LOG_FORMAT": ("auto", _choice("auto", "json", "console"), "json in containers, console on a terminal"),
+    "AODM_LOG_LEVEL": ("info", _choice("debug", "info", "warning", "error"), "log level"),
+    "AODM_HTTP_PORT": ("0", _int(0, 65535), "health (/healthz, /readyz) and /metrics HTTP port; 0 turns it off"),
+    "AODM_DEDUP_RETENTION_S": ("86400", _int(3600, 10**8), "how long request ids are remembered for deduplication"),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    amqp_url: str
+    database_url: str
+    session_shards: int
+    prefetch: int
+    db_pool_size: int
+    log_format: str
+    log_level: str
+    http_port: int
+    dedup_retention_s: int
+    raw: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+def load(environ: dict[str, str] | None = None) -> Settings:
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    for name, (default, parse, _) in VARIABLES.items():
+        raw = env.get(name, default)
+        try:
+            values[name.removeprefix("AODM_").lower()] = parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{name}={raw!r}: {exc}") from None
+    return Settings(**values)  # type: ignore[arg-type]

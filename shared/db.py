@@ -1,0 +1,76 @@
+"""PostgreSQL pool and migrations. Each service owns one schema and migrates it at start."""
+
+import asyncio
+import urllib.parse
+
+import asyncpg
+
+from shared.logs import log
+
+# Faults of the database itself (not of a request): retried, never dead-lettered.
+DatabaseUnavailable: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    OSError,
+)
+
+
+async def _create_database(dsn: str) -> None:
+    parts = urllib.parse.urlsplit(dsn)
+    name = parts.path.lstrip("/")
+    admin = urllib.parse.urlunsplit(parts._replace(path="/postgres"))
+    conn = await asyncpg.connect(admin)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    except asyncpg.DuplicateDatabaseError:
+        pass
+    finally:
+        await conn.close()
+
+
+async def connect(dsn: str, *, size: int, attempts: int = 60) -> asyncpg.Pool:
+    """Wait for the database (it may start after us), creating it on first use."""
+    for attempt in range(attempts):
+        try:
+            return await asyncpg.create_pool(dsn, min_size=min(2, size), max_size=size)
+        except asyncpg.InvalidCatalogNameError:
+            await _create_database(dsn)
+        except DatabaseUnavailable as exc:
+            log.warning("database not reachable yet", attempt=attempt, error=str(exc))
+            await asyncio.sleep(min(0.2 * 2**attempt, 2.0))
+    raise ConnectionError(f"database not reachable after {attempts} attempts")
+
+
+async def migrate(pool: asyncpg.Pool, schema: str, migrations: list[str]) -> None:
+    """Apply the not yet applied migrations, in order, under a lock so replicas can race."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", schema)
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {schema}.migrations (version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {schema}.migrations")
+        for version, sql in enumerate(migrations, start=1):
+            if version > done:
+                await conn.execute(sql)
+                await conn.execute(f"INSERT INTO {schema}.migrations(version) VALUES ($1)", version)
+                log.info("migration applied", schema=schema, version=version)
+
+
+async def retrying(operation, *, what: str):
+    """Run a database operation until the database answers: faults of the database are
+    waited out, never turned into a lost message."""
+    backoff = 0.1
+    while True:
+        try:
+            return await operation()
+        except DatabaseUnavailable as exc:
+            log.warning("database unavailable, retrying", what=what, error=str(exc), backoff=backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)

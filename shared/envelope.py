@@ -1,0 +1,177 @@
+"""The AO-style request envelope: its wire form, canonical signing bytes, signing and checks.
+
+The signing bytes are defined byte for byte in docs/protocol.md so that any language can
+produce them; nothing here depends on how Python serialises an object.
+"""
+
+import hashlib
+import struct
+import time
+
+import msgspec
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+from shared.encoding import b64decode, b64encode
+from shared.errors import InvalidSignature, MalformedRequest, PayloadTooLarge, StaleRequest
+
+SIGNING_DOMAIN = b"aodm-envelope-v1"
+MAX_BODY_BYTES = 96 * 1024
+MAX_DATA_BYTES = 64 * 1024
+MAX_TAGS = 16
+MAX_TAG_NAME = 64
+MAX_TAG_VALUE = 256
+MAX_ID_FIELD = 64  # Target, From, Anchor
+MAX_AGE_MS = 15 * 60 * 1000
+MAX_FUTURE_MS = 2 * 60 * 1000
+
+
+class Tag(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    value: str
+
+
+class Envelope(msgspec.Struct, forbid_unknown_fields=True, rename="pascal"):
+    """A signed request. `owner` is the signer's Ed25519 key; `from_` the handle it acts as
+    (or the owner address itself, for actions that need no handle)."""
+
+    id: str
+    target: str
+    from_: str = msgspec.field(name="From")
+    owner: str
+    anchor: str
+    timestamp: int
+    tags: list[Tag]
+    data: str
+    signature: str
+
+    def tag(self, name: str) -> str | None:
+        values = [t.value for t in self.tags if t.name == name]
+        if len(values) > 1:
+            raise MalformedRequest(f"tag {name!r} appears more than once")
+        return values[0] if values else None
+
+    @property
+    def action(self) -> str:
+        action = self.tag("Action")
+        if action is None:
+            raise MalformedRequest("missing tag 'Action'")
+        return action
+
+
+_decoder = msgspec.json.Decoder(Envelope)
+_encoder = msgspec.json.Encoder()
+
+
+def _field(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def signing_bytes(
+    *, target: str, from_: str, owner: str, anchor: str, timestamp: int, tags: list[Tag], data: str
+) -> bytes:
+    """Domain ‖ u32be-length-prefixed fields, in this order, tags as a count then pairs."""
+    parts = [SIGNING_DOMAIN]
+    for text in (target, from_, owner, anchor, str(timestamp)):
+        parts.append(_field(text.encode()))
+    parts.append(struct.pack(">I", len(tags)))
+    for tag in tags:
+        parts.append(_field(tag.name.encode()))
+        parts.append(_field(tag.value.encode()))
+    parts.append(_field(data.encode()))
+    return b"".join(parts)
+
+
+def envelope_signing_bytes(env: Envelope) -> bytes:
+    return signing_bytes(
+        target=env.target,
+        from_=env.from_,
+        owner=env.owner,
+        anchor=env.anchor,
+        timestamp=env.timestamp,
+        tags=env.tags,
+        data=env.data,
+    )
+
+
+def id_from_signature(signature: bytes) -> str:
+    """As in ANS-104: the id is the SHA-256 of the raw signature."""
+    return b64encode(hashlib.sha256(signature).digest())
+
+
+def address_of(verify_key: bytes) -> str:
+    """A signer's address is its raw Ed25519 public key in base64url."""
+    return b64encode(verify_key)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def sign(
+    signing_key: SigningKey,
+    *,
+    target: str,
+    from_: str | None,
+    action: str,
+    data: str,
+    anchor: str = "",
+    timestamp: int | None = None,
+    extra_tags: list[Tag] | None = None,
+) -> Envelope:
+    owner = address_of(bytes(signing_key.verify_key))
+    tags = [Tag("Action", action), *(extra_tags or [])]
+    fields = dict(
+        target=target,
+        from_=owner if from_ is None else from_,
+        owner=owner,
+        anchor=anchor,
+        timestamp=now_ms() if timestamp is None else timestamp,
+        tags=tags,
+        data=data,
+    )
+    signature = signing_key.sign(signing_bytes(**fields)).signature
+    return Envelope(id=id_from_signature(signature), signature=b64encode(signature), **fields)
+
+
+def encode(env: Envelope) -> bytes:
+    return _encoder.encode(env)
+
+
+def decode(body: bytes) -> Envelope:
+    """Parse and bound-check an envelope. Signature checks are `verify`'s job."""
+    if len(body) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"request body is {len(body)} bytes; the cap is {MAX_BODY_BYTES}")
+    try:
+        env = _decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise MalformedRequest(f"envelope: {exc}") from exc
+    if len(env.data.encode()) > MAX_DATA_BYTES:
+        raise PayloadTooLarge(f"Data is over the cap of {MAX_DATA_BYTES} bytes")
+    if len(env.tags) > MAX_TAGS:
+        raise PayloadTooLarge(f"{len(env.tags)} tags; the cap is {MAX_TAGS}")
+    for tag in env.tags:
+        if len(tag.name) > MAX_TAG_NAME or len(tag.value) > MAX_TAG_VALUE:
+            raise PayloadTooLarge("a tag name or value is over its cap")
+    for name in ("target", "from_", "anchor"):
+        if len(getattr(env, name)) > MAX_ID_FIELD:
+            raise MalformedRequest(f"{name.rstrip('_').capitalize()} is over {MAX_ID_FIELD} characters")
+    return env
+
+
+def verify(env: Envelope, *, now: int | None = None) -> bytes:
+    """Check signature, Id and timestamp window; return the signer's raw public key."""
+    owner = b64decode(env.owner, field="Owner", length=32)
+    signature = b64decode(env.signature, field="Signature", length=64)
+    try:
+        VerifyKey(owner).verify(envelope_signing_bytes(env), signature)
+    except BadSignatureError as exc:
+        raise InvalidSignature("signature does not match the envelope and Owner") from exc
+    if env.id != id_from_signature(signature):
+        raise MalformedRequest("Id is not base64url(sha256(Signature))")
+    now = now_ms() if now is None else now
+    if env.timestamp < now - MAX_AGE_MS or env.timestamp > now + MAX_FUTURE_MS:
+        raise StaleRequest(
+            f"Timestamp {env.timestamp} is outside [{now - MAX_AGE_MS}, {now + MAX_FUTURE_MS}]"
+        )
+    return owner

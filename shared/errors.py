@@ -1,0 +1,104 @@
+"""The error hierarchy. Every error a client can see has a stable string `code`.
+
+Handlers raise these; the consume loop turns them into `Err` replies in one place.
+Anything that is not an `AodmError` is either an infrastructure fault (retried) or a
+bug (answered with `internal`).
+"""
+
+
+class AodmError(Exception):
+    code = "internal"
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or self.code)
+        self.message = message or self.code
+
+
+class MalformedRequest(AodmError):
+    """Not JSON, wrong types, missing or unknown fields, bad base64."""
+
+    code = "malformed_request"
+
+
+class PayloadTooLarge(AodmError):
+    code = "payload_too_large"
+
+
+class InvalidSignature(AodmError):
+    code = "invalid_signature"
+
+
+class StaleRequest(AodmError):
+    """Timestamp outside the accepted window: too old to be deduplicated, or from the future."""
+
+    code = "stale_request"
+
+
+class UnknownAction(AodmError):
+    code = "unknown_action"
+
+
+class Unauthorized(AodmError):
+    """The signer may not act as `From` (a forged or unregistered `From`)."""
+
+    code = "unauthorized"
+
+
+class Forbidden(AodmError):
+    """The caller is known but may not do this (not a member, a session with itself)."""
+
+    code = "forbidden"
+
+
+class InvalidArgument(AodmError):
+    """Well-formed but out of range: bad handle name, limit 0, inverted bounds."""
+
+    code = "invalid_argument"
+
+
+class NotFound(AodmError):
+    code = "not_found"
+
+
+class AlreadyExists(AodmError):
+    code = "already_exists"
+
+
+class NoSessionKey(AodmError):
+    """The session has no key yet (before the first RotateSessionKey)."""
+
+    code = "no_session_key"
+
+
+class InternalError(AodmError):
+    """A bug or a request that keeps failing; the request is dead-lettered."""
+
+    code = "internal"
+
+
+class Timeout(AodmError):
+    """Client side only: no reply within the deadline."""
+
+    code = "timeout"
+
+
+ALL_ERRORS: tuple[type[AodmError], ...] = (
+    MalformedRequest,
+    PayloadTooLarge,
+    InvalidSignature,
+    StaleRequest,
+    UnknownAction,
+    Unauthorized,
+    Forbidden,
+    InvalidArgument,
+    NotFound,
+    AlreadyExists,
+    NoSessionKey,
+    InternalError,
+)
+ERROR_CODES: dict[str, type[AodmError]] = {e.code: e for e in ALL_ERRORS}
+
+
+def error_for(code: str, message: str) -> AodmError:
+    """Rebuild the typed error from a reply (client side)."""
+    return ERROR_CODES.get(code, AodmError)(message)

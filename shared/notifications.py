@@ -1,0 +1,69 @@
+"""Notifications delivered to a handle's own durable queue, and the events that carry them
+from the services to the notifier.
+
+Every notification has an `Id` derived from the request that caused it, so a redelivered
+request yields the same Id and a client drops duplicates by it.
+"""
+
+import hashlib
+
+import msgspec
+
+from shared.encoding import b64encode
+
+
+class Notification(msgspec.Struct, tag_field="Kind", rename="pascal"):
+    id: str
+    handle: str  # the recipient
+    at: int
+
+
+class SessionEstablished(Notification, tag=True):
+    session_id: str
+    peer: str
+
+
+class KeyRotated(Notification, tag=True):
+    session_id: str
+    generation: int
+    rotated_by: str
+
+
+class NewMessage(Notification, tag=True):
+    session_id: str
+    message_id: str
+    seq: int
+    sender: str
+    generation: int
+    timestamp: int
+    content: str
+
+
+class RequestFailed(Notification, tag=True):
+    """A request that had no reply address failed; this is its error."""
+
+    request_id: str
+    action: str
+    code: str
+    message: str
+
+
+AnyNotification = SessionEstablished | KeyRotated | NewMessage | RequestFailed
+
+
+class Fanout(msgspec.Struct, tag=True, tag_field="Event", rename="pascal"):
+    notifications: list[AnyNotification]
+
+
+class HandleRegistered(msgspec.Struct, tag=True, tag_field="Event", rename="pascal"):
+    handle: str
+
+
+NotifierEvent = Fanout | HandleRegistered
+
+notification_decoder = msgspec.json.Decoder(AnyNotification)
+event_decoder = msgspec.json.Decoder(NotifierEvent)
+
+
+def notification_id(request_id: str, kind: str, handle: str) -> str:
+    return b64encode(hashlib.sha256(f"{request_id}\n{kind}\n{handle}".encode()).digest())

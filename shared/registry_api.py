@@ -1,0 +1,89 @@
+"""Wire types of the registry's actions: `Data` of each request and its result."""
+
+import re
+from typing import Annotated
+
+import msgspec
+
+from shared.errors import InvalidArgument
+
+REGISTRY_TARGET = "registry"
+HANDLE_PATTERN = re.compile(r"[a-z0-9_-]{3,32}")
+
+B64Key = Annotated[str, msgspec.Meta(min_length=43, max_length=43)]
+HandleName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+def check_handle(name: str) -> str:
+    """Handles are ASCII only so that no two differ by a look-alike character."""
+    if not HANDLE_PATTERN.fullmatch(name):
+        raise InvalidArgument(f"handle {name!r} must match ^[a-z0-9_-]{{3,32}}$")
+    return name
+
+
+class Request(msgspec.Struct, forbid_unknown_fields=True, rename="pascal"):
+    pass
+
+
+class Register(Request):
+    handle: HandleName
+    box_key: B64Key
+
+
+class QueryHandle(Request):
+    handle: HandleName
+
+
+class GetHandles(Request):
+    owner: B64Key
+
+
+class QuerySession(Request):
+    handle_a: HandleName
+    handle_b: HandleName
+
+
+class EstablishSession(Request):
+    handle: HandleName
+
+
+class GetChatList(Request):
+    pass
+
+
+class HandleInfo(msgspec.Struct, rename="pascal"):
+    handle: str
+    sign_key: str
+    box_key: str
+    created_at: int
+
+
+class HandleList(msgspec.Struct, rename="pascal"):
+    handles: list[HandleInfo]
+
+
+class SessionRef(msgspec.Struct, rename="pascal"):
+    session_id: str | None
+
+
+class Established(msgspec.Struct, rename="pascal"):
+    session_id: str
+    created: bool
+
+
+class Chat(msgspec.Struct, rename="pascal"):
+    session_id: str
+    peer: str
+    created_at: int
+    last_activity: int
+
+
+class ChatList(msgspec.Struct, rename="pascal"):
+    chats: list[Chat]
+
+
+class Activity(msgspec.Struct, rename="pascal"):
+    """Internal, session worker → registry: keeps the chat list's last activity current."""
+
+    session_id: str
+    at: int

@@ -1,0 +1,115 @@
+"""What every service's `__main__` shares: settings, logging, pool, bus, topology,
+health endpoint, and a graceful stop on SIGTERM (consumers drain, in-flight work finishes,
+prefetched messages go back to their queues)."""
+
+import asyncio
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from shared import config, db, logs, topology
+from shared.health import HealthServer
+from shared.logs import log
+from shared.service import prune_requests
+from shared.transport import Bus, Consumer, Handler
+
+
+@dataclass
+class Runtime:
+    name: str
+    settings: config.Settings
+    pool: asyncpg.Pool | None
+    bus: Bus
+    stop: asyncio.Event
+    consumers: list[Consumer] = field(default_factory=list)
+    tasks: list[asyncio.Task] = field(default_factory=list)
+    consuming: bool = False
+
+    async def consume(self, queue: str, handler: Handler, *, concurrency: int = 1, exclusive: bool = False) -> Consumer:
+        consumer = await self.bus.consume(
+            queue, handler, prefetch=self.settings.prefetch, concurrency=concurrency, exclusive=exclusive
+        )
+        self.consumers.append(consumer)
+        return consumer
+
+    def background(self, coro: Awaitable[None]) -> None:
+        self.tasks.append(asyncio.ensure_future(coro))
+
+    def ready(self) -> bool:
+        return self.consuming and self.bus.is_connected and (self.pool is None or not self.pool._closed)
+
+    def metrics(self) -> str:
+        from shared.metrics import render
+
+        return render()
+
+
+Start = Callable[[Runtime], Awaitable[None]]
+
+
+async def serve(
+    name: str,
+    settings: config.Settings,
+    stop: asyncio.Event,
+    start: Start,
+    *,
+    schema: str | None = None,
+    migrations: list[str] | None = None,
+) -> None:
+    pool = None
+    if schema is not None:
+        pool = await db.connect(settings.database_url, size=settings.db_pool_size)
+        await db.migrate(pool, schema, migrations or [])
+    bus = await Bus.connect(settings.amqp_url, name=f"aodm-{name}")
+    await topology.declare_all(bus, settings.session_shards)
+    runtime = Runtime(name, settings, pool, bus, stop)
+    health = HealthServer(runtime.ready, runtime.metrics)
+    if settings.http_port:
+        await health.start(settings.http_port)
+    try:
+        if pool is not None and schema is not None:
+            runtime.background(prune_requests(pool, schema, settings.dedup_retention_s, stop))
+        await start(runtime)
+        runtime.consuming = True
+        log.info("service started", service=name)
+        await stop.wait()
+    finally:
+        runtime.consuming = False
+        log.info("service stopping", service=name)
+        for task in runtime.tasks:
+            task.cancel()
+        await asyncio.gather(*runtime.tasks, return_exceptions=True)
+        await asyncio.gather(*(c.stop() for c in runtime.consumers), return_exceptions=True)
+        await health.close()
+        await bus.close()
+        if pool is not None:
+            await pool.close()
+        log.info("service stopped", service=name)
+
+
+def main(name: str, run: Callable[[config.Settings, asyncio.Event], Awaitable[None]]) -> None:
+    """Process entry point: settings (a bad one is a clear error), logging, signals."""
+    try:
+        settings = config.load()
+    except config.ConfigError as exc:
+        print(f"aodm-{name}: configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    logs.setup(settings.log_level, settings.log_format)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+    async def run_until_signalled() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run(settings, stop)
+
+    asyncio.run(run_until_signalled())

@@ -1,0 +1,83 @@
+"""Every exchange, queue and routing key name, and the arguments they are declared with.
+
+Names read well on the management UI: `aodm.<owner>.<what>`, so a session shard, a
+handle's inbox and the dead letters are told apart at a glance.
+"""
+
+from shared.transport import Bus
+
+# Clients publish every request here with routing key = Target.
+REQUESTS = "aodm.requests"
+# Session requests fall through REQUESTS (alternate exchange) into this consistent-hash
+# exchange, which spreads session ids over the shard queues; Spawn is published here directly.
+SESSIONS = "aodm.sessions"
+# Service-to-service events (never written by clients).
+INTERNAL = "aodm.internal"
+# The notifier publishes here; routing key = handle; one queue per handle.
+INBOX = "aodm.inbox"
+# Rejected poison messages land here.
+DEAD_LETTERS = "aodm.dead-letters"
+
+REGISTRY_ROUTING_KEY = "registry"
+REGISTRY_QUEUE = "aodm.registry.requests"
+ACTIVITY_ROUTING_KEY = "registry.activity"
+ACTIVITY_QUEUE = "aodm.registry.activity"
+NOTIFIER_ROUTING_KEY = "notifier.events"
+NOTIFIER_QUEUE = "aodm.notifier.events"
+WORKERS_QUEUE = "aodm.session.workers"
+DEAD_LETTER_QUEUE = "aodm.dead-letters"
+
+_DEAD = {"x-dead-letter-exchange": DEAD_LETTERS}
+
+
+def shard_queue(shard: int) -> str:
+    return f"aodm.session.shard.{shard:02d}"
+
+
+def inbox_queue(handle: str) -> str:
+    return f"aodm.inbox.{handle}"
+
+
+async def declare_exchanges(bus: Bus) -> None:
+    """Idempotent; every service runs it at start so start order does not matter."""
+    await bus.declare_exchange(SESSIONS, "x-consistent-hash")
+    await bus.declare_exchange(REQUESTS, "direct", arguments={"alternate-exchange": SESSIONS})
+    await bus.declare_exchange(INTERNAL, "direct")
+    await bus.declare_exchange(INBOX, "direct")
+    await bus.declare_exchange(DEAD_LETTERS, "fanout")
+    await bus.declare_queue(DEAD_LETTER_QUEUE)
+    await bus.bind(DEAD_LETTER_QUEUE, DEAD_LETTERS, "")
+
+
+async def declare_registry(bus: Bus) -> None:
+    await bus.declare_queue(REGISTRY_QUEUE, arguments=_DEAD)
+    await bus.bind(REGISTRY_QUEUE, REQUESTS, REGISTRY_ROUTING_KEY)
+    await bus.declare_queue(ACTIVITY_QUEUE, arguments=_DEAD)
+    await bus.bind(ACTIVITY_QUEUE, INTERNAL, ACTIVITY_ROUTING_KEY)
+
+
+async def declare_session_shards(bus: Bus, shards: int) -> None:
+    # Each binding weight is "1": the hash ring gives every shard an equal share.
+    for shard in range(shards):
+        await bus.declare_queue(shard_queue(shard), arguments=_DEAD)
+        await bus.bind(shard_queue(shard), SESSIONS, "1")
+    await bus.declare_queue(WORKERS_QUEUE, arguments={"x-max-length": 0})
+
+
+async def declare_notifier(bus: Bus) -> None:
+    await bus.declare_queue(NOTIFIER_QUEUE, arguments=_DEAD)
+    await bus.bind(NOTIFIER_QUEUE, INTERNAL, NOTIFIER_ROUTING_KEY)
+
+
+async def declare_inbox(bus: Bus, handle: str) -> None:
+    await bus.declare_queue(inbox_queue(handle))
+    await bus.bind(inbox_queue(handle), INBOX, handle)
+
+
+async def declare_all(bus: Bus, shards: int) -> None:
+    """The static topology. Every service declares all of it, so none depends on another
+    having started first and no publish finds its queue missing."""
+    await declare_exchanges(bus)
+    await declare_registry(bus)
+    await declare_session_shards(bus, shards)
+    await declare_notifier(bus)

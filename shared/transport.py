@@ -1,0 +1,272 @@
+"""The only module that speaks AMQP (aio-pika). Everything else sees a `Bus`.
+
+Publishes go through a channel with publisher confirms and mandatory routing, so a publish
+returns only once the broker has taken responsibility for the message, and an unroutable
+one raises instead of being silently confirmed.
+"""
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.exceptions import DeliveryError
+
+# What a broker fault looks like to callers: retry or reconnect, never treat as poison.
+BrokerError: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPError,
+    aio_pika.exceptions.AMQPException,
+    ConnectionError,
+)
+
+
+class Unroutable(Exception):
+    """The broker returned a mandatory publish: no queue is bound for it."""
+
+
+class ExclusiveConsumerTaken(Exception):
+    """Another consumer holds the queue exclusively."""
+
+
+class Delivery:
+    """One incoming message, with the few properties the services read."""
+
+    __slots__ = ("_message",)
+
+    def __init__(self, message: AbstractIncomingMessage) -> None:
+        self._message = message
+
+    @property
+    def body(self) -> bytes:
+        return self._message.body
+
+    @property
+    def reply_to(self) -> str | None:
+        return self._message.reply_to
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self._message.correlation_id
+
+    @property
+    def redelivered(self) -> bool:
+        return bool(self._message.redelivered)
+
+    @property
+    def exchange(self) -> str:
+        return self._message.exchange or ""
+
+    @property
+    def routing_key(self) -> str:
+        return self._message.routing_key or ""
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        return dict(self._message.headers or {})
+
+    async def ack(self) -> None:
+        await self._message.ack()
+
+    async def reject(self, *, requeue: bool) -> None:
+        await self._message.reject(requeue=requeue)
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
+
+
+async def _reject_quietly(message: AbstractIncomingMessage) -> None:
+    try:
+        await message.reject(requeue=False)
+    except BrokerError:
+        pass
+
+
+class Consumer:
+    """A subscription on its own channel, worked by `concurrency` tasks."""
+
+    def __init__(self, channel: aio_pika.abc.AbstractChannel, handler: Handler, concurrency: int) -> None:
+        self._channel = channel
+        self._handler = handler
+        self._inbox: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+        self._stopping = False
+        self._queue: Any = None
+        self._tag: str | None = None
+        self._tasks = [asyncio.create_task(self._work()) for _ in range(concurrency)]
+
+    async def _work(self) -> None:
+        while True:
+            message = await self._inbox.get()
+            if message is None or self._stopping:
+                return
+            try:
+                await self._handler(Delivery(message))
+            except BrokerError:
+                pass  # the channel is gone; the broker redelivers what was not acked
+            except Exception:  # last line of defence: a handler bug must not stop the consumer
+                logging.getLogger("aodm.transport").exception("consumer handler failed; message dead-lettered")
+                await _reject_quietly(message)
+
+    async def _start(self, queue: Any, exclusive: bool) -> None:
+        self._queue = queue
+        self._tag = await queue.consume(self._inbox.put, exclusive=exclusive)
+
+    async def stop(self) -> None:
+        """Graceful: take no more, finish the messages being handled, then close the
+        channel, which hands every prefetched but unstarted message back to the queue."""
+        self._stopping = True
+        for _ in self._tasks:
+            self._inbox.put_nowait(None)
+        if self._tag and not self._channel.is_closed:
+            try:
+                await self._queue.cancel(self._tag)
+            except BrokerError:
+                pass
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.close()
+
+    async def close(self) -> None:
+        """Abrupt: unacknowledged messages go back to the queue."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if not self._channel.is_closed:
+            try:
+                await self._channel.close()
+            except BrokerError:
+                pass
+
+
+class Bus:
+    def __init__(self, connection: AbstractRobustConnection, channel: aio_pika.abc.AbstractChannel) -> None:
+        self._connection = connection
+        self._channel = channel
+        self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+        self._pending: dict[str, asyncio.Future[bytes]] = {}
+        self._reply_queue: str | None = None
+        self._reply_lock = asyncio.Lock()
+
+    @classmethod
+    async def connect(cls, url: str, *, name: str) -> "Bus":
+        connection = await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        return cls(connection, channel)
+
+    async def close(self) -> None:
+        for future in self._pending.values():
+            future.cancel()
+        await self._connection.close()
+
+    @property
+    def is_connected(self) -> bool:
+        return not self._connection.is_closed and not self._channel.is_closed
+
+    # -- topology ---------------------------------------------------------------------
+
+    async def declare_exchange(self, name: str, kind: str, *, arguments: dict | None = None) -> None:
+        self._exchanges[name] = await self._channel.declare_exchange(
+            name, kind, durable=True, arguments=arguments
+        )
+
+    async def declare_queue(self, name: str, *, arguments: dict | None = None) -> None:
+        await self._channel.declare_queue(name, durable=True, arguments=arguments)
+
+    async def bind(self, queue: str, exchange: str, routing_key: str) -> None:
+        q = await self._channel.get_queue(queue, ensure=False)
+        await q.bind(exchange, routing_key=routing_key)
+
+    async def consumer_count(self, queue: str) -> int:
+        declared = await self._channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.consumer_count
+
+    async def message_count(self, queue: str) -> int:
+        declared = await self._channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count
+
+    # -- publishing -------------------------------------------------------------------
+
+    async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
+        if name == "":
+            return self._channel.default_exchange
+        if name not in self._exchanges:
+            self._exchanges[name] = await self._channel.get_exchange(name, ensure=False)
+        return self._exchanges[name]
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+        message_id: str | None = None,
+        content_type: str = "application/json",
+        persistent: bool = True,
+    ) -> None:
+        """Publish and wait for the broker's confirm; raise `Unroutable` if it comes back."""
+        message = aio_pika.Message(
+            body,
+            content_type=content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
+            reply_to=reply_to,
+            correlation_id=correlation_id,
+            message_id=message_id,
+        )
+        target = await self._exchange(exchange)
+        try:
+            await target.publish(message, routing_key=routing_key, mandatory=True)
+        except DeliveryError as exc:
+            raise Unroutable(f"{exchange or '(default)'}/{routing_key}") from exc
+
+    # -- RPC (aio-pika's pattern: futures keyed by correlation_id) --------------------
+
+    async def _ensure_reply_queue(self) -> str:
+        async with self._reply_lock:
+            if self._reply_queue is None:
+                queue = await self._channel.declare_queue("", exclusive=True, auto_delete=True)
+                await queue.consume(self._on_reply, no_ack=True)
+                self._reply_queue = queue.name
+        return self._reply_queue
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        future = self._pending.pop(message.correlation_id or "", None)
+        if future is not None and not future.done():
+            future.set_result(message.body)
+
+    async def call(self, exchange: str, routing_key: str, body: bytes, *, timeout: float) -> bytes:
+        reply_to = await self._ensure_reply_queue()
+        correlation_id = uuid.uuid4().hex
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._pending[correlation_id] = future
+        try:
+            await self.publish(exchange, routing_key, body, reply_to=reply_to, correlation_id=correlation_id)
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._pending.pop(correlation_id, None)
+
+    # -- consuming --------------------------------------------------------------------
+
+    async def consume(
+        self,
+        queue: str,
+        handler: Handler,
+        *,
+        prefetch: int,
+        concurrency: int = 1,
+        exclusive: bool = False,
+    ) -> Consumer:
+        """Consume on a channel of its own. With concurrency 1 messages are handled strictly
+        in queue order, which is what keeps a session shard's order."""
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        consumer = Consumer(channel, handler, concurrency)
+        try:
+            await consumer._start(await channel.get_queue(queue, ensure=False), exclusive)
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            await consumer.close()
+            raise ExclusiveConsumerTaken(queue) from exc
+        return consumer
