@@ -6,6 +6,7 @@
     await client.send_text(session, "hello")
 """
 
+import asyncio
 import secrets
 from typing import TypeVar
 
@@ -79,14 +80,21 @@ class Client:
 
     async def send_envelope(self, env: envelope.Envelope) -> msgspec.Raw:
         """Publish, wait for the reply, raise the typed error of an `Err`."""
+        return await self.result_of(env, await self.submit(env))
+
+    async def submit(self, env: envelope.Envelope) -> "asyncio.Future[bytes]":
+        """Publish (confirmed) without waiting for the reply: requests keep their order."""
+        return await self.bus.request(topology.REQUESTS, env.target, envelope.encode(env))
+
+    async def result_of(self, env: envelope.Envelope, reply: "asyncio.Future[bytes]") -> msgspec.Raw:
         try:
-            body = await self.bus.call(topology.REQUESTS, env.target, envelope.encode(env), timeout=self.timeout)
+            body = await asyncio.wait_for(reply, self.timeout)
         except TimeoutError:
             raise Timeout(f"no reply to {env.action} within {self.timeout}s") from None
-        reply = reply_decoder.decode(body)
-        if isinstance(reply, Err):
-            raise error_for(reply.code, reply.message)
-        return reply.result
+        decoded = reply_decoder.decode(body)
+        if isinstance(decoded, Err):
+            raise error_for(decoded.code, decoded.message)
+        return decoded.result
 
     async def call(self, target: str, data: msgspec.Struct, result: type[T], *, as_handle: bool = True) -> T:
         env = self.sign(target, type(data).__name__, data, as_handle=as_handle)
@@ -181,10 +189,9 @@ class Client:
     async def read_text(self, session_id: str, message: StoredMessage) -> str:
         return await self.decrypt(session_id, message.generation, message.content)
 
-    async def history(self, session_id: str, **query) -> list[StoredMessage]:
+    async def history(self, session_id: str, *, cursor: str | None = None, **query) -> list[StoredMessage]:
         """Every message matching the query, following cursors to the end."""
         messages: list[StoredMessage] = []
-        cursor = None
         while True:
             page = await self.query_messages(session_id, cursor=cursor, **query)
             messages += page.messages

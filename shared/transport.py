@@ -237,16 +237,27 @@ class Bus:
         if future is not None and not future.done():
             future.set_result(message.body)
 
-    async def call(self, exchange: str, routing_key: str, body: bytes, *, timeout: float) -> bytes:
+    async def request(self, exchange: str, routing_key: str, body: bytes) -> "asyncio.Future[bytes]":
+        """Publish now (returns once confirmed), reply later: callers pipeline requests in
+        a known publish order and await the replies afterwards."""
         reply_to = await self._ensure_reply_queue()
         correlation_id = uuid.uuid4().hex
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = future
+        future.add_done_callback(lambda _: self._pending.pop(correlation_id, None))
         try:
             await self.publish(exchange, routing_key, body, reply_to=reply_to, correlation_id=correlation_id)
+        except BaseException:
+            future.cancel()
+            raise
+        return future
+
+    async def call(self, exchange: str, routing_key: str, body: bytes, *, timeout: float) -> bytes:
+        future = await self.request(exchange, routing_key, body)
+        try:
             return await asyncio.wait_for(future, timeout)
         finally:
-            self._pending.pop(correlation_id, None)
+            future.cancel()
 
     # -- consuming --------------------------------------------------------------------
 

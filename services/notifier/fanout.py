@@ -36,12 +36,12 @@ async def on_event(bus: Bus, delivery: Delivery) -> None:
     match event:
         case HandleRegistered(handle=handle):
             await topology.declare_inbox(bus, handle)
-            log.info("handled", service="notifier", event="HandleRegistered", handle=handle)
+            log.info("handled", service="notifier", kind="HandleRegistered", handle=handle)
         case Fanout(notifications=notes):
             for note in notes:
                 await _publish(bus, note)
             log.info(
-                "handled", service="notifier", event="Fanout", kinds=[type(n).__name__ for n in notes],
+                "handled", service="notifier", kind="Fanout", kinds=[type(n).__name__ for n in notes],
                 ids=[n.id for n in notes], redelivered=delivery.redelivered,
             )
     await delivery.ack()
