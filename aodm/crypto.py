@@ -17,7 +17,7 @@ from nacl.secret import SecretBox
 from nacl.signing import SigningKey
 from nacl.utils import random
 
-from shared.encoding import b64decode, b64encode
+from shared.encoding import b64decode, b64encode  # noqa: F401 (re-exported for clients)
 from shared.envelope import address_of
 
 
@@ -80,9 +80,12 @@ def seal_session_key(session_key: bytes, box_public: str) -> str:
 
 def open_session_key(sealed: str, box_key: PrivateKey) -> bytes:
     try:
-        return SealedBox(box_key).decrypt(b64decode(sealed, field="SealedKey"))
+        key = SealedBox(box_key).decrypt(b64decode(sealed, field="SealedKey"))
     except CryptoError as exc:
         raise DecryptionFailed("the session key was not sealed to this identity") from exc
+    if len(key) != SecretBox.KEY_SIZE:
+        raise DecryptionFailed(f"a session key is {SecretBox.KEY_SIZE} bytes, this one {len(key)}")
+    return key
 
 
 def encrypt(session_key: bytes, plaintext: str, *, nonce: bytes | None = None) -> str:
@@ -94,5 +97,5 @@ def encrypt(session_key: bytes, plaintext: str, *, nonce: bytes | None = None) -
 def decrypt(session_key: bytes, content: str) -> str:
     try:
         return SecretBox(session_key).decrypt(b64decode(content, field="Content")).decode()
-    except CryptoError as exc:
+    except (CryptoError, UnicodeDecodeError) as exc:
         raise DecryptionFailed("message does not open with this session key") from exc

@@ -159,8 +159,8 @@ def decode(body: bytes) -> Envelope:
     return env
 
 
-def verify(env: Envelope, *, now: int | None = None) -> bytes:
-    """Check signature, Id and timestamp window; return the signer's raw public key."""
+def verify(env: Envelope) -> bytes:
+    """Check signature and Id; return the signer's raw public key."""
     owner = b64decode(env.owner, field="Owner", length=32)
     signature = b64decode(env.signature, field="Signature", length=64)
     try:
@@ -169,9 +169,14 @@ def verify(env: Envelope, *, now: int | None = None) -> bytes:
         raise InvalidSignature("signature does not match the envelope and Owner") from exc
     if env.id != id_from_signature(signature):
         raise MalformedRequest("Id is not base64url(sha256(Signature))")
+    return owner
+
+
+def check_fresh(env: Envelope, *, now: int | None = None) -> None:
+    """Refuse timestamps outside the window. Replays inside it are caught by the request-id
+    claim, which is remembered for longer than the window is wide."""
     now = now_ms() if now is None else now
     if env.timestamp < now - MAX_AGE_MS or env.timestamp > now + MAX_FUTURE_MS:
         raise StaleRequest(
             f"Timestamp {env.timestamp} is outside [{now - MAX_AGE_MS}, {now + MAX_FUTURE_MS}]"
         )
-    return owner

@@ -10,7 +10,9 @@ from shared.errors import InvalidArgument
 REGISTRY_TARGET = "registry"
 HANDLE_PATTERN = re.compile(r"[a-z0-9_-]{3,32}")
 
-B64Key = Annotated[str, msgspec.Meta(min_length=43, max_length=43)]
+# A 32-byte key in base64url. Its length and alphabet are checked by b64decode, so a key of
+# the wrong size is malformed_request like any other bad encoding (not invalid_argument).
+B64Key = str
 HandleName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 
 

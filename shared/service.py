@@ -124,6 +124,7 @@ class Outcome:
     request_id: str | None = None
     action: str | None = None
     caller: str | None = None
+    caller_is_handle: bool = False
     reply: bytes | None = None
     effects: list[Outgoing] = field(default_factory=list)
     code: str = "ok"
@@ -210,6 +211,9 @@ class Processor:
                     env.id,
                 )
                 if claimed:
+                    # Freshness is judged only for a first sighting: a redelivery that waited
+                    # out an outage still finds its stored reply and effects below.
+                    envelopes.check_fresh(env)
                     ctx = await self._context(conn, env, action, outcome)
                     result = await action.handler(ctx, request)
                     outcome.reply = ok(env.id, result)
@@ -230,6 +234,7 @@ class Processor:
         outcome.effects = _effects_codec.decode(row["effects"]) if redelivered else []
 
     async def _dryrun(self, env: Envelope, action: Action, request: Any, outcome: Outcome) -> None:
+        envelopes.check_fresh(env)
         async with self.pool.acquire() as conn:
             transaction = conn.transaction(readonly=True)
             await transaction.start()
@@ -242,6 +247,7 @@ class Processor:
     async def _context(self, conn: asyncpg.Connection, env: Envelope, action: Action, outcome: Outcome) -> Context:
         caller, scope = await self.authenticate(conn, env, action)
         outcome.caller = caller
+        outcome.caller_is_handle = caller != env.owner
         return Context(conn=conn, envelope=env, caller=caller, scope=scope, now=envelopes.now_ms())
 
     def _fail(self, delivery: Delivery, outcome: Outcome, error: AodmError) -> None:
@@ -249,8 +255,9 @@ class Processor:
         outcome.reply = err(outcome.request_id or "", error)
         outcome.effects = []
         # No reply address: the error goes to the caller's notification queue, but only when
-        # the caller was proven (a forged From must not let anyone write to another's queue).
-        if delivery.reply_to is None and outcome.caller and outcome.request_id:
+        # the caller is a proven handle (a forged From must not write to another's queue, and
+        # a bare signer address has no queue).
+        if delivery.reply_to is None and outcome.caller_is_handle and outcome.request_id:
             note = RequestFailed(
                 id=notification_id(outcome.request_id, "RequestFailed", outcome.caller),
                 handle=outcome.caller,

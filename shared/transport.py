@@ -178,13 +178,17 @@ class Bus:
         q = await self._channel.get_queue(queue, ensure=False)
         await q.bind(exchange, routing_key=routing_key)
 
+    async def _inspect(self, queue: str):
+        # Straight to the AMQP channel: aio-pika's robust channel remembers the first
+        # declare of a queue, and these counts must be fresh every time.
+        underlay = await self._channel.get_underlay_channel()
+        return await underlay.queue_declare(queue, passive=True)
+
     async def consumer_count(self, queue: str) -> int:
-        declared = await self._channel.declare_queue(queue, passive=True)
-        return declared.declaration_result.consumer_count
+        return (await self._inspect(queue)).consumer_count
 
     async def message_count(self, queue: str) -> int:
-        declared = await self._channel.declare_queue(queue, passive=True)
-        return declared.declaration_result.message_count
+        return (await self._inspect(queue)).message_count
 
     # -- publishing -------------------------------------------------------------------
 

@@ -51,12 +51,14 @@ MIGRATIONS = [
 
 
 async def create_session(conn: asyncpg.Connection, session_id: str, at: int, members: list[tuple[str, bytes, bytes]]) -> None:
-    """Idempotent: a repeated Spawn changes nothing."""
+    """Idempotent: a repeated Spawn changes nothing, and never adds members to a session."""
     async with conn.transaction():
-        await conn.execute(
-            "INSERT INTO session.sessions (session_id, created_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        created = await conn.fetchval(
+            "INSERT INTO session.sessions (session_id, created_at) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING true",
             session_id, at,
         )
+        if not created:
+            return
         await conn.executemany(
             """INSERT INTO session.members (session_id, handle, sign_key, box_key) VALUES ($1, $2, $3, $4)
                ON CONFLICT DO NOTHING""",

@@ -1,0 +1,137 @@
+"""Real processes: two session workers at once, and services killed (-9) and restarted in
+the middle of a run. Nothing lost, nothing doubled, each sender's order kept."""
+
+import asyncio
+import secrets
+
+import pytest
+
+from aodm.client import Client
+from aodm.crypto import Identity
+from aodm.inbox import Inbox
+from shared.notifications import NewMessage
+from tests.conftest import isolated_settings, wait_ready
+from tests.helpers import check_order, decrypt_all, open_pair, pipelined_send
+from tests.processes import ServiceProcess
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+async def system(tmp_path):
+    """An isolated vhost and database with the three services as real processes."""
+    async with isolated_settings() as settings:
+        procs: dict[str, ServiceProcess] = {}
+
+        def spawn(name: str, key: str | None = None) -> ServiceProcess:
+            proc = ServiceProcess(name, settings, tmp_path).start()
+            procs[key or name] = proc
+            return proc
+
+        for name in ("registry", "session", "notifier"):
+            spawn(name)
+        clients: list[Client] = []
+
+        async def client(prefix: str) -> Client:
+            c = await Client.connect(settings.amqp_url, Identity.generate(), timeout=60)
+            clients.append(c)
+            await c.register(f"{prefix}-{secrets.token_hex(4)}")
+            return c
+
+        await wait_ready(settings, {}, timeout=60)
+        try:
+            yield settings, procs, spawn, client
+        finally:
+            for c in clients:
+                await c.close()
+            for proc in procs.values():
+                if proc.alive:
+                    proc.kill()
+
+
+async def _conversation(alice, bob, session, key, n):
+    texts = {alice.handle: [f"a{i}" for i in range(n)], bob.handle: [f"b{i}" for i in range(n)]}
+    sent = await asyncio.gather(
+        pipelined_send(alice, session, key, texts[alice.handle]),
+        pipelined_send(bob, session, key, texts[bob.handle]),
+    )
+    return texts, sent
+
+
+async def _wait_for(predicate, timeout=20.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.2)
+
+
+async def test_two_session_workers_split_shards_and_keep_order(system):
+    settings, procs, spawn, client = system
+    second = spawn("session", "session-2")
+    # Each takes its fair share (8 shards / 2 workers) once it sees the other.
+    await _wait_for(lambda: '"shard taken"' in second.log() and '"shard released"' in procs["session"].log())
+    pairs = [(await client("alice"), await client("bob")) for _ in range(4)]
+    sessions = [await open_pair(a, b) for a, b in pairs]
+    results = await asyncio.gather(*(_conversation(a, b, s, k, 150) for (a, b), (s, k) in zip(pairs, sessions)))
+    for (alice, _), (session, key), (texts, sent) in zip(pairs, sessions, results):
+        assert sorted(s.seq for batch in sent for s in batch) == list(range(1, 301))
+        check_order(decrypt_all(key, await alice.history(session, limit=500)), texts)
+
+
+async def test_session_worker_killed_mid_run_loses_and_doubles_nothing(system):
+    settings, procs, spawn, client = system
+    alice, bob = await client("alice"), await client("bob")
+    session, key = await open_pair(alice, bob)
+    standby = spawn("session", "session-2")
+
+    async def kill_and_restart():
+        await asyncio.sleep(0.5)
+        procs["session"].kill()
+        await asyncio.sleep(1.0)
+        spawn("session")
+
+    texts, sent = (await asyncio.gather(_conversation(alice, bob, session, key, 400), kill_and_restart()))[0]
+    assert standby.alive
+    assert sorted(s.seq for batch in sent for s in batch) == list(range(1, 801))
+    check_order(decrypt_all(key, await alice.history(session, limit=500)), texts)
+
+
+async def test_registry_killed_mid_run_answers_every_request_once(system):
+    settings, procs, spawn, client = system
+    alice = await client("alice")
+    peers = [await client("peer") for _ in range(30)]
+
+    async def kill_and_restart():
+        await asyncio.sleep(0.05)
+        procs["registry"].kill()
+        await asyncio.sleep(0.5)
+        spawn("registry")
+
+    results = (await asyncio.gather(
+        asyncio.gather(*(alice.establish_session(p.handle) for p in peers)), kill_and_restart()
+    ))[0]
+    assert len({r.session_id for r in results}) == 30
+    chats = await alice.get_chat_list()
+    assert sorted(c.peer for c in chats.chats) == sorted(p.handle for p in peers)
+
+
+async def test_notifier_killed_mid_run_delivers_every_notification(system):
+    settings, procs, spawn, client = system
+    alice, bob = await client("alice"), await client("bob")
+    session, key = await open_pair(alice, bob)
+
+    async def kill_and_restart():
+        await asyncio.sleep(0.2)
+        procs["notifier"].kill()
+        await asyncio.sleep(1.0)
+        spawn("notifier")
+
+    texts, sent = (await asyncio.gather(_conversation(alice, bob, session, key, 200), kill_and_restart()))[0]
+    expected = {s.message_id for s in sent[0]}
+    seen: set[str] = set()
+    async with Inbox(bob.bus, bob.handle) as inbox:
+        while seen != expected:
+            note = await inbox.next(timeout=30)
+            if isinstance(note, NewMessage):
+                seen.add(note.message_id)
+    assert seen == expected
