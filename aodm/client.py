@@ -161,7 +161,9 @@ class Client:
     # -- plaintext on top --------------------------------------------------------------
 
     def _open(self, session_id: str, batch: KeyBatch) -> bytes:
-        mine = next(k for k in batch.keys if k.handle == self.handle)
+        mine = next((k for k in batch.keys if k.handle == self.handle), None)
+        if mine is None:
+            raise crypto.DecryptionFailed(f"generation {batch.generation} holds no key for {self.handle!r}")
         key = crypto.open_session_key(mine.sealed_key, self.identity.box_key)
         self._keys[(session_id, batch.generation)] = key
         return key

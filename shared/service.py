@@ -26,7 +26,7 @@ import asyncpg
 import msgspec
 
 from shared import envelope as envelopes
-from shared import metrics, topology
+from shared import faults, metrics, topology
 from shared.db import DatabaseUnavailable
 from shared.envelope import Envelope
 from shared.errors import AodmError, InternalError, InvalidArgument, MalformedRequest, UnknownAction
@@ -48,6 +48,7 @@ class Outgoing(msgspec.Struct, array_like=True):
     body: bytes
 
 
+MAX_ATTEMPTS = 3  # a request that fails this often in a row is poison: dead-lettered
 _effects_codec = msgspec.json.Decoder(list[Outgoing])
 _encoder = msgspec.json.Encoder()
 
@@ -119,6 +120,10 @@ def decode_data(action: Action, data: str) -> msgspec.Struct:
         raise MalformedRequest(f"Data is not JSON: {exc}") from exc
 
 
+class Abandoned(Exception):
+    """Shutting down while the database is away: leave the request in its queue."""
+
+
 @dataclass
 class Outcome:
     request_id: str | None = None
@@ -142,6 +147,7 @@ class Processor:
         bus: Bus,
         actions: dict[str, Action],
         authenticate: Authenticate,
+        handler_timeout: float = 10.0,
     ) -> None:
         self.name = name
         self.schema = schema
@@ -149,6 +155,7 @@ class Processor:
         self.bus = bus
         self.actions = actions
         self.authenticate = authenticate
+        self.handler_timeout = handler_timeout
         self.stopping = asyncio.Event()
 
     async def __call__(self, delivery: Delivery) -> None:
@@ -156,6 +163,9 @@ class Processor:
         outcome = Outcome()
         try:
             await self._decide(delivery, outcome)
+        except Abandoned:
+            log.info("left for redelivery", service=self.name, request_id=outcome.request_id)
+            return  # not acked: closing the channel at shutdown hands it back to its queue
         except AodmError as exc:
             self._fail(delivery, outcome, exc)
         except Exception as exc:  # a bug: answer, dead-letter, keep the service alive
@@ -190,18 +200,44 @@ class Processor:
         if action is None:
             raise UnknownAction(f"{self.name} has no action {env.action!r}")
         request = decode_data(action, env.data)
-        backoff = 0.1
+        backoff, failures = 0.1, 0
         while True:
             try:
-                if action.mode == "send":
-                    return await self._send(env, action, request, delivery.redelivered, outcome)
-                return await self._dryrun(env, action, request, outcome)
-            except DatabaseUnavailable as exc:
+                run = self._send(env, action, request, delivery.redelivered, outcome) if action.mode == "send" \
+                    else self._dryrun(env, action, request, outcome)
+                return await asyncio.wait_for(run, self.handler_timeout)
+            except AodmError:
+                raise
+            except (*DatabaseUnavailable, TimeoutError) as exc:
+                # Not the request's fault: wait for the database, however long it takes. A
+                # timeout counts as the database's only if the database is not answering.
+                if isinstance(exc, TimeoutError) and await self._database_answers():
+                    failures += 1
+                    if failures >= MAX_ATTEMPTS:
+                        raise
+                    log.warning("handler timed out, retrying", service=self.name, action=env.action,
+                                request_id=env.id, attempt=failures)
+                    continue
                 if self.stopping.is_set():
-                    raise
+                    raise Abandoned from exc
                 log.warning("database unavailable, retrying", service=self.name, error=str(exc), backoff=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+            except Exception as exc:
+                # A bug: its transaction was rolled back, so a retry cannot double anything;
+                # after MAX_ATTEMPTS in a row it is poison.
+                failures += 1
+                if failures >= MAX_ATTEMPTS:
+                    raise
+                log.warning("handler failed, retrying", service=self.name, action=env.action,
+                            request_id=env.id, attempt=failures, error=repr(exc))
+
+    async def _database_answers(self) -> bool:
+        try:
+            async with asyncio.timeout(2):
+                return await self.pool.fetchval("SELECT 1") == 1
+        except (*DatabaseUnavailable, TimeoutError):
+            return False
 
     async def _send(self, env: Envelope, action: Action, request: Any, redelivered: bool, outcome: Outcome) -> None:
         async with self.pool.acquire() as conn:
@@ -215,6 +251,7 @@ class Processor:
                     # out an outage still finds its stored reply and effects below.
                     envelopes.check_fresh(env)
                     ctx = await self._context(conn, env, action, outcome)
+                    await faults.before_handler(env, self.handler_timeout)
                     result = await action.handler(ctx, request)
                     outcome.reply = ok(env.id, result)
                     outcome.effects = ctx.effects
@@ -274,6 +311,8 @@ class Processor:
     async def _deliver(self, delivery: Delivery, outcome: Outcome) -> None:
         """Effects, then the reply, then the ack. A broker fault here leaves the request
         unacknowledged, so it is redelivered and recognised as a duplicate."""
+        if outcome.effects and not outcome.duplicate:
+            faults.crash_point("crash-after-commit")
         try:
             for effect in outcome.effects:
                 await self._publish(effect.exchange, effect.routing_key, effect.body)

@@ -19,6 +19,7 @@ from aio_pika.exceptions import DeliveryError
 # What a broker fault looks like to callers: retry or reconnect, never treat as poison.
 BrokerError: tuple[type[BaseException], ...] = (
     aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
     aio_pika.exceptions.AMQPException,
     ConnectionError,
 )

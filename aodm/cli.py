@@ -1,0 +1,201 @@
+"""`aodm`: the command line. Argument parsing, dispatch, and the one place that turns every
+error a user can cause into one line on stderr and exit status 1 (never a traceback)."""
+
+import argparse
+import asyncio
+import inspect
+import logging
+import os
+import sys
+from datetime import datetime
+
+import aiormq
+
+from aodm import commands, demo
+from aodm.commands import Context, safe_url
+from aodm.crypto import DecryptionFailed
+from aodm.state import CliError
+from shared.errors import AodmError
+from shared.transport import BrokerError
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+HINTS = {
+    "not_found": "check the spelling; `aodm chats` lists your peers",
+    "already_exists": "choose another name",
+    "unauthorized": "is that handle registered to this identity? See --as",
+    "timeout": "are the aodm services running? --timeout S waits longer",
+}
+
+
+# -- parsing --------------------------------------------------------------------------
+
+
+def since(raw: str) -> int:
+    """--since takes epoch milliseconds or an ISO 8601 time (local time when no zone)."""
+    if raw.isdigit():
+        return int(raw)
+    try:
+        return int(datetime.fromisoformat(raw).timestamp() * 1000)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is neither epoch milliseconds nor an ISO 8601 time") from None
+
+
+def positive(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def add_globals(parser: argparse.ArgumentParser, *, top: bool, timeout: bool = True) -> None:
+    """Global options are accepted before or after the command. After it they default to
+    SUPPRESS, so they override the value given before it only when actually present."""
+    default = (lambda value: value) if top else (lambda value: argparse.SUPPRESS)
+    group = parser.add_argument_group("global options")
+    group.add_argument("--identity", metavar="PATH", default=default(None),
+                       help="identity file (default: $AODM_IDENTITY or ~/.config/aodm/identity.json)")
+    group.add_argument("--as", dest="as_handle", metavar="HANDLE", default=default(None),
+                       help="act as this handle (default: the one last registered)")
+    group.add_argument("--amqp-url", metavar="URL", default=default(os.environ.get("AODM_AMQP_URL", DEFAULT_AMQP_URL)),
+                       help="RabbitMQ URL (default: $AODM_AMQP_URL or %s)" % DEFAULT_AMQP_URL)
+    if timeout:
+        group.add_argument("--timeout", type=float, metavar="S", default=default(15.0),
+                           help="seconds to wait for each reply (default: 15)")
+
+
+def command(sub, name: str, run, help: str, description: str, *, timeout: bool = True) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help, description=description,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(run=run)
+    add_globals(parser, top=False, timeout=timeout)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aodm",
+        description="Encrypted direct messages between handles. Keys never leave this machine: "
+        "the services only ever see sealed keys and ciphertext.",
+        epilog="Start with: aodm identity new; aodm register NAME; aodm send PEER hello",
+    )
+    add_globals(parser, top=True)
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    add_identity(sub)
+    add_chat_commands(sub)
+    p = command(sub, "demo", demo.run, "run the whole DM workflow between two fresh handles",
+                "Creates two fresh identities and handles (alice-xxxx, bob-xxxx) in memory and runs\n"
+                "the eight steps of the workflow, narrating each: alice generates a session key,\n"
+                "seals it to both box keys, sends both sealed keys and an encrypted message while bob\n"
+                "is offline; bob then finds the notification, fetches and opens his sealed key and\n"
+                "decrypts. Waits for the services to answer first, so it can start with the stack.")
+    p.add_argument("--wait", type=float, default=30.0, metavar="S",
+                   help="how long to wait for the services to answer (default: 30)")
+    return parser
+
+
+def add_identity(sub) -> None:
+    identity = sub.add_parser("identity", help="create or show this machine's identity (your keys)",
+                              description="An identity is a signing key (it signs every request) and a box "
+                              "key (session keys are sealed to it). It lives in one file; keep it private.")
+    add_globals(identity, top=False)
+    isub = identity.add_subparsers(title="identity commands", metavar="ACTION", required=True)
+    p = command(isub, "new", commands.identity_new, "create a new identity file",
+                "Generate a new identity and save it (mode 600). Prints its address (the public\n"
+                "signing key) and its public box key. Refuses to replace an existing file.")
+    p.add_argument("--force", action="store_true", help="replace an existing identity file (its handles are lost)")
+    command(isub, "show", commands.identity_show, "print the identity's public keys",
+            "Print the identity file's path, address, public box key and default handle.")
+
+
+def add_chat_commands(sub) -> None:
+    p = command(sub, "register", commands.register, "claim a handle for this identity",
+                "Register HANDLE (3-32 of a-z 0-9 _ -) with this identity's keys and make it the\n"
+                "default handle for later commands. Fails with already_exists if someone has it.")
+    p.add_argument("handle", metavar="HANDLE")
+    command(sub, "chats", commands.chats, "list your chats",
+            "List the chats of your handle: peer, last activity (local time) and session id.")
+    p = command(sub, "open", commands.open_chat, "start (or find) the chat with PEER",
+                "Establish the session with PEER (or find the existing one), give it a first key\n"
+                "if it has none, and print its session id.")
+    p.add_argument("peer", metavar="PEER")
+    p = command(sub, "send", commands.send, "send an encrypted message to PEER",
+                "Encrypt TEXT with the session's current key and send it to PEER, opening the\n"
+                "chat first if needed. Prints the message's sequence number and time.")
+    p.add_argument("peer", metavar="PEER")
+    p.add_argument("text", metavar="TEXT", nargs="+", help="the message (several words are joined by spaces)")
+    p = command(sub, "rotate", commands.rotate, "give the chat with PEER a new key",
+                "Generate a new session key, seal it to both members' box keys and make it the\n"
+                "current generation. Older messages stay readable with their own generation.")
+    p.add_argument("peer", metavar="PEER")
+    add_history(sub)
+    add_listen(sub)
+
+
+def add_history(sub) -> None:
+    p = command(sub, "history", commands.history, "show the decrypted messages of the chat with PEER",
+                "Fetch and decrypt the chat with PEER, one line per message:\n"
+                "  [2026-11-26 18:03:12] alice: hello")
+    p.add_argument("peer", metavar="PEER")
+    p.add_argument("--limit", type=positive, metavar="N", help="at most N messages")
+    p.add_argument("--desc", action="store_true", help="newest first")
+    p.add_argument("--since", type=since, metavar="TIME",
+                   help="only messages from TIME on: ISO 8601 (2026-11-26T18:00) or epoch milliseconds")
+
+
+def add_listen(sub) -> None:
+    p = command(sub, "listen", commands.listen, "print your notifications as they arrive",
+                "Consume your handle's notification queue and print each event: new messages\n"
+                "(decrypted, with sender and time), sessions established, keys rotated, and\n"
+                "requests that failed (with their error code). Notifications wait in the queue\n"
+                "while you are offline. Ctrl-C stops.", timeout=False)
+    p.add_argument("--once", action="store_true",
+                   help="print what is waiting (or the first to arrive within --timeout), then exit")
+    p.add_argument("--timeout", dest="wait", type=float, metavar="S",
+                   help="stop after S seconds without a notification (default: never)")
+
+
+# -- running --------------------------------------------------------------------------
+
+
+def explain(exc: BaseException, url: str) -> str:
+    """One line that says what went wrong and what to do about it."""
+    match exc:
+        case CliError():
+            return str(exc)
+        case AodmError():
+            hint = HINTS.get(exc.code)
+            return f"{exc.code}: {exc.message}" + (f" ({hint})" if hint else "")
+        case DecryptionFailed():
+            return f"cannot decrypt: {exc}"
+        case OSError() if exc.filename:
+            return f"{exc.filename}: {exc.strerror}"
+        case aiormq.exceptions.ChannelNotFoundEntity():
+            return f"the broker at {safe_url(url)} has no aodm exchanges: are the services running there? ({exc})"
+        case aiormq.exceptions.ProbableAuthenticationError():
+            return f"the broker at {safe_url(url)} refused the login: check the user and password in --amqp-url"
+        case _:
+            return f"cannot talk to the broker at {safe_url(url)}: {exc or type(exc).__name__}"
+
+
+async def dispatch(args) -> int:
+    ctx = Context(args)
+    result = args.run(ctx)
+    return await result if inspect.isawaitable(result) else result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for library in ("aio_pika", "aiormq"):  # their connection chatter would bury our one line
+        logging.getLogger(library).setLevel(logging.CRITICAL)
+    try:
+        return asyncio.run(dispatch(args))
+    except KeyboardInterrupt:
+        return 0 if args.run is commands.listen else 130
+    except (CliError, AodmError, DecryptionFailed, *BrokerError, OSError, aiormq.exceptions.ChannelInvalidStateError) as exc:
+        print(f"aodm: {explain(exc, args.amqp_url)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The command line's files: the identity (private keys) and a small state file beside it.
+
+The state only saves typing (the default handle, the session id of each chat); the
+registry stays the source of truth, so a lost or stale state file costs nothing but a
+lookup. It records the identity's address, and is ignored when the identity changes.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aodm.crypto import Identity
+
+
+class CliError(Exception):
+    """A problem the user can fix; the CLI prints its message as one line and exits 1."""
+
+
+def identity_path(explicit: str | None) -> Path:
+    """--identity, else $AODM_IDENTITY, else ~/.config/aodm/identity.json."""
+    raw = explicit or os.environ.get("AODM_IDENTITY") or "~/.config/aodm/identity.json"
+    return Path(raw).expanduser()
+
+
+def state_path(identity: Path) -> Path:
+    """`state.json` beside `identity.json`; `<name>.state.json` beside any other name, so
+    two identities kept in one folder do not share a state."""
+    name = "state.json" if identity.name == "identity.json" else f"{identity.stem}.state.json"
+    return identity.with_name(name)
+
+
+def create_identity(path: Path, force: bool) -> Identity:
+    """Refuses to overwrite: the old file is the only copy of its private keys."""
+    if path.exists() and not force:
+        raise CliError(f"{path} already exists; pass --force to replace it (its handles become unusable)")
+    identity = Identity.generate()
+    identity.save(path)
+    path.chmod(0o600)
+    return identity
+
+
+def load_identity(path: Path) -> Identity:
+    if not path.exists():
+        raise CliError(f"no identity at {path}; create one with `aodm identity new` (or pass --identity PATH)")
+    try:
+        return Identity.from_json(path.read_bytes())
+    except Exception as exc:  # any decoding problem means the same thing to the user
+        raise CliError(f"{path} is not a readable aodm identity: {exc}") from None
+
+
+@dataclass
+class State:
+    path: Path
+    address: str
+    default_handle: str | None = None
+    sessions: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, identity_file: Path, identity: Identity) -> "State":
+        """A missing, unreadable or other identity's state starts empty rather than failing."""
+        path = state_path(identity_file)
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raw = {}
+        if not isinstance(raw, dict) or raw.get("address") != identity.address:
+            return cls(path, identity.address)
+        return cls(path, identity.address, raw.get("default_handle"), raw.get("sessions") or {})
+
+    def save(self) -> None:
+        """Written to a temporary file and renamed, so a crash never leaves half a file."""
+        body = {"address": self.address, "default_handle": self.default_handle, "sessions": self.sessions}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(body, indent=2) + "\n")
+        tmp.chmod(0o600)
+        tmp.replace(self.path)
+
+    def remember_session(self, handle: str, peer: str, session_id: str) -> None:
+        if self.sessions.get(handle, {}).get(peer) != session_id:
+            self.sessions.setdefault(handle, {})[peer] = session_id
+            self.save()
