@@ -28,8 +28,8 @@ async def _create_database(dsn: str) -> None:
     conn = await asyncpg.connect(admin)
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
-    except asyncpg.DuplicateDatabaseError:
-        pass
+    except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+        pass  # another service created it first
     finally:
         await conn.close()
 
