@@ -1,6 +1,7 @@
 """Settings from the environment, checked at start with an error that names the variable."""
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,13 +29,23 @@ def _choice(*options: str) -> Callable[[str], str]:
     return parse
 
 
-def _url(*schemes: str) -> Callable[[str], str]:
+def _url(*schemes: str, optional: bool = False) -> Callable[[str], str]:
     def parse(raw: str) -> str:
+        if optional and raw == "":
+            return raw
         if not raw.startswith(tuple(f"{s}://" for s in schemes)):
-            raise ValueError(f"must start with {' or '.join(s + '://' for s in schemes)}")
+            raise ValueError(f"must {'be empty or ' if optional else ''}start with {' or '.join(s + '://' for s in schemes)}")
         return raw
 
     return parse
+
+
+def _user_prefix(raw: str) -> str:
+    # Handles never contain a dot, so prefix + handle can never name the service user,
+    # the public user or another deployment's user with a different prefix.
+    if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.", raw):
+        raise ValueError("must be letters, digits, _ or - ending with a dot, e.g. aodm-h.")
+    return raw
 
 
 # name: (default, parser, description) — the documented set; docs/operations.md lists it.
@@ -48,6 +59,9 @@ VARIABLES: dict[str, tuple[str, Callable[[str], object], str]] = {
     "AODM_LOG_LEVEL": ("info", _choice("debug", "info", "warning", "error"), "log level"),
     "AODM_HTTP_PORT": ("0", _int(0, 65535), "health (/healthz, /readyz) and /metrics HTTP port; 0 turns it off"),
     "AODM_DEDUP_RETENTION_S": ("86400", _int(3600, 10**8), "how long request ids are remembered for deduplication"),
+    "AODM_BROKER_ADMIN_URL": ("", _url("http", "https", optional=True), "RabbitMQ management API with admin credentials (http://user:pass@host:15672); set, the registry issues each handle its own broker user (docs/security.md); empty turns it off"),
+    "AODM_BROKER_VHOST": ("", str, "vhost the issued broker users get permissions on; empty = the vhost of AODM_AMQP_URL"),
+    "AODM_BROKER_USER_PREFIX": ("aodm-h.", _user_prefix, "issued broker users are named prefix + handle; unique per deployment sharing a broker"),
 }
 
 
@@ -62,6 +76,9 @@ class Settings:
     log_level: str
     http_port: int
     dedup_retention_s: int
+    broker_admin_url: str = ""
+    broker_vhost: str = ""
+    broker_user_prefix: str = "aodm-h."
     raw: dict[str, str] = field(default_factory=dict, repr=False)
 
 

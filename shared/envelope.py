@@ -144,7 +144,7 @@ def decode(body: bytes) -> Envelope:
         raise PayloadTooLarge(f"request body is {len(body)} bytes; the cap is {MAX_BODY_BYTES}")
     try:
         env = _decoder.decode(body)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 inside a string is the latter
         raise MalformedRequest(f"envelope: {exc}") from exc
     if len(env.data.encode()) > MAX_DATA_BYTES:
         raise PayloadTooLarge(f"Data is over the cap of {MAX_DATA_BYTES} bytes")

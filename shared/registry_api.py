@@ -53,11 +53,34 @@ class GetChatList(Request):
     pass
 
 
+class IssueBrokerCredentials(Request):
+    """A new password for the handle's own broker user (lost, or rotated)."""
+
+
 class HandleInfo(msgspec.Struct, rename="pascal"):
     handle: str
     sign_key: str
     box_key: str
     created_at: int
+
+
+class BrokerCredentials(msgspec.Struct, rename="pascal"):
+    """The handle's own broker user and its password sealed (SealedBox, base64url) to the
+    handle's box key; both null when the deployment issues no per-handle broker users."""
+
+    broker_user: str | None = None
+    sealed_broker_password: str | None = None
+
+
+class Registered(msgspec.Struct, rename="pascal"):
+    """Register's result: the HandleInfo fields plus the handle's broker credentials."""
+
+    handle: str
+    sign_key: str
+    box_key: str
+    created_at: int
+    broker_user: str | None = None
+    sealed_broker_password: str | None = None
 
 
 class HandleList(msgspec.Struct, rename="pascal"):

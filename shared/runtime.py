@@ -28,9 +28,11 @@ class Runtime:
     tasks: list[asyncio.Task] = field(default_factory=list)
     consuming: bool = False
 
-    async def consume(self, queue: str, handler: Handler, *, concurrency: int = 1, exclusive: bool = False) -> Consumer:
+    async def consume(
+        self, queue: str, handler: Handler, *, concurrency: int = 1, exclusive: bool = False, batch: int | None = None
+    ) -> Consumer:
         consumer = await self.bus.consume(
-            queue, handler, prefetch=self.settings.prefetch, concurrency=concurrency, exclusive=exclusive
+            queue, handler, prefetch=self.settings.prefetch, concurrency=concurrency, exclusive=exclusive, batch=batch
         )
         self.consumers.append(consumer)
         return consumer

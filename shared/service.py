@@ -1,18 +1,22 @@
 """The request loop every service runs: decode, verify, authenticate, dispatch, reply.
 
-This is the one place where errors become replies. Per delivery:
+This is the one place where errors become replies. For a batch of deliveries (one, or as
+many as a shard has waiting: group commit):
 
-1. the envelope is decoded and its signature, Id and timestamp checked;
-2. a `send` runs in a transaction that first claims the envelope Id in `<schema>.requests`
-   (a duplicate finds the claim and gets the stored reply instead of a second effect), then
-   authenticates `From`, runs the handler, and stores the reply and outgoing effects with it;
-   a `dryrun` runs in a read-only transaction that is always rolled back;
-3. after the commit the effects are published with confirms, then the reply, then the
-   delivery is acknowledged. A crash anywhere before the ack redelivers the request, and the
-   redelivery republishes the stored effects (notifications carry stable ids).
+1. each envelope is decoded and its signature and Id checked, its action and Data parsed;
+2. the `send`s run in one transaction that first claims every envelope Id in
+   `<schema>.requests` — an Id already there is a duplicate and gets its stored reply
+   instead of a second effect — then runs each handler in order and stores each reply and
+   its outgoing effects with the claim; each `dryrun` runs in a read-only transaction that
+   is always rolled back;
+3. after the commit the effects are published with confirms, then the replies, then the
+   deliveries are acknowledged. A crash anywhere before the ack redelivers the requests, and
+   a redelivery republishes the stored effects (notifications carry stable ids).
 
-Database faults are retried in place (the message keeps its place in its shard, and is never
-dead-lettered for them); a bug is answered with `internal` and the request dead-lettered.
+A request whose handler fails is taken out and the rest of the batch run again without it:
+a typed error is its answer; anything else is retried and after MAX_ATTEMPTS answered with
+`internal` and dead-lettered. Database faults are retried in place for the whole batch (it
+keeps its place in its shard and is never dead-lettered for them).
 """
 
 import asyncio
@@ -25,9 +29,11 @@ from typing import Any, Literal
 import asyncpg
 import msgspec
 
+from shared import effects as outgoing
 from shared import envelope as envelopes
 from shared import faults, metrics, topology
 from shared.db import DatabaseUnavailable
+from shared.effects import Outgoing
 from shared.envelope import Envelope
 from shared.errors import AodmError, InternalError, InvalidArgument, MalformedRequest, UnknownAction
 from shared.logs import log
@@ -35,21 +41,12 @@ from shared.notifications import AnyNotification, Fanout, RequestFailed, notific
 from shared.replies import err, ok
 from shared.transport import BrokerError, Bus, Delivery, Unroutable
 
-
 metrics.describe("aodm_requests_total", "counter", "Requests handled, by service, action and outcome (ok or error code).")
 metrics.describe("aodm_request_duration_seconds", "histogram", "Time from delivery to acknowledgement.")
-
-
-class Outgoing(msgspec.Struct, array_like=True):
-    """A message to publish once the transaction that produced it has committed."""
-
-    exchange: str
-    routing_key: str
-    body: bytes
-
+metrics.describe("aodm_dead_lettered_total", "counter", "Poison requests rejected to the dead-letter queue, by service.")
+metrics.describe("aodm_batch_size", "histogram", "Requests handled per transaction.")
 
 MAX_ATTEMPTS = 3  # a request that fails this often in a row is poison: dead-lettered
-_effects_codec = msgspec.json.Decoder(list[Outgoing])
 _encoder = msgspec.json.Encoder()
 
 
@@ -121,13 +118,26 @@ def decode_data(action: Action, data: str) -> msgspec.Struct:
 
 
 class Abandoned(Exception):
-    """Shutting down while the database is away: leave the request in its queue."""
+    """Shutting down while the database is away: leave the requests in their queue."""
+
+
+class DatabaseStalled(Exception):
+    """A handler timed out and the database does not answer either: not the request's fault."""
+
+
+class _RequestFailed(Exception):
+    def __init__(self, outcome: "Outcome", error: BaseException) -> None:
+        self.outcome = outcome
+        self.error = error
 
 
 @dataclass
 class Outcome:
-    request_id: str | None = None
-    action: str | None = None
+    delivery: Delivery
+    env: Envelope | None = None
+    action: Action | None = None
+    request: Any = None
+    action_name: str | None = None
     caller: str | None = None
     caller_is_handle: bool = False
     reply: bytes | None = None
@@ -135,6 +145,11 @@ class Outcome:
     code: str = "ok"
     duplicate: bool = False
     poison: bool = False
+    failures: int = 0
+
+    @property
+    def request_id(self) -> str | None:
+        return self.env.id if self.env else None
 
 
 class Processor:
@@ -159,78 +174,145 @@ class Processor:
         self.stopping = asyncio.Event()
 
     async def __call__(self, delivery: Delivery) -> None:
-        started = time.perf_counter()
-        outcome = Outcome()
-        try:
-            await self._decide(delivery, outcome)
-        except Abandoned:
-            log.info("left for redelivery", service=self.name, request_id=outcome.request_id)
-            return  # not acked: closing the channel at shutdown hands it back to its queue
-        except AodmError as exc:
-            self._fail(delivery, outcome, exc)
-        except Exception as exc:  # a bug: answer, dead-letter, keep the service alive
-            log.exception("handler failed", service=self.name, action=outcome.action, request_id=outcome.request_id)
-            outcome.poison = True
-            self._fail(delivery, outcome, InternalError(f"{type(exc).__name__} while handling the request"))
-        await self._deliver(delivery, outcome)
-        elapsed = time.perf_counter() - started
-        action = outcome.action if outcome.action in self.actions else "unknown"
-        metrics.inc("aodm_requests_total", service=self.name, action=action, outcome=outcome.code)
-        metrics.observe("aodm_request_duration_seconds", elapsed, service=self.name, action=action)
-        log.info(
-            "handled",
-            service=self.name,
-            action=outcome.action,
-            outcome=outcome.code,
-            request_id=outcome.request_id,
-            caller=outcome.caller,
-            duplicate=outcome.duplicate,
-            redelivered=delivery.redelivered,
-            duration_ms=round(elapsed * 1000, 2),
-        )
+        await self.handle([delivery])
 
-    async def _decide(self, delivery: Delivery, outcome: Outcome) -> None:
+    async def handle(self, deliveries: list[Delivery]) -> None:
+        started = time.perf_counter()
+        outcomes = [Outcome(delivery) for delivery in deliveries]
+        for outcome in outcomes:
+            try:
+                self._parse(outcome)
+            except AodmError as exc:
+                self._fail(outcome, exc)
+        try:
+            await self._with_database(self._run_sends, [o for o in outcomes if o.code == "ok" and o.action.mode == "send"])
+            for outcome in outcomes:
+                if outcome.code == "ok" and outcome.action.mode == "dryrun":
+                    await self._with_database(self._run_read, outcome)
+        except Abandoned:
+            log.info("left for redelivery", service=self.name, requests=len(outcomes))
+            return  # not acked: closing the channel at shutdown hands them back to the queue
+        await self._deliver(outcomes)
+        self._record(outcomes, time.perf_counter() - started)
+
+    # -- parsing (no database) ---------------------------------------------------------
+
+    def _parse(self, outcome: Outcome) -> None:
+        delivery = outcome.delivery
         env = envelopes.decode(delivery.body)
-        outcome.request_id = env.id
+        outcome.env = env
         envelopes.verify(env)
         if delivery.routing_key != env.target:
             raise MalformedRequest(f"Target {env.target!r} does not match the routing key {delivery.routing_key!r}")
-        outcome.action = env.action
-        action = self.actions.get(env.action)
-        if action is None:
+        outcome.action_name = env.action
+        outcome.action = self.actions.get(env.action)
+        if outcome.action is None:
             raise UnknownAction(f"{self.name} has no action {env.action!r}")
-        request = decode_data(action, env.data)
-        backoff, failures = 0.1, 0
+        outcome.request = decode_data(outcome.action, env.data)
+
+    # -- running handlers --------------------------------------------------------------
+
+    async def _with_database(self, run: Callable[[Any], Awaitable[None]], arg: Any) -> None:
+        """Wait out database faults, however long they last: they are never the request's."""
+        backoff = 0.1
         while True:
             try:
-                run = self._send(env, action, request, delivery.redelivered, outcome) if action.mode == "send" \
-                    else self._dryrun(env, action, request, outcome)
-                return await asyncio.wait_for(run, self.handler_timeout)
-            except AodmError:
-                raise
-            except (*DatabaseUnavailable, TimeoutError) as exc:
-                # Not the request's fault: wait for the database, however long it takes. A
-                # timeout counts as the database's only if the database is not answering.
-                if isinstance(exc, TimeoutError) and await self._database_answers():
-                    failures += 1
-                    if failures >= MAX_ATTEMPTS:
-                        raise
-                    log.warning("handler timed out, retrying", service=self.name, action=env.action,
-                                request_id=env.id, attempt=failures)
-                    continue
+                return await run(arg)
+            except (*DatabaseUnavailable, DatabaseStalled) as exc:
                 if self.stopping.is_set():
                     raise Abandoned from exc
-                log.warning("database unavailable, retrying", service=self.name, error=str(exc), backoff=backoff)
+                log.warning("database unavailable, retrying", service=self.name, error=repr(exc), backoff=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-            except Exception as exc:
-                # A bug: its transaction was rolled back, so a retry cannot double anything;
-                # after MAX_ATTEMPTS in a row it is poison.
-                failures += 1
-                if failures >= MAX_ATTEMPTS:
-                    raise
-                log.warning("handler failed, retrying", service=self.name, action=env.action,
-                            request_id=env.id, attempt=failures, error=repr(exc))
+
+    async def _run_sends(self, outcomes: list[Outcome]) -> None:
+        while batch := [o for o in outcomes if o.code == "ok"]:
+            try:
+                return await self._send_batch(batch)
+            except _RequestFailed as failed:
+                self._count_failure(failed.outcome, failed.error)
+
+    async def _send_batch(self, batch: list[Outcome]) -> None:
+        schema = self.schema
+        async with self.pool.acquire() as conn, conn.transaction():
+            claimed = {
+                row["id"]
+                for row in await conn.fetch(
+                    f"INSERT INTO {schema}.requests (id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING RETURNING id",
+                    [o.env.id for o in batch],
+                )
+            }
+            fresh, seen = [], []
+            for outcome in batch:
+                outcome.reply, outcome.effects, outcome.duplicate = None, [], False
+                if outcome.env.id in claimed:
+                    claimed.discard(outcome.env.id)  # the same envelope twice in one batch: the second is a duplicate
+                    fresh.append(outcome)
+                else:
+                    seen.append(outcome)
+            for outcome in fresh:
+                await self._invoke(conn, outcome)
+            if fresh:
+                await conn.execute(
+                    f"""UPDATE {schema}.requests AS r SET reply = u.reply, effects = u.effects
+                        FROM unnest($1::text[], $2::bytea[], $3::bytea[]) AS u(id, reply, effects) WHERE r.id = u.id""",
+                    [o.env.id for o in fresh], [o.reply for o in fresh], [outgoing.encode(o.effects) for o in fresh],
+                )
+            if seen:
+                await self._replay(conn, seen)
+
+    async def _replay(self, conn: asyncpg.Connection, seen: list[Outcome]) -> None:
+        """A request seen before is answered as the first time. Its effects are republished
+        only when the broker redelivers it (the first attempt may have died before publishing
+        them); a client's replay gets the reply and causes nothing."""
+        rows = await conn.fetch(
+            f"SELECT id, reply, effects FROM {self.schema}.requests WHERE id = ANY($1::text[])", [o.env.id for o in seen]
+        )
+        stored = {row["id"]: row for row in rows}
+        for outcome in seen:
+            row = stored[outcome.env.id]
+            outcome.duplicate = True
+            outcome.reply = bytes(row["reply"])
+            outcome.effects = outgoing.effects_decoder.decode(row["effects"]) if outcome.delivery.redelivered else []
+
+    async def _run_read(self, outcome: Outcome) -> None:
+        while outcome.code == "ok":
+            try:
+                async with self.pool.acquire() as conn:
+                    transaction = conn.transaction(readonly=True)
+                    await transaction.start()
+                    try:
+                        return await self._invoke(conn, outcome)
+                    finally:
+                        await transaction.rollback()
+            except _RequestFailed as failed:
+                self._count_failure(outcome, failed.error)
+
+    async def _invoke(self, conn: asyncpg.Connection, outcome: Outcome) -> None:
+        """One handler, timed. Its failure becomes `_RequestFailed` unless it is the database's."""
+        env = outcome.env
+        try:
+            # Freshness is judged for a first sighting only: a redelivery that waited out an
+            # outage finds its stored reply instead.
+            envelopes.check_fresh(env)
+            caller, scope = await self.authenticate(conn, env, outcome.action)
+            outcome.caller, outcome.caller_is_handle = caller, caller != env.owner
+            ctx = Context(conn=conn, envelope=env, caller=caller, scope=scope, now=envelopes.now_ms())
+            result = await asyncio.wait_for(self._call(ctx, outcome), self.handler_timeout)
+        except DatabaseUnavailable:
+            raise
+        except TimeoutError as exc:
+            if not await self._database_answers():
+                raise DatabaseStalled(f"{env.action} timed out and the database does not answer") from exc
+            raise _RequestFailed(outcome, exc) from exc
+        except Exception as exc:
+            raise _RequestFailed(outcome, exc) from exc
+        outcome.reply = ok(env.id, result)
+        outcome.effects = ctx.effects
+
+    async def _call(self, ctx: Context, outcome: Outcome) -> object:
+        await faults.before_handler(ctx.envelope, self.handler_timeout)
+        return await outcome.action.handler(ctx, outcome.request)
 
     async def _database_answers(self) -> bool:
         try:
@@ -239,93 +321,64 @@ class Processor:
         except (*DatabaseUnavailable, TimeoutError):
             return False
 
-    async def _send(self, env: Envelope, action: Action, request: Any, redelivered: bool, outcome: Outcome) -> None:
-        async with self.pool.acquire() as conn:
-            async with conn.transaction():
-                claimed = await conn.fetchval(
-                    f"INSERT INTO {self.schema}.requests (id) VALUES ($1) ON CONFLICT DO NOTHING RETURNING true",
-                    env.id,
-                )
-                if claimed:
-                    # Freshness is judged only for a first sighting: a redelivery that waited
-                    # out an outage still finds its stored reply and effects below.
-                    envelopes.check_fresh(env)
-                    ctx = await self._context(conn, env, action, outcome)
-                    await faults.before_handler(env, self.handler_timeout)
-                    result = await action.handler(ctx, request)
-                    outcome.reply = ok(env.id, result)
-                    outcome.effects = ctx.effects
-                    await conn.execute(
-                        f"UPDATE {self.schema}.requests SET reply = $2, effects = $3 WHERE id = $1",
-                        env.id,
-                        outcome.reply,
-                        _encoder.encode(ctx.effects),
-                    )
-                    return
-            # Seen before: answer as the first time. Republish its effects only when this is
-            # the broker redelivering (the first attempt may have died before publishing them);
-            # a client's replay gets the reply and causes nothing.
-            row = await conn.fetchrow(f"SELECT reply, effects FROM {self.schema}.requests WHERE id = $1", env.id)
-        outcome.duplicate = True
-        outcome.reply = bytes(row["reply"])
-        outcome.effects = _effects_codec.decode(row["effects"]) if redelivered else []
+    def _count_failure(self, outcome: Outcome, error: BaseException) -> None:
+        """A typed error is the answer. Anything else (a bug, a hung handler) is retried: its
+        transaction was rolled back, so a retry cannot double anything; after MAX_ATTEMPTS in
+        a row it is poison."""
+        if isinstance(error, AodmError):
+            return self._fail(outcome, error)
+        outcome.failures += 1
+        if outcome.failures < MAX_ATTEMPTS:
+            log.warning("handler failed, retrying", service=self.name, action=outcome.action_name,
+                        request_id=outcome.request_id, attempt=outcome.failures, error=repr(error))
+            return
+        log.error("poison request dead-lettered", service=self.name, action=outcome.action_name,
+                  request_id=outcome.request_id, exc_info=error)
+        outcome.poison = True
+        self._fail(outcome, InternalError(f"{type(error).__name__} while handling the request"))
 
-    async def _dryrun(self, env: Envelope, action: Action, request: Any, outcome: Outcome) -> None:
-        envelopes.check_fresh(env)
-        async with self.pool.acquire() as conn:
-            transaction = conn.transaction(readonly=True)
-            await transaction.start()
-            try:
-                ctx = await self._context(conn, env, action, outcome)
-                outcome.reply = ok(env.id, await action.handler(ctx, request))
-            finally:
-                await transaction.rollback()
-
-    async def _context(self, conn: asyncpg.Connection, env: Envelope, action: Action, outcome: Outcome) -> Context:
-        caller, scope = await self.authenticate(conn, env, action)
-        outcome.caller = caller
-        outcome.caller_is_handle = caller != env.owner
-        return Context(conn=conn, envelope=env, caller=caller, scope=scope, now=envelopes.now_ms())
-
-    def _fail(self, delivery: Delivery, outcome: Outcome, error: AodmError) -> None:
+    def _fail(self, outcome: Outcome, error: AodmError) -> None:
         outcome.code = error.code
         outcome.reply = err(outcome.request_id or "", error)
         outcome.effects = []
         # No reply address: the error goes to the caller's notification queue, but only when
         # the caller is a proven handle (a forged From must not write to another's queue, and
         # a bare signer address has no queue).
-        if delivery.reply_to is None and outcome.caller_is_handle and outcome.request_id:
+        if outcome.delivery.reply_to is None and outcome.caller_is_handle and outcome.request_id:
             note = RequestFailed(
                 id=notification_id(outcome.request_id, "RequestFailed", outcome.caller),
                 handle=outcome.caller,
                 at=envelopes.now_ms(),
                 request_id=outcome.request_id,
-                action=outcome.action or "",
+                action=outcome.action_name or "",
                 code=error.code,
                 message=error.message,
             )
-            outcome.effects = [
-                Outgoing(topology.INTERNAL, topology.NOTIFIER_ROUTING_KEY, _encoder.encode(Fanout([note])))
-            ]
+            outcome.effects = [Outgoing(topology.INTERNAL, topology.NOTIFIER_ROUTING_KEY, _encoder.encode(Fanout([note])))]
 
-    async def _deliver(self, delivery: Delivery, outcome: Outcome) -> None:
-        """Effects, then the reply, then the ack. A broker fault here leaves the request
-        unacknowledged, so it is redelivered and recognised as a duplicate."""
-        if outcome.effects and not outcome.duplicate:
+    # -- answering ---------------------------------------------------------------------
+
+    async def _deliver(self, outcomes: list[Outcome]) -> None:
+        """Effects, then the replies, then the acks. A broker fault here leaves the requests
+        unacknowledged, so they are redelivered and recognised as duplicates."""
+        if any(o.effects and not o.duplicate for o in outcomes):
             faults.crash_point("crash-after-commit")
         try:
-            for effect in outcome.effects:
+            for effect in outgoing.merge([e for o in outcomes for e in o.effects]):
                 await self._publish(effect.exchange, effect.routing_key, effect.body)
-            if delivery.reply_to and outcome.reply is not None:
-                await self._publish(
-                    "", delivery.reply_to, outcome.reply, correlation_id=delivery.correlation_id or outcome.request_id
-                )
-            if outcome.poison:
-                await delivery.reject(requeue=False)
-            else:
-                await delivery.ack()
+            await asyncio.gather(*(
+                self._publish("", o.delivery.reply_to, o.reply, correlation_id=o.delivery.correlation_id or o.request_id)
+                for o in outcomes
+                if o.delivery.reply_to and o.reply is not None
+            ))
+            for outcome in outcomes:
+                if outcome.poison:
+                    await outcome.delivery.reject(requeue=False)
+                    metrics.inc("aodm_dead_lettered_total", service=self.name)
+                else:
+                    await outcome.delivery.ack()
         except BrokerError as exc:
-            log.warning("broker fault while answering; the request will be redelivered", error=str(exc))
+            log.warning("broker fault while answering; the requests will be redelivered", error=repr(exc))
 
     async def _publish(self, exchange: str, routing_key: str, body: bytes, correlation_id: str | None = None) -> None:
         try:
@@ -333,6 +386,26 @@ class Processor:
         except Unroutable as exc:
             # A reply whose client has gone, or an event nobody is bound for: nothing to retry.
             log.warning("unroutable publish dropped", service=self.name, destination=str(exc))
+
+    def _record(self, outcomes: list[Outcome], elapsed: float) -> None:
+        """One log line per handled request; metrics never take an attacker's action name."""
+        metrics.observe("aodm_batch_size", len(outcomes), service=self.name)
+        for outcome in outcomes:
+            action = outcome.action_name if outcome.action_name in self.actions else "unknown"
+            metrics.inc("aodm_requests_total", service=self.name, action=action, outcome=outcome.code)
+            metrics.observe("aodm_request_duration_seconds", elapsed, service=self.name, action=action)
+            log.info(
+                "handled",
+                service=self.name,
+                action=outcome.action_name,
+                outcome=outcome.code,
+                request_id=outcome.request_id,
+                caller=outcome.caller,
+                duplicate=outcome.duplicate,
+                redelivered=outcome.delivery.redelivered,
+                batch=len(outcomes),
+                duration_ms=round(elapsed * 1000, 2),
+            )
 
 
 async def prune_requests(pool: asyncpg.Pool, schema: str, retention_s: int, stop: asyncio.Event) -> None:

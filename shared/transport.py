@@ -10,6 +10,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
@@ -31,6 +32,24 @@ class Unroutable(Exception):
 
 class ExclusiveConsumerTaken(Exception):
     """Another consumer holds the queue exclusively."""
+
+
+class QueueMissing(Exception):
+    """The queue to consume does not exist."""
+
+
+class AccessRefused(Exception):
+    """The broker user may not do this (its permissions on the vhost do not match)."""
+
+
+# RabbitMQ's direct reply-to: a pseudo-queue consumed (no-ack) on the channel that publishes
+# the requests. It needs no configure or read permission, so every principal can do RPC.
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+def url_user(url: str) -> str:
+    """The broker user an AMQP URL logs in as (aio-pika's default is guest)."""
+    return unquote(urlsplit(url).username or "") or "guest"
 
 
 class Delivery:
@@ -62,6 +81,12 @@ class Delivery:
         return self._message.exchange or ""
 
     @property
+    def user_id(self) -> str | None:
+        """The publisher's broker user. Bus sets it on every publish and RabbitMQ refuses a
+        user_id that is not the publishing connection's user, so it cannot be forged."""
+        return self._message.user_id
+
+    @property
     def routing_key(self) -> str:
         return self._message.routing_key or ""
 
@@ -89,9 +114,12 @@ async def _reject_quietly(message: AbstractIncomingMessage) -> None:
 class Consumer:
     """A subscription on its own channel, worked by `concurrency` tasks."""
 
-    def __init__(self, channel: aio_pika.abc.AbstractChannel, handler: Handler, concurrency: int) -> None:
+    def __init__(
+        self, channel: aio_pika.abc.AbstractChannel, handler: Handler, concurrency: int, batch: int | None = None
+    ) -> None:
         self._channel = channel
         self._handler = handler
+        self._batch = batch
         self._inbox: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
         self._stopping = False
         self._queue: Any = None
@@ -103,13 +131,28 @@ class Consumer:
             message = await self._inbox.get()
             if message is None or self._stopping:
                 return
+            deliveries = [Delivery(message)] if self._batch is None else self._take_batch(message)
             try:
-                await self._handler(Delivery(message))
+                await self._handler(deliveries[0] if self._batch is None else deliveries)
             except BrokerError:
                 pass  # the channel is gone; the broker redelivers what was not acked
             except Exception:  # last line of defence: a handler bug must not stop the consumer
-                logging.getLogger("aodm.transport").exception("consumer handler failed; message dead-lettered")
-                await _reject_quietly(message)
+                logging.getLogger("aodm.transport").exception("consumer handler failed; messages dead-lettered")
+                for delivery in deliveries:
+                    await _reject_quietly(delivery._message)
+
+    def _take_batch(self, first: AbstractIncomingMessage) -> list[Delivery]:
+        """The first message and whatever else has already arrived, up to the batch size:
+        under load batches grow by themselves; when idle a message waits for nothing."""
+        assert self._batch is not None
+        batch = [Delivery(first)]
+        while len(batch) < self._batch and not self._inbox.empty():
+            message = self._inbox.get_nowait()
+            if message is None:
+                self._inbox.put_nowait(None)  # keep the stop signal for the loop
+                break
+            batch.append(Delivery(message))
+        return batch
 
     async def _start(self, queue: Any, exclusive: bool) -> None:
         self._queue = queue
@@ -142,19 +185,23 @@ class Consumer:
 
 
 class Bus:
-    def __init__(self, connection: AbstractRobustConnection, channel: aio_pika.abc.AbstractChannel) -> None:
+    def __init__(
+        self, connection: AbstractRobustConnection, channel: aio_pika.abc.AbstractChannel, *, url: str = ""
+    ) -> None:
         self._connection = connection
         self._channel = channel
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
         self._pending: dict[str, asyncio.Future[bytes]] = {}
         self._reply_queue: str | None = None
         self._reply_lock = asyncio.Lock()
+        self.url = url
+        self.user = url_user(url)  # the broker user: the user_id of everything published
 
     @classmethod
     async def connect(cls, url: str, *, name: str) -> "Bus":
         connection = await aio_pika.connect_robust(url, client_properties={"connection_name": name})
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        return cls(connection, channel)
+        return cls(connection, channel, url=url)
 
     async def close(self) -> None:
         for future in self._pending.values():
@@ -212,7 +259,9 @@ class Bus:
         content_type: str = "application/json",
         persistent: bool = True,
     ) -> None:
-        """Publish and wait for the broker's confirm; raise `Unroutable` if it comes back."""
+        """Publish and wait for the broker's confirm; raise `Unroutable` if it comes back.
+        Every message carries `user_id` = this connection's broker user, which the broker
+        validates: receivers use it to tell the services' own messages from anyone else's."""
         message = aio_pika.Message(
             body,
             content_type=content_type,
@@ -220,6 +269,7 @@ class Bus:
             reply_to=reply_to,
             correlation_id=correlation_id,
             message_id=message_id,
+            user_id=self.user,
         )
         target = await self._exchange(exchange)
         try:
@@ -230,11 +280,14 @@ class Bus:
     # -- RPC (aio-pika's pattern: futures keyed by correlation_id) --------------------
 
     async def _ensure_reply_queue(self) -> str:
+        """Direct reply-to on the publishing channel: no queue is declared, so a client needs
+        no configure or read permission to get replies. The robust channel consumes it again
+        after a reconnect (replies to the requests in flight then are lost: they time out)."""
         async with self._reply_lock:
             if self._reply_queue is None:
-                queue = await self._channel.declare_queue("", exclusive=True, auto_delete=True)
+                queue = await self._channel.declare_queue(DIRECT_REPLY_TO, passive=True)
                 await queue.consume(self._on_reply, no_ack=True)
-                self._reply_queue = queue.name
+                self._reply_queue = DIRECT_REPLY_TO
         return self._reply_queue
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
@@ -274,15 +327,24 @@ class Bus:
         prefetch: int,
         concurrency: int = 1,
         exclusive: bool = False,
+        batch: int | None = None,
     ) -> Consumer:
         """Consume on a channel of its own. With concurrency 1 messages are handled strictly
-        in queue order, which is what keeps a session shard's order."""
+        in queue order, which is what keeps a session shard's order. With `batch`, the
+        handler gets a list of the deliveries that are waiting (group commit)."""
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
-        consumer = Consumer(channel, handler, concurrency)
+        consumer = Consumer(channel, handler, concurrency, batch)
         try:
             await consumer._start(await channel.get_queue(queue, ensure=False), exclusive)
         except aiormq.exceptions.ChannelAccessRefused as exc:
             await consumer.close()
-            raise ExclusiveConsumerTaken(queue) from exc
+            # RabbitMQ says ACCESS_REFUSED both for a queue "in exclusive use" and for a user
+            # whose read permission does not cover the queue. Nothing is declared here.
+            if "exclusive use" in str(exc):
+                raise ExclusiveConsumerTaken(queue) from exc
+            raise AccessRefused(f"broker user {self.user!r} may not read {queue!r}") from exc
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            await consumer.close()
+            raise QueueMissing(queue) from exc
         return consumer

@@ -27,7 +27,11 @@ async def _publish(bus: Bus, note: AnyNotification) -> None:
 
 
 async def on_event(bus: Bus, delivery: Delivery) -> None:
-    """Ack only after every notification is confirmed by the broker: at-least-once."""
+    """Ack only after every notification is confirmed by the broker: at-least-once.
+    Events count only when the broker vouches (user_id) that the services' user sent them."""
+    if delivery.user_id != bus.user:
+        log.warning("notifier event from another broker user dropped", user_id=delivery.user_id)
+        return await delivery.ack()
     try:
         event = event_decoder.decode(delivery.body)
     except msgspec.DecodeError as exc:

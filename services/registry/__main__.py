@@ -1,6 +1,7 @@
 """The handle registry: handles with their owners' keys, and the pair → session map."""
 
 import asyncio
+import functools
 
 import asyncpg
 import msgspec
@@ -11,11 +12,20 @@ from shared.encoding import b64decode
 from shared.envelope import Envelope
 from shared.errors import Unauthorized
 from shared.logs import log
-from shared.registry_api import EstablishSession, GetChatList, GetHandles, QueryHandle, QuerySession, Register
+from shared.registry_api import (
+    HANDLE_PATTERN,
+    EstablishSession,
+    GetChatList,
+    GetHandles,
+    IssueBrokerCredentials,
+    QueryHandle,
+    QuerySession,
+    Register,
+)
 from shared.service import Action, Processor
 from shared.transport import Delivery
 
-from services.registry import handles, sessions, store
+from services.registry import credentials, handles, sessions, store
 
 ACTIONS = {
     "Register": Action(Register, handles.register, "send", needs_handle=False),
@@ -24,7 +34,20 @@ ACTIONS = {
     "QuerySession": Action(QuerySession, sessions.query_session, "dryrun", needs_handle=False),
     "EstablishSession": Action(EstablishSession, sessions.establish_session, "send"),
     "GetChatList": Action(GetChatList, sessions.get_chat_list, "dryrun"),
+    "IssueBrokerCredentials": Action(IssueBrokerCredentials, handles.issue_broker_credentials, "send"),
 }
+
+
+def actions(issuer: credentials.Issuer | None) -> dict[str, Action]:
+    """ACTIONS with the broker-credential issuer (None: issuance off) bound in."""
+    bound = {
+        "Register": functools.partial(handles.register, issuer=issuer),
+        "IssueBrokerCredentials": functools.partial(handles.issue_broker_credentials, issuer=issuer),
+    }
+    return {
+        name: Action(a.request, bound[name], a.mode, a.needs_handle) if name in bound else a
+        for name, a in ACTIONS.items()
+    }
 
 
 async def authenticate(conn: asyncpg.Connection, env: Envelope, action: Action) -> tuple[str, None]:
@@ -33,7 +56,9 @@ async def authenticate(conn: asyncpg.Connection, env: Envelope, action: Action) 
         if action.needs_handle:
             raise Unauthorized("From must be a handle registered to Owner for this action")
         return env.from_, None
-    row = await store.handle(conn, env.from_)
+    # Only a well-formed name can be registered; anything else (a NUL, which Postgres
+    # refuses in text) never reaches the database.
+    row = await store.handle(conn, env.from_) if HANDLE_PATTERN.fullmatch(env.from_) else None
     if row is None:
         raise Unauthorized(f"From {env.from_!r} is not a registered handle")
     if bytes(row["sign_key"]) != b64decode(env.owner, field="Owner", length=32):
@@ -43,11 +68,15 @@ async def authenticate(conn: asyncpg.Connection, env: Envelope, action: Action) 
 
 async def start(rt: runtime.Runtime) -> None:
     processor = Processor(
-        name="registry", schema=store.SCHEMA, pool=rt.pool, bus=rt.bus, actions=ACTIONS, authenticate=authenticate
+        name="registry", schema=store.SCHEMA, pool=rt.pool, bus=rt.bus,
+        actions=actions(credentials.Issuer.from_settings(rt.settings)), authenticate=authenticate,
     )
     processor.stopping = rt.stop
 
     async def on_activity(delivery: Delivery) -> None:
+        if delivery.user_id != rt.bus.user:  # only the services' own broker user publishes events
+            log.warning("activity event from another broker user dropped", user_id=delivery.user_id)
+            return await delivery.ack()
         try:
             await db.retrying(lambda: sessions.record_activity(rt.pool, delivery.body), what="activity")
         except msgspec.DecodeError as exc:  # internal traffic: log and drop

@@ -1,13 +1,23 @@
-"""Handle actions: Register, QueryHandle, GetHandles."""
+"""Handle actions: Register, QueryHandle, GetHandles, IssueBrokerCredentials."""
 
 from shared import topology
 from shared.encoding import b64decode, b64encode
 from shared.errors import AlreadyExists, NotFound
 from shared.notifications import HandleRegistered
-from shared.registry_api import GetHandles, HandleInfo, HandleList, QueryHandle, Register, check_handle
+from shared.registry_api import (
+    BrokerCredentials,
+    GetHandles,
+    HandleInfo,
+    HandleList,
+    IssueBrokerCredentials,
+    QueryHandle,
+    Register,
+    Registered,
+    check_handle,
+)
 from shared.service import Context
 
-from services.registry import store
+from services.registry import credentials, store
 
 
 def _info(row) -> HandleInfo:
@@ -19,7 +29,16 @@ def _info(row) -> HandleInfo:
     )
 
 
-async def register(ctx: Context, req: Register) -> HandleInfo:
+async def _broker_credentials(issuer: credentials.Issuer | None, handle: str, box_key: bytes) -> BrokerCredentials:
+    """The handle's own broker user with a new password sealed to its box key (both null
+    when this deployment issues none). A management API fault raises a retried error."""
+    if issuer is None:
+        return BrokerCredentials()
+    user, password = await issuer.issue(handle)
+    return BrokerCredentials(broker_user=user, sealed_broker_password=credentials.seal(password, box_key))
+
+
+async def register(ctx: Context, req: Register, issuer: credentials.Issuer | None = None) -> Registered:
     """The envelope's signature by Owner is the proof of possession of the signing key."""
     name = check_handle(req.handle)
     sign_key = b64decode(ctx.envelope.owner, field="Owner", length=32)
@@ -27,7 +46,25 @@ async def register(ctx: Context, req: Register) -> HandleInfo:
     if not await store.insert_handle(ctx.conn, name, sign_key, box_key, ctx.now):
         raise AlreadyExists(f"handle {name!r} is taken")
     ctx.emit(topology.INTERNAL, topology.NOTIFIER_ROUTING_KEY, HandleRegistered(name))
-    return HandleInfo(handle=name, sign_key=ctx.envelope.owner, box_key=req.box_key, created_at=ctx.now)
+    # Only after the insert succeeded: a taken name must never reset its owner's password.
+    issued = await _broker_credentials(issuer, name, box_key)
+    return Registered(
+        handle=name, sign_key=ctx.envelope.owner, box_key=req.box_key, created_at=ctx.now,
+        broker_user=issued.broker_user, sealed_broker_password=issued.sealed_broker_password,
+    )
+
+
+async def issue_broker_credentials(
+    ctx: Context, req: IssueBrokerCredentials, issuer: credentials.Issuer | None = None
+) -> BrokerCredentials:
+    """A new password for the caller's broker user; the old one stops working for new
+    connections. The caller is a handle proven by its owner's signature."""
+    if issuer is None:
+        return BrokerCredentials()
+    row = await store.lock_handle(ctx.conn, ctx.caller)
+    if row is None:
+        raise NotFound(f"no handle {ctx.caller!r}")
+    return await _broker_credentials(issuer, ctx.caller, bytes(row["box_key"]))
 
 
 async def query_handle(ctx: Context, req: QueryHandle) -> HandleInfo:

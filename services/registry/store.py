@@ -44,6 +44,14 @@ async def handle(conn: asyncpg.Connection, name: str) -> asyncpg.Record | None:
     return await conn.fetchrow("SELECT handle, sign_key, box_key, created_at FROM registry.handles WHERE handle = $1", name)
 
 
+async def lock_handle(conn: asyncpg.Connection, name: str) -> asyncpg.Record | None:
+    """The handle's row, locked until the transaction ends (re-issues of one handle's broker
+    password take turns, so the last one committed is the one the broker holds)."""
+    return await conn.fetchrow(
+        "SELECT handle, sign_key, box_key, created_at FROM registry.handles WHERE handle = $1 FOR UPDATE", name
+    )
+
+
 async def handles_of(conn: asyncpg.Connection, sign_key: bytes) -> list[asyncpg.Record]:
     return await conn.fetch(
         "SELECT handle, sign_key, box_key, created_at FROM registry.handles WHERE sign_key = $1 ORDER BY handle",

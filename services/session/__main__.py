@@ -30,18 +30,35 @@ async def start(rt: runtime.Runtime) -> None:
     )
     processor.stopping = rt.stop
 
-    async def on_shard_message(delivery: Delivery) -> None:
-        # Only services publish to the sessions exchange directly; clients' requests reach
-        # the shards through aodm.requests (its alternate exchange), so they cannot spawn.
-        if delivery.exchange != topology.SESSIONS:
-            return await processor(delivery)
+    async def on_shard_batch(deliveries: list[Delivery]) -> None:
+        """Requests in runs (one transaction per run), Spawns between them, all in queue order.
+        Only services publish to the sessions exchange directly; clients' requests reach the
+        shards through aodm.requests (its alternate exchange)."""
+        run: list[Delivery] = []
+        for delivery in deliveries:
+            if delivery.exchange != topology.SESSIONS:
+                run.append(delivery)
+                continue
+            if run:
+                await processor.handle(run)
+                run = []
+            await spawn(delivery)
+        if run:
+            await processor.handle(run)
+
+    async def spawn(delivery: Delivery) -> None:
+        # A Spawn counts only when the broker vouches (user_id, which it validates) that the
+        # services' own user published it: not by the exchange name alone.
+        if delivery.user_id != rt.bus.user:
+            log.warning("spawn from another broker user dropped", user_id=delivery.user_id)
+            return await delivery.ack()
         try:
             await db.retrying(lambda: members.spawn(rt.pool, delivery.body), what="spawn")
         except msgspec.DecodeError as exc:
             log.warning("bad spawn dropped", error=str(exc))
         await delivery.ack()
 
-    rt.background(ShardOwner(rt, on_shard_message).run())
+    rt.background(ShardOwner(rt, on_shard_batch).run())
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:

@@ -20,6 +20,7 @@ from shared.runtime import Runtime
 from shared.transport import BrokerError, Consumer, Delivery, ExclusiveConsumerTaken, Handler
 
 TICK_SECONDS = 1.0
+BATCH_SIZE = 100  # requests of one shard committed together when they are waiting
 
 
 async def _ignore(delivery: Delivery) -> None:  # the presence queue never holds messages
@@ -58,7 +59,9 @@ class ShardOwner:
             if len(self.held) >= share or self._rt.stop.is_set():
                 break
             try:
-                consumer = await self._rt.consume(topology.shard_queue(shard), self._handler, exclusive=True)
+                consumer = await self._rt.consume(
+                    topology.shard_queue(shard), self._handler, exclusive=True, batch=BATCH_SIZE
+                )
             except ExclusiveConsumerTaken:
                 continue
             self.held[shard] = consumer
