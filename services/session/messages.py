@@ -21,16 +21,16 @@ async def send_message(ctx: Context, req: SendMessage) -> Sent:
     if len(content) < MIN_CONTENT_BYTES:
         raise InvalidArgument(f"Content must be nonce ‖ SecretBox ciphertext, at least {MIN_CONTENT_BYTES} bytes")
     session_id = ctx.envelope.target
-    state = await store.advance_message(ctx.conn, session_id, ctx.now)
-    current = state["key_generation"]
-    if current == 0:
-        raise NoSessionKey("the session has no key yet: RotateSessionKey first")
-    generation = req.generation or current
-    if generation > current:
-        raise NotFound(f"no key generation {generation}; the current one is {current}")
-    seq, ts = state["message_seq"], state["last_timestamp"]
     sender_key = members.sign_keys[ctx.caller]
-    await store.insert_message(ctx.conn, session_id, seq, ctx.envelope.id, ctx.caller, sender_key, generation, ts, content)
+    stored = await store.append_message(
+        ctx.conn, session_id, ctx.now, req.generation, ctx.envelope.id, ctx.caller, sender_key, content
+    )
+    if stored is None:
+        current = await store.current_generation(ctx.conn, session_id)
+        if not current:
+            raise NoSessionKey("the session has no key yet: RotateSessionKey first")
+        raise NotFound(f"no key generation {req.generation}; the current one is {current}")
+    seq, ts, generation = stored["seq"], stored["ts"], stored["generation"]
     ctx.notify(
         NewMessage,
         [members.other(ctx.caller)],

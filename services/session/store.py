@@ -102,31 +102,30 @@ async def key_batch(conn: asyncpg.Connection, session_id: str, generation: int) 
     )
 
 
-async def advance_message(conn: asyncpg.Connection, session_id: str, now: int) -> asyncpg.Record:
-    """Next sequence number and a timestamp that never goes backwards within the session,
-    so (timestamp, seq) order is also the order of arrival."""
-    return await conn.fetchrow(
-        """UPDATE session.sessions SET message_seq = message_seq + 1, last_timestamp = greatest(last_timestamp, $2)
-           WHERE session_id = $1 RETURNING message_seq, last_timestamp, key_generation""",
-        session_id, now,
-    )
-
-
-async def insert_message(
+async def append_message(
     conn: asyncpg.Connection,
     session_id: str,
-    seq: int,
+    now: int,
+    generation: int | None,
     message_id: str,
     sender: str,
     sender_key: bytes,
-    generation: int,
-    ts: int,
     content: bytes,
-) -> None:
-    await conn.execute(
-        """INSERT INTO session.messages (session_id, seq, message_id, sender, sender_key, generation, ts, content)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
-        session_id, seq, message_id, sender, sender_key, generation, ts, content,
+) -> asyncpg.Record | None:
+    """Store a message in one round trip: the next sequence number, and a timestamp that
+    never goes backwards within the session (so (timestamp, seq) order is arrival order).
+    None when the session has no key yet or not the generation asked for."""
+    return await conn.fetchrow(
+        """WITH advanced AS (
+               UPDATE session.sessions
+               SET message_seq = message_seq + 1, last_timestamp = greatest(last_timestamp, $2)
+               WHERE session_id = $1 AND key_generation >= greatest(coalesce($3, 1), 1)
+               RETURNING message_seq, last_timestamp, key_generation
+           )
+           INSERT INTO session.messages (session_id, seq, message_id, sender, sender_key, generation, ts, content)
+           SELECT $1, message_seq, $4, $5, $6, coalesce($3, key_generation), last_timestamp, $7 FROM advanced
+           RETURNING seq, ts, generation""",
+        session_id, now, generation, message_id, sender, sender_key, content,
     )
 
 
