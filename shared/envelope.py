@@ -153,6 +153,12 @@ def decode(body: bytes) -> Envelope:
     for tag in env.tags:
         if len(tag.name) > MAX_TAG_NAME or len(tag.value) > MAX_TAG_VALUE:
             raise PayloadTooLarge("a tag name or value is over its cap")
+    # PostgreSQL text cannot hold NUL, and no field has a use for it: refuse it up front
+    # (in Data also as the JSON escape a decoded field would turn into one).
+    if any("\x00" in text for text in (env.target, env.from_, env.owner, env.anchor, env.data)) or "\\u0000" in env.data:
+        raise MalformedRequest("NUL characters are not allowed")
+    if any("\x00" in tag.name or "\x00" in tag.value for tag in env.tags):
+        raise MalformedRequest("NUL characters are not allowed")
     for name in ("target", "from_", "anchor"):
         if len(getattr(env, name)) > MAX_ID_FIELD:
             raise MalformedRequest(f"{name.rstrip('_').capitalize()} is over {MAX_ID_FIELD} characters")

@@ -38,12 +38,17 @@ async def establish_session(ctx: Context, req: EstablishSession) -> Established:
     if peer_row is None:
         raise NotFound(f"no handle {peer!r}")
     session_id = b64encode(secrets.token_bytes(32))
-    if not await store.insert_session(ctx.conn, session_id, ctx.caller, peer, ctx.now):
-        return Established(await store.session_of(ctx.conn, ctx.caller, peer), created=False)
+    created = await store.insert_session(ctx.conn, session_id, ctx.caller, peer, ctx.now)
+    if not created:
+        session_id = await store.session_of(ctx.conn, ctx.caller, peer)
     me_row = await store.handle(ctx.conn, ctx.caller)
     members = [Member(r["handle"], b64encode(r["sign_key"]), b64encode(r["box_key"])) for r in (me_row, peer_row)]
     # Spawn goes straight into the session's shard ahead of anything a client can send it.
+    # A repeat spawns again (a no-op for the worker): should the first call have died after
+    # its commit but before publishing, the session still comes to exist.
     ctx.emit(topology.SESSIONS, session_id, Spawn(session_id, members))
+    if not created:
+        return Established(session_id, created=False)
     ctx.notify(SessionEstablished, [ctx.caller], session_id=session_id, peer=peer)
     ctx.notify(SessionEstablished, [peer], session_id=session_id, peer=ctx.caller)
     return Established(session_id, created=True)
