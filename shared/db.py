@@ -17,6 +17,9 @@ DatabaseUnavailable: tuple[type[BaseException], ...] = (
     asyncpg.DeadlockDetectedError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
+    # A rotated password or a revoked login is an operator's fault, not the request's.
+    asyncpg.InvalidPasswordError,
+    asyncpg.InvalidAuthorizationSpecificationError,
     OSError,
 )
 

@@ -8,10 +8,13 @@ _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
 _histograms: dict[tuple[str, tuple[tuple[str, str], ...]], list[float]] = {}
 _help: dict[str, tuple[str, str]] = {}
+_bucket_sets: dict[str, tuple[float, ...]] = {}
 
 
-def describe(name: str, kind: str, text: str) -> None:
+def describe(name: str, kind: str, text: str, buckets: tuple[float, ...] | None = None) -> None:
     _help[name] = (kind, text)
+    if buckets:
+        _bucket_sets[name] = buckets
 
 
 def inc(name: str, amount: float = 1.0, **labels: str) -> None:
@@ -20,8 +23,9 @@ def inc(name: str, amount: float = 1.0, **labels: str) -> None:
 
 def observe(name: str, seconds: float, **labels: str) -> None:
     key = (name, tuple(sorted(labels.items())))
-    series = _histograms.setdefault(key, [0.0] * (len(_BUCKETS) + 2))
-    for i, bound in enumerate(_BUCKETS):
+    buckets = _bucket_sets.get(name, _BUCKETS)
+    series = _histograms.setdefault(key, [0.0] * (len(buckets) + 2))
+    for i, bound in enumerate(buckets):
         if seconds <= bound:
             series[i] += 1
     series[-2] += 1  # count
@@ -45,7 +49,7 @@ def render() -> str:
         if name not in seen and name in _help:
             lines += [f"# HELP {name} {_help[name][1]}", f"# TYPE {name} histogram"]
         seen.add(name)
-        for bound, count in zip(_BUCKETS, series):
+        for bound, count in zip(_bucket_sets.get(name, _BUCKETS), series):
             le = 'le="%s"' % bound
             lines.append(f"{name}_bucket{_labels(labels, le)} {count}")
         inf = 'le="+Inf"'

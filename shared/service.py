@@ -44,7 +44,7 @@ from shared.transport import BrokerError, Bus, Delivery, Unroutable
 metrics.describe("aodm_requests_total", "counter", "Requests handled, by service, action and outcome (ok or error code).")
 metrics.describe("aodm_request_duration_seconds", "histogram", "Time from delivery to acknowledgement.")
 metrics.describe("aodm_dead_lettered_total", "counter", "Poison requests rejected to the dead-letter queue, by service.")
-metrics.describe("aodm_batch_size", "histogram", "Requests handled per transaction.")
+metrics.describe("aodm_batch_size", "histogram", "Requests handled per transaction.", buckets=(1, 2, 5, 10, 20, 50, 100))
 
 MAX_ATTEMPTS = 3  # a request that fails this often in a row is poison: dead-lettered
 _encoder = msgspec.json.Encoder()
@@ -172,6 +172,7 @@ class Processor:
         self.authenticate = authenticate
         self.handler_timeout = handler_timeout
         self.stopping = asyncio.Event()
+        metrics.inc("aodm_dead_lettered_total", 0, service=name)  # a series from the start, so rates see the first
 
     async def __call__(self, delivery: Delivery) -> None:
         await self.handle([delivery])

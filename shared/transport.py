@@ -26,6 +26,10 @@ BrokerError: tuple[type[BaseException], ...] = (
 )
 
 
+# The broker refused the user name or password at connect.
+LoginRefused = aiormq.exceptions.ProbableAuthenticationError
+
+
 class Unroutable(Exception):
     """The broker returned a mandatory publish: no queue is bound for it."""
 
