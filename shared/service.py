@@ -42,7 +42,7 @@ from shared.replies import err, ok
 from shared.transport import BrokerError, Bus, Delivery, Unroutable
 
 metrics.describe("aodm_requests_total", "counter", "Requests handled, by service, action and outcome (ok or error code).")
-metrics.describe("aodm_request_duration_seconds", "histogram", "Time from delivery to acknowledgement.")
+metrics.describe("aodm_request_duration_seconds", "histogram", "Time from delivery to the answer being ready (its transaction committed).")
 metrics.describe("aodm_dead_lettered_total", "counter", "Poison requests rejected to the dead-letter queue, by service.")
 metrics.describe("aodm_batch_size", "histogram", "Requests handled per transaction.", buckets=(1, 2, 5, 10, 20, 50, 100))
 
@@ -193,8 +193,8 @@ class Processor:
         except Abandoned:
             log.info("left for redelivery", service=self.name, requests=len(outcomes))
             return  # not acked: closing the channel at shutdown hands them back to the queue
-        await self._deliver(outcomes)
         self._record(outcomes, time.perf_counter() - started)
+        await self._deliver(outcomes)
 
     # -- parsing (no database) ---------------------------------------------------------
 
