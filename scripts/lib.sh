@@ -9,6 +9,9 @@
 #   prepare_postgres DATABASE_URL
 #                     PostgreSQL accepting connections as the URL's user (role and
 #                     local trust auth created if needed); installed and started if missing
+#   prepare_node      Node.js and npm (apt-get if missing) and `npm ci` in each of
+#                     NODE_PROJECTS, redone only when its package-lock.json or the Node.js
+#                     version changed (stamp in its node_modules)
 #   stop_local_services / start_local_service / wait_local_service   .run/ processes
 #
 # Only brokers/databases on this machine (127.0.0.1, localhost, ::1) are installed,
@@ -126,6 +129,33 @@ wait_until() {
     local what="$1" seconds="$2"
     shift 2
     poll "$seconds" "$@" || die "timed out after ${seconds}s waiting for $what"
+}
+
+# ------------------------------------------------------------------------ Node.js
+
+# The Node.js tooling the tests run: the AsyncAPI validator and the example client.
+NODE_PROJECTS=(tools/asyncapi examples/node)
+
+node_stamp() { # node_stamp DIR — what its node_modules depends on: the lock and the Node.js version
+    { cat "$ROOT/$1/package-lock.json"; node --version; } \
+        | python3 -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())'
+}
+
+prepare_node() {
+    { have node && have npm; } || apt_install nodejs npm
+    { have node && have npm; } || die "node and npm are required (tools/asyncapi, examples/node): install Node.js 18+"
+    local dir stamp_file stamp
+    for dir in "${NODE_PROJECTS[@]}"; do
+        [ -f "$ROOT/$dir/package-lock.json" ] || continue
+        stamp_file="$ROOT/$dir/node_modules/.aodm-install-stamp"
+        stamp="$(node_stamp "$dir")"
+        if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ]; then
+            continue
+        fi
+        say "installing the Node.js dependencies of $dir (npm ci, node $(node --version))"
+        (cd "$ROOT/$dir" && SCARF_ANALYTICS=false npm ci --no-audit --no-fund --loglevel=error) || die "npm ci in $dir failed"
+        echo "$stamp" >"$stamp_file"
+    done
 }
 
 # ---------------------------------------------------------------------------- venv

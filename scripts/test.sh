@@ -10,7 +10,9 @@
 #     pyproject.toml changed (stamp file in .venv);
 #   - RabbitMQ up, with rabbitmq_management, rabbitmq_prometheus and
 #     rabbitmq_consistent_hash_exchange enabled and the management API answering;
-#   - PostgreSQL up and accepting the configured user.
+#   - PostgreSQL up and accepting the configured user;
+#   - Node.js and npm, and `npm ci` in tools/asyncapi and examples/node when their
+#     package-lock.json changed (the AsyncAPI validator and the Node.js example client).
 # Missing RabbitMQ/PostgreSQL are installed with apt-get and started (needs root or
 # password-less sudo); waits are bounded and fail with a message.
 #
@@ -44,6 +46,7 @@ main() {
     prepare_rabbitmq "${AODM_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/}" \
         "${AODM_TEST_MANAGEMENT_URL:-http://guest:guest@127.0.0.1:15672}"
     prepare_postgres "${AODM_TEST_DATABASE_URL:-postgresql://root@127.0.0.1:5432/postgres}"
+    prepare_node
     run_pytest "$@"
 }
 

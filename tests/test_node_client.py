@@ -1,0 +1,184 @@
+"""A client in another language interoperates: examples/node (written from docs/protocol.md
+and tests/vectors/ alone) passes the vectors, and runs the seed workflow against the real
+services with the Python client on the other side, both directions decrypting.
+
+Node.js and npm are required (CI installs them: scripts/test.sh, prepare_node); without
+them these tests fail, they do not skip.
+"""
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import urllib.error
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+from aodm import crypto
+from aodm.client import Client
+from aodm.crypto import Identity
+from aodm.inbox import Inbox
+from shared.notifications import KeyRotated, NewMessage, SessionEstablished
+from tests.conftest import MANAGEMENT, _management, isolated_settings, running_services
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "node"
+LINE_TIMEOUT = 60
+
+
+def require(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(
+            f"`{tool}` is not installed: the Node.js example client (examples/node) is tested "
+            "against the services. Install Node.js 18+ and npm (scripts/test.sh does, with "
+            "apt-get: nodejs npm)."
+        )
+    return path
+
+
+def npm_ci(directory: Path) -> None:
+    if (directory / "node_modules").is_dir():
+        return
+    done = subprocess.run(
+        [require("npm"), "ci", "--no-audit", "--no-fund"], cwd=directory, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, f"npm ci in {directory} failed:\n{done.stdout}\n{done.stderr}"
+
+
+def test_node_client_passes_the_vectors():
+    node = require("node")
+    npm_ci(EXAMPLE)
+    done = subprocess.run(
+        [node, "--test", "examples/node/"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, f"node --test examples/node/ failed:\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}"
+    assert "# fail 0" in done.stdout
+
+
+class NodeSeed:
+    """`node examples/node/seed.mjs` as a subprocess, read as JSON lines."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+
+    async def stderr(self) -> str:
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+        return (await self.process.stderr.read()).decode(errors="replace")
+
+    async def next(self, event: str) -> dict:
+        try:
+            raw = await asyncio.wait_for(self.process.stdout.readline(), LINE_TIMEOUT)
+        except TimeoutError:
+            pytest.fail(f"seed.mjs printed nothing within {LINE_TIMEOUT}s waiting for {event!r}:\n{await self.stderr()}")
+        if not raw:
+            pytest.fail(f"seed.mjs exited ({await self.process.wait()}) before {event!r}:\n{await self.stderr()}")
+        line = json.loads(raw)
+        if line.get("event") != event:
+            pytest.fail(f"seed.mjs: expected {event!r}, got {line}\n{await self.stderr()}")
+        return line
+
+
+async def seed_workflow(amqp_url: str, python: Client, reply_queue: str = "direct", node_handle: str | None = None) -> dict:
+    """Node registers and does steps 1–6; Python does 7–8 and replies; Node reads the reply.
+    Returns Node's `registered` line."""
+    node = require("node")
+    npm_ci(EXAMPLE)
+    node_handle = node_handle or f"node-{secrets.token_hex(4)}"
+    process = await asyncio.create_subprocess_exec(
+        node, str(EXAMPLE / "seed.mjs"), "--peer", python.handle, "--handle", node_handle, "--reply-queue", reply_queue,
+        cwd=ROOT,
+        env={**os.environ, "AODM_AMQP_URL": amqp_url},
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    seed = NodeSeed(process)
+    try:
+        # Node registered; the registry holds the keys Node derived.
+        registered = await seed.next("registered")
+        assert registered["handle"] == node_handle
+        info = await python.query_handle(node_handle)
+        assert (info.sign_key, info.box_key) == (registered["address"], registered["boxKey"])
+
+        # Steps 1–6 in Node: session, key sealed to both, rotated in, message sent.
+        sent = await seed.next("sent")
+        session = sent["session"]
+        assert sent["peer"] == python.handle and sent["seq"] == 1 and sent["generation"] == 1
+        assert await python.query_session(python.handle, node_handle) == session
+
+        # 7. Python finds the notifications in its durable queue.
+        async with Inbox(python.bus, python.handle) as inbox:
+            kinds = []
+            while True:
+                note = await inbox.next(timeout=30)
+                kinds.append(type(note))
+                if isinstance(note, NewMessage):
+                    break
+        assert kinds == [SessionEstablished, KeyRotated, NewMessage]
+        assert (note.session_id, note.sender, note.message_id) == (session, node_handle, sent["messageId"])
+
+        # 8. Python opens the key Node sealed to it, and decrypts Node's message.
+        batch = await python.get_key_by_generation(session, note.generation)
+        assert batch.rotated_by == node_handle and [k.handle for k in batch.keys] == sorted([node_handle, python.handle])
+        mine = next(k for k in batch.keys if k.handle == python.handle)
+        assert len(crypto.open_session_key(mine.sealed_key, python.identity.box_key)) == 32
+        assert await python.decrypt(session, note.generation, note.content) == sent["text"]
+        stored = (await python.history(session))[0]
+        assert stored.sender_key == registered["address"]  # Node's signature authenticated it
+
+        # Python replies; Node reads it from its own inbox and decrypts it, and its history.
+        reply = f"hello {node_handle}, from Python ✓ 😀"
+        await python.send_text(session, reply)
+        read = await seed.next("read")
+        assert read["text"] == reply and read["sender"] == python.handle and read["seq"] == 2
+        assert [(m["Seq"], m["Sender"], m["Text"]) for m in read["history"]] == [
+            (1, node_handle, sent["text"]),
+            (2, python.handle, reply),
+        ]
+        assert read["notifications"] == ["SessionEstablished", "KeyRotated", "NewMessage"]
+        assert read["checks"] and all(read["checks"].values()), read["checks"]
+        assert await asyncio.wait_for(process.wait(), 30) == 0, await seed.stderr()
+        return registered
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+@pytest.mark.parametrize("reply_queue", ["direct", "exclusive"])
+async def test_node_and_python_clients_talk_both_ways(stack, make_client, reply_queue):
+    """Replies via RabbitMQ direct reply-to, or via the client's own exclusive queue."""
+    registered = await seed_workflow(stack.amqp_url, await make_client("py"), reply_queue)
+    assert registered["brokerUser"] is None  # this deployment issues no per-handle broker users
+
+
+async def test_node_client_as_its_own_least_privilege_broker_user():
+    """Where the registry issues each handle its own broker user (configure nothing, write
+    aodm.requests, read its own inbox), Node opens the sealed password, reconnects as that
+    user and does everything with direct reply-to."""
+    prefix = f"aodm-node-{secrets.token_hex(3)}."
+    python_handle, node_handle = f"py-{secrets.token_hex(4)}", f"node-{secrets.token_hex(4)}"
+    async with isolated_settings(broker_admin_url=MANAGEMENT, broker_user_prefix=prefix) as settings:
+        try:
+            async with running_services(settings):
+                python = await Client.connect(settings.amqp_url, Identity.generate())
+                try:
+                    await python.register(python_handle)
+                    registered = await seed_workflow(settings.amqp_url, python, "direct", node_handle)
+                finally:
+                    await python.close()
+            assert registered["brokerUser"] == prefix + node_handle
+        finally:
+            for handle in (python_handle, node_handle):
+                try:
+                    _management("DELETE", f"/users/{urllib.parse.quote(prefix + handle, safe='')}")
+                except urllib.error.HTTPError as exc:
+                    if exc.code != 404:
+                        raise
