@@ -18,6 +18,7 @@ from nacl.signing import SigningKey
 from nacl.utils import random
 
 from shared.encoding import b64decode, b64encode  # noqa: F401 (re-exported for clients)
+from shared.errors import MalformedRequest
 from shared.envelope import address_of
 
 
@@ -78,11 +79,16 @@ def seal_session_key(session_key: bytes, box_public: str) -> str:
     return b64encode(SealedBox(recipient).encrypt(session_key))
 
 
-def open_session_key(sealed: str, box_key: PrivateKey) -> bytes:
+def open_sealed(sealed: str, box_key: PrivateKey) -> bytes:
+    """Open any SealedBox sealed to this identity (a session key, the issued broker password)."""
     try:
-        key = SealedBox(box_key).decrypt(b64decode(sealed, field="SealedKey"))
-    except CryptoError as exc:
-        raise DecryptionFailed("the session key was not sealed to this identity") from exc
+        return SealedBox(box_key).decrypt(b64decode(sealed, field="sealed value"))
+    except (CryptoError, MalformedRequest) as exc:
+        raise DecryptionFailed("the value was not sealed to this identity") from exc
+
+
+def open_session_key(sealed: str, box_key: PrivateKey) -> bytes:
+    key = open_sealed(sealed, box_key)
     if len(key) != SecretBox.KEY_SIZE:
         raise DecryptionFailed(f"a session key is {SecretBox.KEY_SIZE} bytes, this one {len(key)}")
     return key
@@ -90,12 +96,12 @@ def open_session_key(sealed: str, box_key: PrivateKey) -> bytes:
 
 def encrypt(session_key: bytes, plaintext: str, *, nonce: bytes | None = None) -> str:
     box = SecretBox(session_key)
-    sealed = box.encrypt(plaintext.encode(), nonce) if nonce else box.encrypt(plaintext.encode())
+    sealed = box.encrypt(plaintext.encode(), nonce) if nonce is not None else box.encrypt(plaintext.encode())
     return b64encode(bytes(sealed))
 
 
 def decrypt(session_key: bytes, content: str) -> str:
     try:
         return SecretBox(session_key).decrypt(b64decode(content, field="Content")).decode()
-    except (CryptoError, UnicodeDecodeError) as exc:
+    except (CryptoError, UnicodeDecodeError, MalformedRequest) as exc:
         raise DecryptionFailed("message does not open with this session key") from exc
