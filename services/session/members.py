@@ -41,8 +41,6 @@ class MemberDirectory:
     async def lookup(self, conn: asyncpg.Connection, session_id: str) -> Members | None:
         members = self._cache.get(session_id)
         if members is None:
-            if "\x00" in session_id:  # Postgres refuses NUL in text: no such session
-                return None
             rows = await store.members(conn, session_id)
             if len(rows) != 2:
                 return None

@@ -1,5 +1,7 @@
 """Message actions: SendMessage, QueryMessage."""
 
+import re
+
 from shared import topology
 from shared.encoding import b64decode, b64encode
 from shared.errors import InvalidArgument, NoSessionKey, NotFound
@@ -13,6 +15,7 @@ from services.session.members import Members
 
 MIN_CONTENT_BYTES = 24 + 16  # SecretBox nonce + MAC: anything shorter cannot be a message
 NO_BOUND = 2**62
+_CURSOR = re.compile(r"([0-9]{1,19})\.([0-9]{1,19})")  # "<timestamp>.<seq>", as issued
 
 
 async def send_message(ctx: Context, req: SendMessage) -> Sent:
@@ -49,13 +52,10 @@ async def send_message(ctx: Context, req: SendMessage) -> Sent:
 def _cursor(text: str | None, descending: bool) -> tuple[int, int]:
     if text is None:
         return (NO_BOUND, NO_BOUND) if descending else (-1, -1)
-    try:
-        ts, seq = (int(part) for part in text.split(".", 1))
-    except ValueError:
-        raise InvalidArgument("Cursor is not one this service issued") from None
-    if not (0 <= ts <= NO_BOUND and 0 <= seq <= NO_BOUND):
+    match = _CURSOR.fullmatch(text)
+    if match is None or int(match[1]) > NO_BOUND or int(match[2]) > NO_BOUND:
         raise InvalidArgument("Cursor is not one this service issued")
-    return ts, seq
+    return int(match[1]), int(match[2])
 
 
 async def query_message(ctx: Context, req: QueryMessage) -> MessagePage:
