@@ -383,7 +383,9 @@ class Processor:
 
     async def _publish(self, exchange: str, routing_key: str, body: bytes, correlation_id: str | None = None) -> None:
         try:
-            await self.bus.publish(exchange, routing_key, body, correlation_id=correlation_id)
+            # A reply goes to a requester's transient reply queue: persisting it buys nothing
+            # and costs the broker a disk write before it confirms.
+            await self.bus.publish(exchange, routing_key, body, correlation_id=correlation_id, persistent=exchange != "")
         except Unroutable as exc:
             # A reply whose client has gone, or an event nobody is bound for: nothing to retry.
             log.warning("unroutable publish dropped", service=self.name, destination=str(exc))

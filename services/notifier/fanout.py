@@ -4,6 +4,8 @@ A handle's queue is declared when the handle registers; should a notification st
 it missing (the queue was deleted by an operator), it is declared again and the
 notification republished, so nothing addressed to a registered handle is dropped."""
 
+import asyncio
+
 import msgspec
 
 from shared import metrics, topology
@@ -42,8 +44,9 @@ async def on_event(bus: Bus, delivery: Delivery) -> None:
             await topology.declare_inbox(bus, handle)
             log.info("handled", service="notifier", kind="HandleRegistered", handle=handle)
         case Fanout(notifications=notes):
-            for note in notes:
-                await _publish(bus, note)
+            # Published together, confirmed together: the frames leave in list order, so a
+            # handle still sees its notifications in order, without a confirm wait for each.
+            await asyncio.gather(*(_publish(bus, note) for note in notes))
             log.info(
                 "handled", service="notifier", kind="Fanout", kinds=[type(n).__name__ for n in notes],
                 ids=[n.id for n in notes], redelivered=delivery.redelivered,
