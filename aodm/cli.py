@@ -14,6 +14,7 @@ import aiormq
 from aodm import commands, demo
 from aodm.commands import Context, safe_url
 from aodm.crypto import DecryptionFailed
+from aodm.inbox import InboxUnavailable
 from aodm.state import CliError
 from shared.errors import AodmError
 from shared.transport import BrokerError
@@ -113,6 +114,11 @@ def add_chat_commands(sub) -> None:
                 "Register HANDLE (3-32 of a-z 0-9 _ -) with this identity's keys and make it the\n"
                 "default handle for later commands. Fails with already_exists if someone has it.")
     p.add_argument("handle", metavar="HANDLE")
+    command(sub, "credentials", commands.credentials, "issue a new broker password for your handle",
+            "Where the deployment gives each handle its own broker user (docs/security.md), ask\n"
+            "the registry for a new password for it (lost, or to rotate it) and keep it in the\n"
+            "state file beside the identity; later commands log in with it. The old password\n"
+            "stops working for new connections. Logs in with --amqp-url's user to ask.")
     command(sub, "chats", commands.chats, "list your chats",
             "List the chats of your handle: peer, last activity (local time) and session id.")
     p = command(sub, "open", commands.open_chat, "start (or find) the chat with PEER",
@@ -161,7 +167,7 @@ def add_listen(sub) -> None:
 def explain(exc: BaseException, url: str) -> str:
     """One line that says what went wrong and what to do about it."""
     match exc:
-        case CliError():
+        case CliError() | InboxUnavailable():
             return str(exc)
         case AodmError():
             hint = HINTS.get(exc.code)
@@ -192,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(dispatch(args))
     except KeyboardInterrupt:
         return 0 if args.run is commands.listen else 130
-    except (CliError, AodmError, DecryptionFailed, *BrokerError, OSError, aiormq.exceptions.ChannelInvalidStateError) as exc:
+    except (CliError, AodmError, DecryptionFailed, InboxUnavailable, *BrokerError, OSError,
+            aiormq.exceptions.ChannelInvalidStateError) as exc:
         print(f"aodm: {explain(exc, args.amqp_url)}", file=sys.stderr)
         return 1
 

@@ -9,6 +9,7 @@
 import asyncio
 import secrets
 from typing import TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import msgspec
 
@@ -18,6 +19,7 @@ from shared.encoding import b64encode
 from shared.errors import Timeout, error_for
 from shared.registry_api import (
     REGISTRY_TARGET,
+    BrokerCredentials,
     ChatList,
     Established,
     EstablishSession,
@@ -25,9 +27,11 @@ from shared.registry_api import (
     GetHandles,
     HandleInfo,
     HandleList,
+    IssueBrokerCredentials,
     QueryHandle,
     QuerySession,
     Register,
+    Registered,
     SessionRef,
 )
 from shared.replies import Err, reply_decoder
@@ -50,6 +54,15 @@ T = TypeVar("T")
 _encoder = msgspec.json.Encoder()
 
 
+def with_credentials(url: str, user: str, password: str) -> str:
+    """`url` (host, port, vhost, query) logging in as `user` instead."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 class Client:
     def __init__(self, bus: Bus, identity: crypto.Identity, handle: str | None = None, *, timeout: float = 15.0) -> None:
         self.bus = bus
@@ -58,6 +71,9 @@ class Client:
         self.timeout = timeout
         self._keys: dict[tuple[str, int], bytes] = {}
         self._current: dict[str, int] = {}
+        # The handle's own broker login, once issued (Register, IssueBrokerCredentials).
+        self.broker_user: str | None = None
+        self.broker_password: str | None = None
 
     @classmethod
     async def connect(cls, url: str, identity: crypto.Identity, handle: str | None = None, **kw) -> "Client":
@@ -103,9 +119,31 @@ class Client:
     # -- registry ----------------------------------------------------------------------
 
     async def register(self, handle: str) -> HandleInfo:
-        info = await self.call(REGISTRY_TARGET, Register(handle, self.identity.box_public), HandleInfo, as_handle=False)
+        """Claim `handle`. When the deployment issues per-handle broker users, the result
+        also carries one: its password is opened here, and `broker_url` is then ready."""
+        info = await self.call(REGISTRY_TARGET, Register(handle, self.identity.box_public), Registered, as_handle=False)
         self.handle = handle
-        return info
+        self._take(info.broker_user, info.sealed_broker_password)
+        return HandleInfo(handle=info.handle, sign_key=info.sign_key, box_key=info.box_key, created_at=info.created_at)
+
+    async def issue_broker_credentials(self) -> str | None:
+        """A new password for this handle's broker user (the old one stops working for new
+        connections). Returns the new `broker_url`, or None when the deployment issues none."""
+        issued = await self.call(REGISTRY_TARGET, IssueBrokerCredentials(), BrokerCredentials)
+        self._take(issued.broker_user, issued.sealed_broker_password)
+        return self.broker_url if issued.broker_user else None
+
+    def _take(self, user: str | None, sealed: str | None) -> None:
+        if user and sealed:
+            self.broker_user = user
+            self.broker_password = crypto.open_sealed(sealed, self.identity.box_key).decode()
+
+    @property
+    def broker_url(self) -> str | None:
+        """This connection's URL (host, port, vhost) with the handle's own broker login."""
+        if self.broker_user is None or self.broker_password is None:
+            return None
+        return with_credentials(self.bus.url, self.broker_user, self.broker_password)
 
     async def query_handle(self, handle: str) -> HandleInfo:
         return await self.call(REGISTRY_TARGET, QueryHandle(handle), HandleInfo, as_handle=False)

@@ -8,13 +8,14 @@ from datetime import datetime
 from urllib.parse import urlsplit
 
 from aodm import state as files
-from aodm.client import Client
+from aodm.client import Client, with_credentials
 from aodm.crypto import DecryptionFailed, Identity
 from aodm.inbox import Inbox
 from aodm.state import CliError, State
 from shared.errors import AodmError, NoSessionKey, NotFound
 from shared.notifications import KeyRotated, NewMessage, RequestFailed, SessionEstablished
 from shared.session_api import MAX_PAGE
+from shared.transport import LoginRefused
 
 DRAIN_QUIET_S = 1.0  # `listen --once`: how long the queue must stay quiet to count as drained
 
@@ -52,16 +53,32 @@ class Context:
             self._state = State.load(self.path, self.identity)
         return self._state
 
+    def broker_login(self, handle: str | None) -> dict[str, str] | None:
+        """The handle's own broker user and password, when this state holds them."""
+        return self.state.brokers.get(handle) if handle else None
+
     @asynccontextmanager
-    async def client(self, *, need_handle: bool = True):
-        """A connected client acting as the chosen handle (when the command needs one)."""
+    async def client(self, *, need_handle: bool = True, own_login: bool = True):
+        """A connected client acting as the chosen handle (when the command needs one). It
+        logs in to the broker as the handle's own broker user when the state holds one
+        (host, port and vhost still come from --amqp-url), else with --amqp-url's login."""
         identity = self.identity
-        connect = Client.connect(self.args.amqp_url, identity, timeout=self.args.timeout)
+        known = (self.args.as_handle or self.state.default_handle) if need_handle else None
+        login = self.broker_login(known) if own_login else None
+        url = with_credentials(self.args.amqp_url, login["user"], login["password"]) if login else self.args.amqp_url
+        connect = Client.connect(url, identity, timeout=self.args.timeout)
         try:
             client = await asyncio.wait_for(connect, self.args.timeout)
         except TimeoutError:
             where = safe_url(self.args.amqp_url)
             raise CliError(f"no answer from the broker at {where} within {self.args.timeout:g}s") from None
+        except LoginRefused:
+            if not login:
+                raise
+            raise CliError(
+                f"the broker refused {known}'s stored broker login (user {login['user']}); "
+                f"`aodm credentials --as {known}` issues a new password"
+            ) from None
         try:
             if need_handle:
                 client.handle = await self.handle(client)
@@ -127,6 +144,25 @@ async def register(ctx: Context) -> int:
     ctx.state.default_handle = info.handle
     ctx.state.save()
     print(f"{note}: {info.handle} (since {local_time(info.created_at)}); it is now the default handle")
+    if client.broker_user and client.broker_password:
+        ctx.state.remember_broker(info.handle, client.broker_user, client.broker_password)
+        print(f"broker login: {client.broker_user} (it may read only {info.handle}'s notifications); "
+              f"kept in {ctx.state.path}")
+    return 0
+
+
+async def credentials(ctx: Context) -> int:
+    """Issue a new password for the handle's own broker user and keep it in the state. It
+    logs in with --amqp-url's login, since the stored one may be the lost or stale one."""
+    async with ctx.client(own_login=False) as client:
+        url = await client.issue_broker_credentials()
+    if url is None or client.broker_user is None or client.broker_password is None:
+        print(f"the broker at {safe_url(ctx.args.amqp_url)} issues no per-handle broker users; "
+              "--amqp-url's login is used for everything")
+        return 0
+    ctx.state.remember_broker(client.handle, client.broker_user, client.broker_password)
+    print(f"new broker password for {client.broker_user} ({client.handle}); the old one no longer logs in. "
+          f"Kept in {ctx.state.path}")
     return 0
 
 

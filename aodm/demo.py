@@ -69,6 +69,31 @@ async def probe(url: str) -> None:
 
 async def narrate(alice: Client, bob: Client, timeout: float) -> None:
     a, b = await setup(alice, bob)
+    clients = [alice, bob]
+    try:
+        for i, client in enumerate(clients):
+            clients[i] = await own_login(client, timeout)
+        if clients != [alice, bob]:
+            print()
+        await workflow(clients[0], clients[1], a, b, timeout)
+    finally:
+        for original, client in zip((alice, bob), clients):
+            if client is not original:
+                await client.close()
+
+
+async def own_login(client: Client, timeout: float) -> Client:
+    """Where the deployment issued the handle its own broker user, go on with it: a new
+    connection that may publish requests and read only this handle's notifications."""
+    if client.broker_url is None:
+        return client
+    own = await Client.connect(client.broker_url, client.identity, client.handle, timeout=timeout)
+    print(f"   {client.handle} reconnects as its own broker user {client.broker_user} "
+          f"(it can read only {client.handle}'s queue).")
+    return own
+
+
+async def workflow(alice: Client, bob: Client, a: str, b: str, timeout: float) -> None:
     session = (await alice.establish_session(b)).session_id
     print(f"   {a} establishes a session with {b}: {session}\n")
     sk, generation = await share_key(alice, session, b)

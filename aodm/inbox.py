@@ -1,7 +1,10 @@
 """A handle's notifications, read from its durable queue.
 
 Notifications are at-least-once; each carries a stable `Id`, and the inbox drops any it has
-already returned. A notification stays in the queue until it is handed to the caller."""
+already returned. A notification stays in the queue until it is handed to the caller.
+
+The inbox declares nothing: the notifier creates the queue when the handle registers, and a
+handle's own broker user may only read it (docs/security.md)."""
 
 import asyncio
 from collections import OrderedDict
@@ -9,24 +12,44 @@ from collections.abc import AsyncIterator
 
 from shared import topology
 from shared.notifications import AnyNotification, notification_decoder
-from shared.transport import Bus, Delivery
+from shared.transport import AccessRefused, Bus, Delivery, QueueMissing
+
+
+class InboxUnavailable(Exception):
+    """The handle's notification queue cannot be consumed: it does not exist, or this
+    connection's broker user may not read it. The message says which, and what to do."""
 
 
 class Inbox:
-    def __init__(self, bus: Bus, handle: str, *, remember: int = 10_000) -> None:
+    def __init__(self, bus: Bus, handle: str, *, remember: int = 10_000, wait: float = 5.0) -> None:
         self._bus = bus
         self._handle = handle
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._remember = remember
+        self._wait = wait  # how long a missing queue may take to appear (right after Register)
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
         self._consumer = None
 
     async def __aenter__(self) -> "Inbox":
-        await topology.declare_inbox(self._bus, self._handle)
-        self._consumer = await self._bus.consume(
-            topology.inbox_queue(self._handle), self._queue.put, prefetch=100
-        )
-        return self
+        name = topology.inbox_queue(self._handle)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._wait
+        while True:
+            try:
+                self._consumer = await self._bus.consume(name, self._queue.put, prefetch=100)
+                return self
+            except AccessRefused:
+                raise InboxUnavailable(
+                    f"broker user {self._bus.user!r} may not read {name}: connect with {self._handle}'s own "
+                    f"broker credentials (issued at Register, or again with IssueBrokerCredentials)"
+                ) from None
+            except QueueMissing:
+                if loop.time() >= deadline:
+                    raise InboxUnavailable(
+                        f"{name} does not exist: the notifier creates it when {self._handle} registers "
+                        f"(is {self._handle} registered, and is the notifier running?)"
+                    ) from None
+                await asyncio.sleep(0.2)
 
     async def __aexit__(self, *exc: object) -> None:
         if self._consumer is not None:

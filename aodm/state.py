@@ -3,6 +3,10 @@
 The state only saves typing (the default handle, the session id of each chat); the
 registry stays the source of truth, so a lost or stale state file costs nothing but a
 lookup. It records the identity's address, and is ignored when the identity changes.
+
+It also keeps each handle's own broker login (user and password, issued at `register` or by
+`aodm credentials`; docs/security.md). That one is a secret like the identity: the file is
+mode 600, and losing it costs an `aodm credentials`, which issues a new password.
 """
 
 import json
@@ -55,6 +59,7 @@ class State:
     address: str
     default_handle: str | None = None
     sessions: dict[str, dict[str, str]] = field(default_factory=dict)
+    brokers: dict[str, dict[str, str]] = field(default_factory=dict)  # handle -> {"user", "password"}
 
     @classmethod
     def load(cls, identity_file: Path, identity: Identity) -> "State":
@@ -66,16 +71,28 @@ class State:
             raw = {}
         if not isinstance(raw, dict) or raw.get("address") != identity.address:
             return cls(path, identity.address)
-        return cls(path, identity.address, raw.get("default_handle"), raw.get("sessions") or {})
+        brokers = raw.get("brokers")
+        brokers = {
+            handle: login for handle, login in (brokers.items() if isinstance(brokers, dict) else ())
+            if isinstance(login, dict) and isinstance(login.get("user"), str) and isinstance(login.get("password"), str)
+        }
+        return cls(path, identity.address, raw.get("default_handle"), raw.get("sessions") or {}, brokers)
 
     def save(self) -> None:
         """Written to a temporary file and renamed, so a crash never leaves half a file."""
-        body = {"address": self.address, "default_handle": self.default_handle, "sessions": self.sessions}
+        body = {
+            "address": self.address, "default_handle": self.default_handle, "sessions": self.sessions,
+            "brokers": self.brokers,
+        }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(body, indent=2) + "\n")
         tmp.chmod(0o600)
         tmp.replace(self.path)
+
+    def remember_broker(self, handle: str, user: str, password: str) -> None:
+        self.brokers[handle] = {"user": user, "password": password}
+        self.save()
 
     def remember_session(self, handle: str, peer: str, session_id: str) -> None:
         if self.sessions.get(handle, {}).get(peer) != session_id:

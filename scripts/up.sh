@@ -44,7 +44,7 @@ up_with_docker() {
     cat <<EOF
 
 aodm is running in Docker.
-  RabbitMQ dashboard:  http://localhost:15672  (user aodm, password aodm)
+  RabbitMQ dashboard:  http://localhost:15672  (user aodm-admin, password aodm-admin)
   RabbitMQ metrics:    http://localhost:15692/metrics
   Logs:                $compose logs -f registry session notifier
   More session workers: $compose up -d --scale session=3

@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
-from aio_pika.exceptions import DeliveryError
+from aio_pika.exceptions import PublishError
 
 # What a broker fault looks like to callers: retry or reconnect, never treat as poison.
 BrokerError: tuple[type[BaseException], ...] = (
@@ -128,6 +128,10 @@ class Consumer:
         self._stopping = False
         self._queue: Any = None
         self._tag: str | None = None
+        self._exclusive = False
+        # An exclusive subscription the broker dropped (connection or channel lost) that is
+        # not taken back here: its owner must take it again, or learn that another has it.
+        self.lost = False
         self._tasks = [asyncio.create_task(self._work()) for _ in range(concurrency)]
 
     async def _work(self) -> None:
@@ -160,7 +164,34 @@ class Consumer:
 
     async def _start(self, queue: Any, exclusive: bool) -> None:
         self._queue = queue
+        self._exclusive = exclusive
         self._tag = await queue.consume(self._inbox.put, exclusive=exclusive)
+        reopened = getattr(self._channel, "reopen_callbacks", None)
+        if reopened is not None:
+            reopened.add(self._on_reopen)
+
+    async def _on_reopen(self, _channel: Any) -> None:
+        """The channel was reopened after a broker restart or a lost connection. aio-pika
+        restores only the consumers of queues it declared itself, so this one is gone: the
+        broker has requeued everything it had delivered, so the prefetched messages still
+        waiting here are void (acking them would fail). A shared queue is consumed again
+        right away; an exclusive one is only marked `lost`, for its owner to take back the
+        usual way, since another worker may hold it by now."""
+        pending = []
+        while not self._inbox.empty():
+            pending.append(self._inbox.get_nowait())
+        for _ in range(pending.count(None)):
+            self._inbox.put_nowait(None)  # keep stop signals
+        if self._stopping or self.lost:
+            return
+        if self._exclusive:
+            self.lost = True
+            return
+        try:
+            self._tag = await self._queue.consume(self._inbox.put, exclusive=False)
+        except (*BrokerError, RuntimeError) as exc:
+            logging.getLogger("aodm.transport").warning("could not consume %s again: %r", self._queue.name, exc)
+            self.lost = True
 
     async def stop(self) -> None:
         """Graceful: take no more, finish the messages being handled, then close the
@@ -276,10 +307,17 @@ class Bus:
             user_id=self.user,
         )
         target = await self._exchange(exchange)
+        # A reply to direct reply-to is never routed through a queue, so RabbitMQ returns it
+        # as NO_ROUTE under `mandatory` even when it was delivered (rabbitmq-server#6124);
+        # without `mandatory` it is delivered, or dropped if the requester has gone.
+        mandatory = not (exchange == "" and routing_key.startswith(DIRECT_REPLY_TO))
         try:
-            await target.publish(message, routing_key=routing_key, mandatory=True)
-        except DeliveryError as exc:
+            await target.publish(message, routing_key=routing_key, mandatory=mandatory)
+        except PublishError as exc:  # basic.return: no queue is bound for it
             raise Unroutable(f"{exchange or '(default)'}/{routing_key}") from exc
+        # A basic.nack (DeliveryError, a BrokerError) means the broker did not take the
+        # message, e.g. while it stops: the caller must treat it as a broker fault and
+        # retry, never as "unroutable, drop it".
 
     # -- RPC (aio-pika's pattern: futures keyed by correlation_id) --------------------
 

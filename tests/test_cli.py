@@ -165,7 +165,7 @@ async def test_identity_is_never_overwritten_by_accident(tmp_path):
     assert (await aodm(UNREACHABLE, tmp_path, "identity", "new", "--force")).code == 0
 
 
-COMMANDS = [[], ["identity"], ["identity", "new"], ["identity", "show"], ["register"], ["chats"], ["open"],
+COMMANDS = [[], ["identity"], ["identity", "new"], ["identity", "show"], ["register"], ["credentials"], ["chats"], ["open"],
             ["send"], ["rotate"], ["history"], ["listen"], ["demo"]]
 
 

@@ -1,10 +1,11 @@
 """docker-compose.yml, the Dockerfile and the run scripts held to the code (no broker needed)."""
 
 import ast
+import json
 import re
 import tomllib
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import pytest
 import yaml
@@ -153,6 +154,70 @@ def test_amqp_url_points_at_rabbitmq(services: dict) -> None:
         if "RABBITMQ_DEFAULT_USER" in rabbit_env:
             assert (url.username, url.password) == (rabbit_env["RABBITMQ_DEFAULT_USER"], rabbit_env["RABBITMQ_DEFAULT_PASS"])
     assert container_ports(rabbitmq) >= {5672, 15672, 15692}
+
+
+@pytest.fixture(scope="module")
+def definitions() -> dict:
+    return json.loads((ROOT / "deploy" / "rabbitmq" / "definitions.json").read_text())
+
+
+def _vhost(url: str) -> str:
+    path = urlsplit(url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
+
+
+def _login(definitions: dict, url: str) -> dict:
+    parts = urlsplit(url)
+    users = {u["name"]: u for u in definitions["users"]}
+    assert parts.username in users, f"{parts.username!r} (from {url}) is not a user in definitions.json"
+    assert users[parts.username].get("password") == parts.password, f"{url}: password differs from definitions.json"
+    return users[parts.username]
+
+
+def _permissions(definitions: dict, user: str, vhost: str) -> dict:
+    found = [p for p in definitions["permissions"] if p["user"] == user and p["vhost"] == vhost]
+    assert len(found) == 1, f"definitions.json gives {user!r} no (or several) permissions on vhost {vhost!r}"
+    return {key: found[0][key] for key in ("configure", "write", "read")}
+
+
+def test_rabbitmq_loads_the_definitions(services: dict) -> None:
+    """The broker starts with the vhost and the fixed principals of docs/security.md."""
+    conf = (ROOT / "deploy" / "rabbitmq" / "rabbitmq.conf").read_text()
+    settings = dict(
+        (k.strip(), v.strip()) for k, _, v in (line.partition("=") for line in conf.splitlines())
+        if k.strip() and not k.strip().startswith("#")
+    )
+    mounts = {str(m).split(":")[1]: str(m).split(":")[0] for m in services["rabbitmq"].get("volumes", [])}
+    assert "load_definitions" in settings
+    assert mounts.get(settings["load_definitions"]) == "./deploy/rabbitmq/definitions.json"
+    conf_mount = next((target for target, source in mounts.items() if source == "./deploy/rabbitmq/rabbitmq.conf"), None)
+    assert conf_mount and (conf_mount == "/etc/rabbitmq/rabbitmq.conf" or conf_mount.startswith("/etc/rabbitmq/conf.d/"))
+    assert "RABBITMQ_DEFAULT_USER" not in env_of(services["rabbitmq"]), "users come from definitions.json"
+
+
+def test_broker_principals(services: dict, definitions: dict) -> None:
+    """Services log in with full rights on their vhost; the demo (a client) as the public
+    user with exactly the public permissions; the registry's admin URL as an administrator."""
+    from services.registry.credentials import PUBLIC_PERMISSIONS
+
+    vhosts = {v["name"] for v in definitions["vhosts"]}
+    for name in APP_SERVICES:
+        url = env_of(services[name])["AODM_AMQP_URL"]
+        assert _vhost(url) in vhosts
+        user = _login(definitions, url)
+        assert _permissions(definitions, user["name"], _vhost(url)) == {"configure": ".*", "write": ".*", "read": ".*"}
+    demo_url = env_of(services["demo"])["AODM_AMQP_URL"]
+    public = _login(definitions, demo_url)
+    assert _vhost(demo_url) == _vhost(env_of(services["registry"])["AODM_AMQP_URL"])
+    assert _permissions(definitions, public["name"], _vhost(demo_url)) == PUBLIC_PERMISSIONS
+    assert not public.get("tags"), "the public user must not log in to the management API"
+    admin_url = env_of(services["registry"]).get("AODM_BROKER_ADMIN_URL")
+    assert admin_url, "the registry issues per-handle broker users by default in compose"
+    admin = _login(definitions, admin_url)
+    assert "administrator" in admin.get("tags", [])
+    assert urlsplit(admin_url).hostname == "rabbitmq" and urlsplit(admin_url).port in container_ports(services["rabbitmq"])
+    for name in ("session", "notifier", "demo"):
+        assert "AODM_BROKER_ADMIN_URL" not in env_of(services[name]), f"{name} has no use for the admin login"
 
 
 def test_database_url_points_at_postgres(services: dict) -> None:

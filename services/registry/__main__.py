@@ -13,7 +13,6 @@ from shared.envelope import Envelope
 from shared.errors import Unauthorized
 from shared.logs import log
 from shared.registry_api import (
-    HANDLE_PATTERN,
     EstablishSession,
     GetChatList,
     GetHandles,
@@ -56,9 +55,7 @@ async def authenticate(conn: asyncpg.Connection, env: Envelope, action: Action) 
         if action.needs_handle:
             raise Unauthorized("From must be a handle registered to Owner for this action")
         return env.from_, None
-    # Only a well-formed name can be registered; anything else (a NUL, which Postgres
-    # refuses in text) never reaches the database.
-    row = await store.handle(conn, env.from_) if HANDLE_PATTERN.fullmatch(env.from_) else None
+    row = await store.handle(conn, env.from_)
     if row is None:
         raise Unauthorized(f"From {env.from_!r} is not a registered handle")
     if bytes(row["sign_key"]) != b64decode(env.owner, field="Owner", length=32):

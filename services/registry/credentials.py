@@ -51,9 +51,15 @@ def _exact(name: str) -> str:
     return "^" + name.replace(".", "\\.") + "$"
 
 
+# The public bootstrap user (its password is not a secret): publish requests and get their
+# replies through direct reply-to, which needs no read permission; read no queue at all.
+PUBLIC_PERMISSIONS = {"configure": "^$", "write": _exact(REQUESTS), "read": "^$"}
+
+
 def permissions_for(handle: str) -> dict[str, str]:
-    """Handles are [a-z0-9_-] only, so the dots are the only characters to escape."""
-    return {"configure": "^$", "write": _exact(REQUESTS), "read": _exact(inbox_queue(handle))}
+    """A handle's own user: the public user's rights plus reading its own notification
+    queue. Handles are [a-z0-9_-] only, so the dots are the only characters to escape."""
+    return {**PUBLIC_PERMISSIONS, "read": _exact(inbox_queue(handle))}
 
 
 def seal(password: str, box_key: bytes) -> str:

@@ -17,7 +17,7 @@ import random
 from shared import topology
 from shared.logs import log
 from shared.runtime import Runtime
-from shared.transport import BrokerError, Consumer, Delivery, ExclusiveConsumerTaken, Handler
+from shared.transport import Consumer, Delivery, ExclusiveConsumerTaken, Handler
 
 TICK_SECONDS = 1.0
 BATCH_SIZE = 100  # requests of one shard committed together when they are waiting
@@ -39,14 +39,16 @@ class ShardOwner:
         while not self._rt.stop.is_set():
             try:
                 await self._balance()
-            except BrokerError as exc:
-                log.warning("shard balancing failed; retrying", error=str(exc))
+            except Exception as exc:  # a broker fault (or anything else) must not end the loop
+                log.warning("shard balancing failed; retrying", error=repr(exc))
             try:
                 await asyncio.wait_for(self._rt.stop.wait(), timeout=TICK_SECONDS)
             except TimeoutError:
                 pass
 
     async def _balance(self) -> None:
+        for shard in [s for s, consumer in self.held.items() if consumer.lost]:
+            await self._drop(shard)
         workers = max(1, await self._rt.bus.consumer_count(topology.WORKERS_QUEUE))
         share = math.ceil(self._shards / workers)
         if len(self.held) > share:
@@ -66,6 +68,14 @@ class ShardOwner:
                 continue
             self.held[shard] = consumer
             log.info("shard taken", shard=shard, held=sorted(self.held), workers=workers)
+
+    async def _drop(self, shard: int) -> None:
+        """The broker dropped our exclusive consumer (connection lost, broker restarted): its
+        unacked messages are back in the queue; whoever takes the shard next runs them."""
+        consumer = self.held.pop(shard)
+        self._rt.consumers.remove(consumer)
+        await consumer.close()
+        log.warning("shard lost with the broker connection; taking shards again", shard=shard)
 
     async def _release(self, shard: int) -> None:
         consumer = self.held.pop(shard)
