@@ -7,6 +7,11 @@ import asyncpg
 
 from shared.logs import log
 
+class DependencyUnavailable(ConnectionError):
+    """Another system a handler relies on (the broker's management API) does not answer:
+    like a database outage, waited out and never the request's fault."""
+
+
 # Faults of the database itself (not of a request): retried, never dead-lettered.
 DatabaseUnavailable: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,

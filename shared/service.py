@@ -32,7 +32,7 @@ import msgspec
 from shared import effects as outgoing
 from shared import envelope as envelopes
 from shared import faults, metrics, topology
-from shared.db import DatabaseUnavailable
+from shared.db import DatabaseUnavailable, DependencyUnavailable
 from shared.effects import Outgoing
 from shared.envelope import Envelope
 from shared.errors import AodmError, InternalError, InvalidArgument, MalformedRequest, UnknownAction
@@ -222,7 +222,8 @@ class Processor:
             except (*DatabaseUnavailable, DatabaseStalled) as exc:
                 if self.stopping.is_set():
                     raise Abandoned from exc
-                log.warning("database unavailable, retrying", service=self.name, error=repr(exc), backoff=backoff)
+                what = "dependency" if isinstance(exc, DependencyUnavailable) else "database"
+                log.warning(f"{what} unavailable, retrying", service=self.name, error=repr(exc), backoff=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 

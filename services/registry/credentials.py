@@ -14,8 +14,8 @@ deduplication holds only the sealed form).
 
 Every failure of the management API (unreachable, timeout, 5xx, refused admin credentials,
 missing vhost) is an infrastructure fault, never the request's: it raises
-`BrokerAdminUnavailable`, which the request loop retries like a database outage (it is an
-OSError, as `shared.db.DatabaseUnavailable` lists), so the request waits for the API.
+`BrokerAdminUnavailable`, a `shared.db.DependencyUnavailable`, which the request loop
+retries like a database outage, so the request waits for the API.
 """
 
 import asyncio
@@ -29,6 +29,7 @@ import urllib.request
 from nacl.public import PublicKey, SealedBox
 
 from shared.config import Settings
+from shared.db import DependencyUnavailable
 from shared.encoding import b64encode
 from shared.logs import log
 from shared.topology import REQUESTS, inbox_queue
@@ -37,7 +38,7 @@ from shared.transport import url_user
 HTTP_TIMEOUT_S = 3.0  # two calls per issue, well inside the request loop's handler timeout (10 s)
 
 
-class BrokerAdminUnavailable(ConnectionError):
+class BrokerAdminUnavailable(DependencyUnavailable):
     """The management API did not do what was asked: retried, never the request's fault."""
 
 
