@@ -113,7 +113,7 @@ def decode_data(action: Action, data: str) -> msgspec.Struct:
         if _RANGE_ERROR.search(str(exc)):
             raise InvalidArgument(f"Data: {exc}") from exc
         raise MalformedRequest(f"Data: {exc}") from exc
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeError) as exc:
         raise MalformedRequest(f"Data is not JSON: {exc}") from exc
 
 

@@ -3,12 +3,14 @@ that must come back as typed errors."""
 
 import asyncio
 import secrets
+from dataclasses import replace
 
 import msgspec
 import pytest
 
 from aodm import crypto
 from aodm.client import Client
+from aodm.crypto import Identity
 from aodm.inbox import Inbox
 from shared import envelope
 from shared.encoding import b64encode
@@ -496,3 +498,36 @@ async def test_get_chat_list_rejects_data(make_client):
     alice = await make_client("alice")
     with pytest.raises(MalformedRequest):
         await raw_call(alice, "GetChatList", {"Handle": alice.handle}, from_=alice.handle)
+
+
+async def test_pairs_are_ordered_the_same_under_a_language_collation():
+    """The registry orders a pair in code points; a database whose default collation is
+    language-aware (ICU en-US puts '_' before '-') must not refuse the pair."""
+    import asyncpg
+
+    from tests.conftest import DATABASE_BASE, isolated_settings, running_services
+
+    async with isolated_settings() as settings:
+        conn = await asyncpg.connect(DATABASE_BASE)
+        name = settings.database_url.rsplit("/", 1)[1] + "_icu"
+        try:
+            await conn.execute(
+                f"CREATE DATABASE \"{name}\" LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8' TEMPLATE template0"
+            )
+            icu = replace(settings, database_url=settings.database_url.rsplit("/", 1)[0] + "/" + name)
+            async with running_services(icu, names=("registry", "notifier")):
+                suffix = secrets.token_hex(3)
+                dash = await Client.connect(icu.amqp_url, Identity.generate())
+                under = await Client.connect(icu.amqp_url, Identity.generate())
+                try:
+                    await dash.register(f"q-x{suffix}")
+                    await under.register(f"q_x{suffix}")
+                    established = await dash.establish_session(under.handle)
+                    assert established.created
+                    assert await under.query_session(dash.handle, under.handle) == established.session_id
+                finally:
+                    await dash.close()
+                    await under.close()
+        finally:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await conn.close()

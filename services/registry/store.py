@@ -27,6 +27,13 @@ MIGRATIONS = [
     );
     CREATE INDEX sessions_by_hi ON registry.sessions (handle_hi);
     """,
+    # The pair is ordered in Python (code points); the CHECK must compare the same way
+    # whatever the database's default collation is.
+    """
+    ALTER TABLE registry.sessions
+        ALTER COLUMN handle_lo TYPE text COLLATE "C",
+        ALTER COLUMN handle_hi TYPE text COLLATE "C";
+    """,
 ]
 
 
