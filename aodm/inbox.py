@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 from shared import topology
 from shared.notifications import AnyNotification, notification_decoder
-from shared.transport import AccessRefused, Bus, Delivery, QueueMissing
+from shared.transport import AccessRefused, BrokerError, Bus, Delivery, QueueMissing
 
 
 class InboxUnavailable(Exception):
@@ -68,7 +68,10 @@ class Inbox:
         while True:
             delivery = await asyncio.wait_for(self._queue.get(), timeout)
             note = notification_decoder.decode(delivery.body)
-            await delivery.ack()
+            try:
+                await delivery.ack()
+            except BrokerError:
+                continue  # from a channel lost since: the broker delivers it again
             if self._fresh(note):
                 return note
 

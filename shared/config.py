@@ -3,7 +3,7 @@
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class ConfigError(Exception):
@@ -58,6 +58,7 @@ VARIABLES: dict[str, tuple[str, Callable[[str], object], str]] = {
     "AODM_LOG_FORMAT": ("auto", _choice("auto", "json", "console"), "json in containers, console on a terminal"),
     "AODM_LOG_LEVEL": ("info", _choice("debug", "info", "warning", "error"), "log level"),
     "AODM_HTTP_PORT": ("0", _int(0, 65535), "health (/healthz, /readyz) and /metrics HTTP port; 0 turns it off"),
+    "AODM_HANDLER_TIMEOUT_S": ("10", _int(1, 3600), "a handler taking longer is cancelled and retried; after 3 tries the request is dead-lettered"),
     "AODM_DEDUP_RETENTION_S": ("86400", _int(3600, 10**8), "how long request ids are remembered for deduplication"),
     "AODM_BROKER_ADMIN_URL": ("", _url("http", "https", optional=True), "RabbitMQ management API with admin credentials (http://user:pass@host:15672); set, the registry issues each handle its own broker user (docs/security.md); empty turns it off"),
     "AODM_BROKER_VHOST": ("", str, "vhost the issued broker users get permissions on; empty = the vhost of AODM_AMQP_URL"),
@@ -76,10 +77,10 @@ class Settings:
     log_level: str
     http_port: int
     dedup_retention_s: int
+    handler_timeout_s: int = 10
     broker_admin_url: str = ""
     broker_vhost: str = ""
     broker_user_prefix: str = "aodm-h."
-    raw: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 def load(environ: dict[str, str] | None = None) -> Settings:

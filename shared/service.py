@@ -163,6 +163,7 @@ class Processor:
         actions: dict[str, Action],
         authenticate: Authenticate,
         handler_timeout: float = 10.0,
+        stopping: asyncio.Event | None = None,
     ) -> None:
         self.name = name
         self.schema = schema
@@ -171,7 +172,7 @@ class Processor:
         self.actions = actions
         self.authenticate = authenticate
         self.handler_timeout = handler_timeout
-        self.stopping = asyncio.Event()
+        self.stopping = stopping or asyncio.Event()  # set: database faults abandon instead of waiting
         metrics.inc("aodm_dead_lettered_total", 0, service=name)  # a series from the start, so rates see the first
 
     async def __call__(self, delivery: Delivery) -> None:
@@ -301,12 +302,12 @@ class Processor:
             outcome.caller, outcome.caller_is_handle = caller, caller != env.owner
             ctx = Context(conn=conn, envelope=env, caller=caller, scope=scope, now=envelopes.now_ms())
             result = await asyncio.wait_for(self._call(ctx, outcome), self.handler_timeout)
-        except DatabaseUnavailable:
-            raise
-        except TimeoutError as exc:
+        except TimeoutError as exc:  # before DatabaseUnavailable: TimeoutError is an OSError
             if not await self._database_answers():
                 raise DatabaseStalled(f"{env.action} timed out and the database does not answer") from exc
             raise _RequestFailed(outcome, exc) from exc
+        except DatabaseUnavailable:
+            raise
         except Exception as exc:
             raise _RequestFailed(outcome, exc) from exc
         outcome.reply = ok(env.id, result)

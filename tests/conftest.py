@@ -23,7 +23,7 @@ AMQP_BASE = os.environ.get("AODM_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5
 DATABASE_BASE = os.environ.get("AODM_TEST_DATABASE_URL", "postgresql://root@127.0.0.1:5432/postgres")
 MANAGEMENT = os.environ.get("AODM_TEST_MANAGEMENT_URL", "http://guest:guest@127.0.0.1:15672")
 
-logs.setup(__import__("os").environ.get("AODM_TEST_LOG", "warning"), "console")
+logs.setup(os.environ.get("AODM_TEST_LOG", "warning"), "console")  # AODM_TEST_LOG=info to see the services
 
 
 def _management(method: str, path: str, body: dict | None = None) -> None:

@@ -67,8 +67,8 @@ async def start(rt: runtime.Runtime) -> None:
     processor = Processor(
         name="registry", schema=store.SCHEMA, pool=rt.pool, bus=rt.bus,
         actions=actions(credentials.Issuer.from_settings(rt.settings)), authenticate=authenticate,
+        handler_timeout=rt.settings.handler_timeout_s, stopping=rt.stop,
     )
-    processor.stopping = rt.stop
 
     async def on_activity(delivery: Delivery) -> None:
         if delivery.user_id != rt.bus.user:  # only the services' own broker user publishes events

@@ -26,9 +26,9 @@ ACTIONS = {
 async def start(rt: runtime.Runtime) -> None:
     directory = members.MemberDirectory()
     processor = Processor(
-        name="session", schema=store.SCHEMA, pool=rt.pool, bus=rt.bus, actions=ACTIONS, authenticate=directory.authenticate
+        name="session", schema=store.SCHEMA, pool=rt.pool, bus=rt.bus, actions=ACTIONS, authenticate=directory.authenticate,
+        handler_timeout=rt.settings.handler_timeout_s, stopping=rt.stop,
     )
-    processor.stopping = rt.stop
 
     async def on_shard_batch(deliveries: list[Delivery]) -> None:
         """Requests in runs (one transaction per run), Spawns between them, all in queue order.
