@@ -42,11 +42,13 @@ async def _create_database(dsn: str) -> None:
         await conn.close()
 
 
-async def connect(dsn: str, *, size: int, attempts: int = 60) -> asyncpg.Pool:
-    """Wait for the database (it may start after us), creating it on first use."""
+async def connect(dsn: str, *, size: int, read_only: bool = False, attempts: int = 60) -> asyncpg.Pool:
+    """Wait for the database (it may start after us), creating it on first use. A read-only
+    pool's sessions refuse every write, so a dryrun cannot change state even by mistake."""
+    settings = {"default_transaction_read_only": "on"} if read_only else None
     for attempt in range(attempts):
         try:
-            return await asyncpg.create_pool(dsn, min_size=min(2, size), max_size=size)
+            return await asyncpg.create_pool(dsn, min_size=min(2, size), max_size=size, server_settings=settings)
         except asyncpg.InvalidCatalogNameError:
             await _create_database(dsn)
         except DatabaseUnavailable as exc:

@@ -7,7 +7,7 @@ import msgspec
 
 from shared import topology
 from shared.notifications import Fanout, event_decoder
-from shared.registry_api import Activity
+from shared.registry_api import Activity, ActivityReport
 
 
 class Outgoing(msgspec.Struct, array_like=True):
@@ -30,7 +30,7 @@ def encode(effects: list[Outgoing]) -> bytes:
 def merge(effects: list[Outgoing]) -> list[Outgoing]:
     """Same messages, fewer publishes: everything else first in its order (a Spawn or a
     HandleRegistered must precede notifications about it), then the notifications in their
-    order, then the latest activity per session."""
+    order, then one report of the latest activity per session."""
     passthrough: list[Outgoing] = []
     notifications = []
     activity: dict[str, int] = {}
@@ -49,6 +49,7 @@ def merge(effects: list[Outgoing]) -> list[Outgoing]:
     for start in range(0, len(notifications), MAX_FANOUT):
         chunk = Fanout(notifications[start : start + MAX_FANOUT])
         merged.append(Outgoing(topology.INTERNAL, topology.NOTIFIER_ROUTING_KEY, _encoder.encode(chunk)))
-    for session_id, at in activity.items():
-        merged.append(Outgoing(topology.INTERNAL, topology.ACTIVITY_ROUTING_KEY, _encoder.encode(Activity(session_id, at))))
+    if activity:
+        report = ActivityReport([Activity(session_id, at) for session_id, at in activity.items()])
+        merged.append(Outgoing(topology.INTERNAL, topology.ACTIVITY_ROUTING_KEY, _encoder.encode(report)))
     return merged

@@ -112,3 +112,9 @@ class Activity(msgspec.Struct, rename="pascal"):
 
     session_id: str
     at: int
+
+
+class ActivityReport(msgspec.Struct, rename="pascal"):
+    """The latest activity of every session a batch touched, in one event."""
+
+    sessions: list[Activity]

@@ -22,6 +22,7 @@ class Runtime:
     name: str
     settings: config.Settings
     pool: asyncpg.Pool | None
+    read_pool: asyncpg.Pool | None
     bus: Bus
     stop: asyncio.Event
     consumers: list[Consumer] = field(default_factory=list)
@@ -31,8 +32,10 @@ class Runtime:
     async def consume(
         self, queue: str, handler: Handler, *, concurrency: int = 1, exclusive: bool = False, batch: int | None = None
     ) -> Consumer:
+        # A batch can only be as large as what is prefetched: keep two batches in flight.
+        prefetch = max(self.settings.prefetch, 2 * batch) if batch else self.settings.prefetch
         consumer = await self.bus.consume(
-            queue, handler, prefetch=self.settings.prefetch, concurrency=concurrency, exclusive=exclusive, batch=batch
+            queue, handler, prefetch=prefetch, concurrency=concurrency, exclusive=exclusive, batch=batch
         )
         self.consumers.append(consumer)
         return consumer
@@ -61,13 +64,14 @@ async def serve(
     schema: str | None = None,
     migrations: list[str] | None = None,
 ) -> None:
-    pool = None
+    pool = read_pool = None
     if schema is not None:
         pool = await db.connect(settings.database_url, size=settings.db_pool_size)
         await db.migrate(pool, schema, migrations or [])
+        read_pool = await db.connect(settings.database_url, size=max(2, settings.db_pool_size // 2), read_only=True)
     bus = await Bus.connect(settings.amqp_url, name=f"aodm-{name}")
     await topology.declare_all(bus, settings.session_shards)
-    runtime = Runtime(name, settings, pool, bus, stop)
+    runtime = Runtime(name, settings, pool, read_pool, bus, stop)
     health = HealthServer(runtime.ready, runtime.metrics)
     if settings.http_port:
         await health.start(settings.http_port)
@@ -87,8 +91,9 @@ async def serve(
         await asyncio.gather(*(c.stop() for c in runtime.consumers), return_exceptions=True)
         await health.close()
         await bus.close()
-        if pool is not None:
-            await pool.close()
+        for open_pool in (pool, read_pool):
+            if open_pool is not None:
+                await open_pool.close()
         log.info("service stopped", service=name)
 
 

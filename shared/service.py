@@ -7,8 +7,8 @@ many as a shard has waiting: group commit):
 2. the `send`s run in one transaction that first claims every envelope Id in
    `<schema>.requests` — an Id already there is a duplicate and gets its stored reply
    instead of a second effect — then runs each handler in order and stores each reply and
-   its outgoing effects with the claim; each `dryrun` runs in a read-only transaction that
-   is always rolled back;
+   its outgoing effects with the claim; each `dryrun` runs on a connection whose session
+   is read-only (PostgreSQL refuses any write on it), so it cannot change state;
 3. after the commit the effects are published with confirms, then the replies, then the
    deliveries are acknowledged. A crash anywhere before the ack redelivers the requests, and
    a redelivery republishes the stored effects (notifications carry stable ids).
@@ -159,6 +159,7 @@ class Processor:
         name: str,
         schema: str,
         pool: asyncpg.Pool,
+        read_pool: asyncpg.Pool,
         bus: Bus,
         actions: dict[str, Action],
         authenticate: Authenticate,
@@ -168,6 +169,7 @@ class Processor:
         self.name = name
         self.schema = schema
         self.pool = pool
+        self.read_pool = read_pool
         self.bus = bus
         self.actions = actions
         self.authenticate = authenticate
@@ -279,15 +281,11 @@ class Processor:
             outcome.effects = outgoing.effects_decoder.decode(row["effects"]) if outcome.delivery.redelivered else []
 
     async def _run_read(self, outcome: Outcome) -> None:
+        """On the read-only pool: the database itself refuses any write a dryrun attempts."""
         while outcome.code == "ok":
             try:
-                async with self.pool.acquire() as conn:
-                    transaction = conn.transaction(readonly=True)
-                    await transaction.start()
-                    try:
-                        return await self._invoke(conn, outcome)
-                    finally:
-                        await transaction.rollback()
+                async with self.read_pool.acquire() as conn:
+                    return await self._invoke(conn, outcome)
             except _RequestFailed as failed:
                 self._count_failure(outcome, failed.error)
 
@@ -367,21 +365,32 @@ class Processor:
         if any(o.effects and not o.duplicate for o in outcomes):
             faults.crash_point("crash-after-commit")
         try:
-            for effect in outgoing.merge([e for o in outcomes for e in o.effects]):
-                await self._publish(effect.exchange, effect.routing_key, effect.body)
+            # Published together and confirmed together; frames leave in list order, so a
+            # Spawn still reaches its shard before any notification about it is sent.
+            await asyncio.gather(*(
+                self._publish(effect.exchange, effect.routing_key, effect.body)
+                for effect in outgoing.merge([e for o in outcomes for e in o.effects])
+            ))
             await asyncio.gather(*(
                 self._publish("", o.delivery.reply_to, o.reply, correlation_id=o.delivery.correlation_id or o.request_id)
                 for o in outcomes
                 if o.delivery.reply_to and o.reply is not None
             ))
-            for outcome in outcomes:
-                if outcome.poison:
-                    await outcome.delivery.reject(requeue=False)
-                    metrics.inc("aodm_dead_lettered_total", service=self.name)
-                else:
-                    await outcome.delivery.ack()
+            await self._settle(outcomes)
         except BrokerError as exc:
             log.warning("broker fault while answering; the requests will be redelivered", error=repr(exc))
+
+    async def _settle(self, outcomes: list[Outcome]) -> None:
+        """Poison to the dead letters, the rest acknowledged. A batch comes from one channel
+        consumed in order with nothing earlier left open, so one `multiple` ack on its last
+        good delivery settles all of them."""
+        for outcome in outcomes:
+            if outcome.poison:
+                await outcome.delivery.reject(requeue=False)
+                metrics.inc("aodm_dead_lettered_total", service=self.name)
+        good = [o for o in outcomes if not o.poison]
+        if good:
+            await good[-1].delivery.ack(multiple=len(outcomes) > 1)
 
     async def _publish(self, exchange: str, routing_key: str, body: bytes, correlation_id: str | None = None) -> None:
         try:

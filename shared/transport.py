@@ -98,8 +98,9 @@ class Delivery:
     def headers(self) -> dict[str, Any]:
         return dict(self._message.headers or {})
 
-    async def ack(self) -> None:
-        await self._message.ack()
+    async def ack(self, *, multiple: bool = False) -> None:
+        """`multiple` also acknowledges every earlier delivery of the channel still open."""
+        await self._message.ack(multiple=multiple)
 
     async def reject(self, *, requeue: bool) -> None:
         await self._message.reject(requeue=requeue)

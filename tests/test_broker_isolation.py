@@ -28,7 +28,7 @@ from shared import topology
 from shared.encoding import b64encode
 from shared.errors import NoSessionKey, NotFound
 from shared.notifications import Fanout, HandleRegistered, NewMessage, SessionEstablished
-from shared.registry_api import Activity
+from shared.registry_api import Activity, ActivityReport
 from shared.session_api import Member, Spawn
 from shared.transport import AccessRefused, BrokerError, Bus, LoginRefused, QueueMissing, url_user
 from tests.conftest import MANAGEMENT, isolated_settings, running_services
@@ -306,7 +306,7 @@ async def test_internal_messages_from_other_users_are_ignored(system, person):
     try:
         future = 4_000_000_000_000
         await rogue.publish(topology.INTERNAL, topology.ACTIVITY_ROUTING_KEY,
-                            _encoder.encode(Activity(established.session_id, future)))
+                            _encoder.encode(ActivityReport([Activity(established.session_id, future)])))
     finally:
         await rogue.close()
     await asyncio.sleep(1.0)

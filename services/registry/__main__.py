@@ -65,7 +65,7 @@ async def authenticate(conn: asyncpg.Connection, env: Envelope, action: Action) 
 
 async def start(rt: runtime.Runtime) -> None:
     processor = Processor(
-        name="registry", schema=store.SCHEMA, pool=rt.pool, bus=rt.bus,
+        name="registry", schema=store.SCHEMA, pool=rt.pool, read_pool=rt.read_pool, bus=rt.bus,
         actions=actions(credentials.Issuer.from_settings(rt.settings)), authenticate=authenticate,
         handler_timeout=rt.settings.handler_timeout_s, stopping=rt.stop,
     )

@@ -9,7 +9,7 @@ from shared.encoding import b64encode
 from shared.errors import Forbidden, NotFound
 from shared.notifications import SessionEstablished
 from shared.registry_api import (
-    Activity,
+    ActivityReport,
     Chat,
     ChatList,
     Established,
@@ -59,10 +59,10 @@ async def get_chat_list(ctx: Context, req: GetChatList) -> ChatList:
     return ChatList([Chat(r["session_id"], r["peer"], r["created_at"], r["last_activity"]) for r in rows])
 
 
-activity_decoder = msgspec.json.Decoder(Activity)
+activity_decoder = msgspec.json.Decoder(ActivityReport)
 
 
 async def record_activity(pool, body: bytes) -> None:
     """Internal feed from the session workers; last activity only moves forward."""
-    activity = activity_decoder.decode(body)
-    await store.touch_session(pool, activity.session_id, activity.at)
+    report = activity_decoder.decode(body)
+    await store.touch_sessions(pool, [(a.session_id, a.at) for a in report.sessions])

@@ -97,8 +97,9 @@ async def chats_of(conn: asyncpg.Connection, name: str) -> list[asyncpg.Record]:
     )
 
 
-async def touch_session(conn: asyncpg.Connection | asyncpg.Pool, session_id: str, at: int) -> None:
+async def touch_sessions(conn: asyncpg.Connection | asyncpg.Pool, activity: list[tuple[str, int]]) -> None:
     await conn.execute(
-        "UPDATE registry.sessions SET last_activity = greatest(last_activity, $2) WHERE session_id = $1",
-        session_id, at,
+        """UPDATE registry.sessions AS s SET last_activity = greatest(s.last_activity, a.at)
+           FROM unnest($1::text[], $2::bigint[]) AS a(session_id, at) WHERE s.session_id = a.session_id""",
+        [session_id for session_id, _ in activity], [at for _, at in activity],
     )

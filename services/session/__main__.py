@@ -26,7 +26,7 @@ ACTIONS = {
 async def start(rt: runtime.Runtime) -> None:
     directory = members.MemberDirectory()
     processor = Processor(
-        name="session", schema=store.SCHEMA, pool=rt.pool, bus=rt.bus, actions=ACTIONS, authenticate=directory.authenticate,
+        name="session", schema=store.SCHEMA, pool=rt.pool, read_pool=rt.read_pool, bus=rt.bus, actions=ACTIONS, authenticate=directory.authenticate,
         handler_timeout=rt.settings.handler_timeout_s, stopping=rt.stop,
     )
 
