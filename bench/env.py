@@ -2,98 +2,35 @@
 dropped after it, the services as real processes (tests/processes.py), and /proc readings
 (CPU time, VmRSS) of every process that matters.
 
-The vhost/database helpers are the small bits of tests/conftest.py, copied so that the
-benchmark does not import pytest."""
+The vhost and database come from tests/isolation.py, which the test suite uses too."""
 
 import asyncio
-import base64
 import json
 import math
 import os
-import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
-import urllib.request
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import asyncpg
 
 from shared import config, topology
 from shared.transport import Bus
+from tests import isolation
+from tests.isolation import DATABASE_BASE, MANAGEMENT, management  # noqa: F401 (used by bench.run)
 from tests.processes import ROOT, ServiceProcess
 
-AMQP_BASE = os.environ.get("AODM_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-DATABASE_BASE = os.environ.get("AODM_TEST_DATABASE_URL", "postgresql://root@127.0.0.1:5432/postgres")
-MANAGEMENT = os.environ.get("AODM_TEST_MANAGEMENT_URL", "http://guest:guest@127.0.0.1:15672")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-# -- vhost and database (as tests/conftest.py) -------------------------------------------
-
-
-def management(method: str, path: str, body: dict | None = None) -> bytes:
-    parts = urllib.parse.urlsplit(MANAGEMENT)
-    url = f"{parts.scheme}://{parts.hostname}:{parts.port}/api{path}"
-    data = json.dumps(body).encode() if body is not None else (b"{}" if method == "PUT" else None)
-    request = urllib.request.Request(url, method=method, data=data)
-    token = base64.b64encode(f"{parts.username}:{parts.password}".encode()).decode()
-    request.add_header("Authorization", f"Basic {token}")
-    request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return response.read()
-
-
-def new_vhost() -> tuple[str, str]:
-    name = f"aodm-bench-{secrets.token_hex(4)}"
-    management("PUT", f"/vhosts/{name}")
-    user = urllib.parse.urlsplit(AMQP_BASE).username or "guest"
-    management("PUT", f"/permissions/{name}/{user}", {"configure": ".*", "write": ".*", "read": ".*"})
-    parts = urllib.parse.urlsplit(AMQP_BASE)
-    return name, urllib.parse.urlunsplit(parts._replace(path="/" + urllib.parse.quote(name, safe="")))
-
-
-def drop_vhost(name: str) -> None:
-    management("DELETE", f"/vhosts/{name}")
-
-
-async def new_database() -> tuple[str, str]:
-    name = f"aodm_bench_{secrets.token_hex(4)}"
-    conn = await asyncpg.connect(DATABASE_BASE)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    parts = urllib.parse.urlsplit(DATABASE_BASE)
-    return name, urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
-
-
-async def drop_database(name: str) -> None:
-    conn = await asyncpg.connect(DATABASE_BASE)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
 
 
 @asynccontextmanager
 async def isolated_settings(**overrides):
-    """A vhost and a database of their own, dropped afterwards."""
-    vhost, amqp_url = new_vhost()
-    db_name, db_url = await new_database()
-    settings = replace(config.load({}), amqp_url=amqp_url, database_url=db_url, **overrides)
-    try:
+    """The benchmark's own vhost and database (aodm-bench-*), dropped afterwards."""
+    async with isolation.isolated_settings("aodm-bench", **overrides) as settings:
         yield settings
-    finally:
-        try:
-            drop_vhost(vhost)
-        finally:
-            await drop_database(db_name)
 
 
 # -- /proc ----------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from bench.env import (
     wait_empty,
     wait_ready,
 )
-from bench.progress import Bar, say
+from bench.progress import say
 from shared import topology
 from shared.transport import Bus
 from tests.processes import ROOT

@@ -3,82 +3,27 @@ the suite runs beside a live stack and never sees another run's leftovers; tests
 run use fresh random handles."""
 
 import asyncio
-import base64
-import json
 import os
 import secrets
-import urllib.parse
-import urllib.request
 from contextlib import asynccontextmanager
-from dataclasses import replace
 
-import asyncpg
 import pytest
 
 from aodm.client import Client
 from aodm.crypto import Identity
-from shared import config, logs
-
-AMQP_BASE = os.environ.get("AODM_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-DATABASE_BASE = os.environ.get("AODM_TEST_DATABASE_URL", "postgresql://root@127.0.0.1:5432/postgres")
-MANAGEMENT = os.environ.get("AODM_TEST_MANAGEMENT_URL", "http://guest:guest@127.0.0.1:15672")
+from shared import logs
+from tests.isolation import (  # noqa: F401 (the tests import them from here)
+    DATABASE_BASE,
+    MANAGEMENT,
+    drop_database,
+    drop_vhost,
+    isolated_settings,
+    management,
+    new_database,
+    new_vhost,
+)
 
 logs.setup(os.environ.get("AODM_TEST_LOG", "warning"), "console")  # AODM_TEST_LOG=info to see the services
-
-
-def _management(method: str, path: str, body: dict | None = None) -> None:
-    parts = urllib.parse.urlsplit(MANAGEMENT)
-    url = f"{parts.scheme}://{parts.hostname}:{parts.port}/api{path}"
-    request = urllib.request.Request(url, method=method, data=json.dumps(body or {}).encode())
-    token = base64.b64encode(f"{parts.username}:{parts.password}".encode()).decode()
-    request.add_header("Authorization", f"Basic {token}")
-    request.add_header("Content-Type", "application/json")
-    urllib.request.urlopen(request, timeout=30).read()
-
-
-def new_vhost() -> tuple[str, str]:
-    name = f"aodm-test-{secrets.token_hex(4)}"
-    _management("PUT", f"/vhosts/{name}")
-    user = urllib.parse.urlsplit(AMQP_BASE).username or "guest"
-    _management("PUT", f"/permissions/{name}/{user}", {"configure": ".*", "write": ".*", "read": ".*"})
-    parts = urllib.parse.urlsplit(AMQP_BASE)
-    return name, urllib.parse.urlunsplit(parts._replace(path="/" + urllib.parse.quote(name, safe="")))
-
-
-def drop_vhost(name: str) -> None:
-    _management("DELETE", f"/vhosts/{name}")
-
-
-async def new_database() -> tuple[str, str]:
-    name = f"aodm_test_{secrets.token_hex(4)}"
-    conn = await asyncpg.connect(DATABASE_BASE)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    parts = urllib.parse.urlsplit(DATABASE_BASE)
-    return name, urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
-
-
-async def drop_database(name: str) -> None:
-    conn = await asyncpg.connect(DATABASE_BASE)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
-@asynccontextmanager
-async def isolated_settings(**overrides):
-    """A vhost and a database of their own, dropped afterwards."""
-    vhost, amqp_url = new_vhost()
-    db_name, db_url = await new_database()
-    settings = replace(config.load({}), amqp_url=amqp_url, database_url=db_url, **overrides)
-    try:
-        yield settings
-    finally:
-        drop_vhost(vhost)
-        await drop_database(db_name)
 
 
 @asynccontextmanager

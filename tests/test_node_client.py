@@ -23,7 +23,7 @@ from aodm.client import Client
 from aodm.crypto import Identity
 from aodm.inbox import Inbox
 from shared.notifications import KeyRotated, NewMessage, SessionEstablished
-from tests.conftest import MANAGEMENT, _management, isolated_settings, running_services
+from tests.conftest import MANAGEMENT, isolated_settings, management, running_services
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "node"
@@ -178,7 +178,7 @@ async def test_node_client_as_its_own_least_privilege_broker_user():
         finally:
             for handle in (python_handle, node_handle):
                 try:
-                    _management("DELETE", f"/users/{urllib.parse.quote(prefix + handle, safe='')}")
+                    management("DELETE", f"/users/{urllib.parse.quote(prefix + handle, safe='')}")
                 except urllib.error.HTTPError as exc:
                     if exc.code != 404:
                         raise
