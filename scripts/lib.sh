@@ -1,6 +1,6 @@
 # Shared preparation for scripts/test.sh and scripts/up.sh (sourced, not run).
 #
-#   prepare_venv      .venv with the project installed editable ('.[test,fast]'),
+#   prepare_venv      .venv with the project installed editable ('.[test,fast,bench]'),
 #                     reinstalled only when pyproject.toml changed (stamp in .venv)
 #   prepare_rabbitmq AMQP_URL [MANAGEMENT_URL]
 #                     RabbitMQ answering on AMQP and the management API (default
@@ -21,7 +21,7 @@
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 RUN_DIR="$ROOT/.run"
-INSTALL_SPEC='.[test,fast]'
+INSTALL_SPEC='.[test,fast,bench]'
 RABBITMQ_PLUGINS=(rabbitmq_management rabbitmq_prometheus rabbitmq_consistent_hash_exchange)
 # shellcheck disable=SC2034  # used by up.sh
 SERVICES=(registry session notifier)

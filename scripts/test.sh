@@ -6,7 +6,7 @@
 #
 # Idempotent. It prepares, then runs .venv/bin/pytest with your arguments and exits
 # with pytest's code ("no tests collected" counts as a failure):
-#   - .venv (python3 -m venv) with `pip install -e '.[test,fast]'`, redone only when
+#   - .venv (python3 -m venv) with `pip install -e '.[test,fast,bench]'`, redone only when
 #     pyproject.toml changed (stamp file in .venv);
 #   - RabbitMQ up, with rabbitmq_management, rabbitmq_prometheus and
 #     rabbitmq_consistent_hash_exchange enabled and the management API answering;
