@@ -5,7 +5,8 @@ AODM_FAULTS is a comma-separated list:
   after a request's transaction committed and before its effects, reply and ack;
 - `poison`: a request carrying the tag `Fault: poison` makes its handler raise, every time;
 - `stall`: a request carrying the tag `Fault: stall` makes its handler hang past the
-  handler timeout on its first attempt only.
+  handler timeout on its first attempt only;
+- `stall-always`: a request tagged `Fault: stall-always` hangs on every attempt.
 """
 
 import asyncio
@@ -45,4 +46,6 @@ async def before_handler(env: Envelope, timeout: float) -> None:
         raise InjectedFault("injected poison")
     if fault == "stall" and "stall" in ACTIVE and env.id not in _stalled:
         _stalled.add(env.id)
+        await asyncio.sleep(timeout * 2)
+    if fault == "stall-always" and "stall-always" in ACTIVE:
         await asyncio.sleep(timeout * 2)

@@ -135,3 +135,38 @@ async def test_notifier_killed_mid_run_delivers_every_notification(system):
             if isinstance(note, NewMessage):
                 seen.add(note.message_id)
     assert seen == expected
+
+
+async def test_a_handler_that_always_hangs_is_dead_lettered_not_waited_for(tmp_path):
+    """A timeout while the database answers is the request's fault: after three attempts
+    it is answered `internal` and dead-lettered, and the service keeps answering."""
+    from shared import envelope, topology
+    from shared.errors import InternalError, NotFound
+    from shared.transport import Bus
+
+    async with isolated_settings() as settings:
+        registry = ServiceProcess(
+            "registry", settings, tmp_path, AODM_FAULTS="stall-always", AODM_HANDLER_TIMEOUT_S="1"
+        ).start()
+        try:
+            await wait_ready(settings, {}, timeout=60)
+            client = await Client.connect(settings.amqp_url, Identity.generate(), timeout=30)
+            hung = envelope.sign(
+                client.identity.signing_key, target="registry", from_=None, action="QueryHandle",
+                data='{"Handle":"nobody"}', anchor=secrets.token_hex(8),
+                extra_tags=[envelope.Tag("Fault", "stall-always")],
+            )
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(InternalError):
+                await client.send_envelope(hung)
+            assert asyncio.get_running_loop().time() - started < 15  # three 1 s attempts, not forever
+            with pytest.raises(NotFound):
+                await client.query_handle("nobody-else")
+            bus = await Bus.connect(settings.amqp_url, name="aodm-test-inspect")
+            try:
+                assert await bus.message_count(topology.DEAD_LETTER_QUEUE) == 1
+            finally:
+                await bus.close()
+            await client.close()
+        finally:
+            registry.kill()
