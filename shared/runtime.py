@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from shared import config, db, logs, topology
+from shared import config, db, logs, metrics, topology
 from shared.health import HealthServer
 from shared.logs import log
 from shared.service import prune_requests
@@ -46,10 +46,6 @@ class Runtime:
     def ready(self) -> bool:
         return self.consuming and self.bus.is_connected and (self.pool is None or not self.pool._closed)
 
-    def metrics(self) -> str:
-        from shared.metrics import render
-
-        return render()
 
 
 Start = Callable[[Runtime], Awaitable[None]]
@@ -72,7 +68,7 @@ async def serve(
     bus = await Bus.connect(settings.amqp_url, name=f"aodm-{name}")
     await topology.declare_all(bus, settings.session_shards)
     runtime = Runtime(name, settings, pool, read_pool, bus, stop)
-    health = HealthServer(runtime.ready, runtime.metrics)
+    health = HealthServer(runtime.ready, metrics.render)
     if settings.http_port:
         await health.start(settings.http_port)
     try:
