@@ -4,17 +4,20 @@ This is the one place where errors become replies. For a batch of deliveries (on
 many as a shard has waiting: group commit):
 
 1. each envelope is decoded and its signature and Id checked, its action and Data parsed;
-2. the `send`s run in one transaction that first claims every envelope Id in
-   `<schema>.requests` — an Id already there is a duplicate and gets its stored reply
-   instead of a second effect — then runs each handler in order and stores each reply and
-   its outgoing effects with the claim; each `dryrun` runs on a connection whose session
-   is read-only (PostgreSQL refuses any write on it), so it cannot change state;
+2. the `send`s run in one transaction that first locks every envelope Id and looks it up
+   in `<schema>.requests` — an Id already there is a duplicate and gets its stored reply
+   instead of a second effect — then runs the handlers in order (a `batched` action's
+   consecutive requests in one call, so it can write them with one statement) and stores
+   each reply and its outgoing effects under its Id; each `dryrun` runs on a connection
+   whose session is read-only (PostgreSQL refuses any write on it), so it cannot change
+   state;
 3. after the commit the effects are published with confirms, then the replies, then the
    deliveries are acknowledged. A crash anywhere before the ack redelivers the requests, and
    a redelivery republishes the stored effects (notifications carry stable ids).
 
-A request whose handler fails is taken out and the rest of the batch run again without it:
-a typed error is its answer; anything else is retried and after MAX_ATTEMPTS answered with
+A request refused before its handler runs (stale, not a member…) just gets its error. One
+whose handler fails is taken out and the rest of the batch run again without it: a typed
+error is its answer; anything else is retried and after MAX_ATTEMPTS answered with
 `internal` and dead-lettered. Database faults are retried in place for the whole batch (it
 keeps its place in its shard and is never dead-lettered for them).
 """
@@ -31,13 +34,14 @@ import msgspec
 
 from shared import effects as outgoing
 from shared import envelope as envelopes
-from shared import faults, metrics, topology
+from shared import faults, metrics
 from shared.db import DatabaseUnavailable, DependencyUnavailable
-from shared.effects import Outgoing
+from shared.effects import Effects, Outgoing
 from shared.envelope import Envelope
 from shared.errors import AodmError, InternalError, InvalidArgument, MalformedRequest, UnknownAction
 from shared.logs import log
-from shared.notifications import AnyNotification, Fanout, RequestFailed, notification_id
+from shared.notifications import AnyNotification, RequestFailed, notification_id
+from shared.registry_api import Activity
 from shared.replies import err, ok
 from shared.transport import BrokerError, Bus, Delivery, Unroutable
 
@@ -59,21 +63,27 @@ class Context:
     caller: str
     scope: Any
     now: int
-    effects: list[Outgoing] = field(default_factory=list)
+    effects: Effects = field(default_factory=Effects)
 
     def emit(self, exchange: str, routing_key: str, message: object) -> None:
-        self.effects.append(Outgoing(exchange, routing_key, _encoder.encode(message)))
+        self.effects.messages.append(Outgoing(exchange, routing_key, _encoder.encode(message)))
 
     def notify(self, kind: type[AnyNotification], recipients: list[str], **fields: Any) -> None:
         """Queue one notification per recipient for the notifier, ids derived from the request."""
-        notes = [
+        self.effects.notifications += [
             kind(id=notification_id(self.envelope.id, kind.__name__, handle), handle=handle, at=self.now, **fields)
             for handle in recipients
         ]
-        self.emit(topology.INTERNAL, topology.NOTIFIER_ROUTING_KEY, Fanout(notes))
+
+    def touch(self, session_id: str, at: int) -> None:
+        """Tell the registry the session was active (its members' chat lists sort by it)."""
+        self.effects.activity.append(Activity(session_id, at))
 
 
 Handler = Callable[[Context, Any], Awaitable[object]]
+# A batched action's handler takes a run of consecutive requests and answers each with its
+# result or a typed error; it must have written nothing for a request it answers with an error.
+BatchHandler = Callable[[list[Context], list[Any]], Awaitable[list[object]]]
 # Resolves who is calling: returns (caller, scope) or raises Unauthorized/Forbidden/NotFound.
 Authenticate = Callable[[asyncpg.Connection, Envelope, "Action"], Awaitable[tuple[str, Any]]]
 
@@ -81,9 +91,10 @@ Authenticate = Callable[[asyncpg.Connection, Envelope, "Action"], Awaitable[tupl
 @dataclass(frozen=True)
 class Action:
     request: type[msgspec.Struct]
-    handler: Handler
+    handler: Handler | BatchHandler
     mode: Literal["send", "dryrun"]
     needs_handle: bool = True  # From must be a handle, not the bare signer address
+    batched: bool = False  # `handler` is a BatchHandler (send actions only)
     decoder: msgspec.json.Decoder = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -131,6 +142,14 @@ class _RequestFailed(Exception):
         self.error = error
 
 
+class _RunFailed(Exception):
+    """A batched handler failed for a run of several requests: run them one by one to learn which."""
+
+
+class _ClaimLost(Exception):
+    """Another transaction stored one of these request ids first: run the batch again."""
+
+
 @dataclass
 class Outcome:
     delivery: Delivery
@@ -141,7 +160,7 @@ class Outcome:
     caller: str | None = None
     caller_is_handle: bool = False
     reply: bytes | None = None
-    effects: list[Outgoing] = field(default_factory=list)
+    effects: Effects = outgoing.NONE
     code: str = "ok"
     duplicate: bool = False
     poison: bool = False
@@ -231,89 +250,133 @@ class Processor:
                 backoff = min(backoff * 2, 5.0)
 
     async def _run_sends(self, outcomes: list[Outcome]) -> None:
+        batched = True
         while batch := [o for o in outcomes if o.code == "ok"]:
             try:
-                return await self._send_batch(batch)
+                return await self._send_batch(batch, batched)
             except _RequestFailed as failed:
                 self._count_failure(failed.outcome, failed.error)
+            except _RunFailed:
+                batched = False
+            except _ClaimLost:
+                pass
 
-    async def _send_batch(self, batch: list[Outcome]) -> None:
-        schema = self.schema
+    async def _send_batch(self, batch: list[Outcome], batched: bool) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
-            claimed = {
-                row["id"]
-                for row in await conn.fetch(
-                    f"INSERT INTO {schema}.requests (id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING RETURNING id",
-                    [o.env.id for o in batch],
-                )
-            }
-            fresh, seen = [], []
+            stored = await self._lock_and_look_up(conn, [o.env.id for o in batch])
+            fresh: dict[str, Outcome] = {}
+            copies = []
             for outcome in batch:
-                outcome.reply, outcome.effects, outcome.duplicate = None, [], False
-                if outcome.env.id in claimed:
-                    claimed.discard(outcome.env.id)  # the same envelope twice in one batch: the second is a duplicate
-                    fresh.append(outcome)
+                outcome.reply, outcome.effects, outcome.duplicate = None, outgoing.NONE, False
+                row = stored.get(outcome.env.id)
+                if row is not None:
+                    self._replay(outcome, row)
+                elif outcome.env.id in fresh:
+                    copies.append(outcome)  # the same envelope twice in one batch
                 else:
-                    seen.append(outcome)
-            for outcome in fresh:
-                await self._invoke(conn, outcome)
-            if fresh:
-                await conn.execute(
-                    f"""UPDATE {schema}.requests AS r SET reply = u.reply, effects = u.effects
-                        FROM unnest($1::text[], $2::bytea[], $3::bytea[]) AS u(id, reply, effects) WHERE r.id = u.id""",
-                    [o.env.id for o in fresh], [o.reply for o in fresh], [outgoing.encode(o.effects) for o in fresh],
-                )
-            if seen:
-                await self._replay(conn, seen)
+                    fresh[outcome.env.id] = outcome
+            for run in _runs(list(fresh.values()), batched):
+                await self._invoke(conn, run)
+            await self._store_replies(conn, [o for o in fresh.values() if o.code == "ok"])
+        for copy in copies:
+            first = fresh[copy.env.id]
+            copy.code, copy.reply, copy.caller, copy.duplicate = first.code, first.reply, first.caller, True
 
-    async def _replay(self, conn: asyncpg.Connection, seen: list[Outcome]) -> None:
+    async def _lock_and_look_up(self, conn: asyncpg.Connection, ids: list[str]) -> dict[str, asyncpg.Record]:
+        """The locks make a concurrent transaction holding one of these ids finish first (in
+        a fixed order, so never a deadlock); the lookup, a statement of its own, then sees it."""
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1), hashtext(id)) FROM (SELECT DISTINCT unnest($2::text[]) AS id ORDER BY 1) AS ids",
+            self.schema, ids,
+        )
+        rows = await conn.fetch(f"SELECT id, reply, effects FROM {self.schema}.requests WHERE id = ANY($1::text[])", ids)
+        return {row["id"]: row for row in rows}
+
+    async def _store_replies(self, conn: asyncpg.Connection, done: list[Outcome]) -> None:
+        if not done:
+            return
+        stored = await conn.fetchval(
+            f"""WITH stored AS (
+                    INSERT INTO {self.schema}.requests (id, reply, effects)
+                    SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[]) ON CONFLICT DO NOTHING RETURNING 1
+                ) SELECT count(*) FROM stored""",
+            [o.env.id for o in done], [o.reply for o in done], [outgoing.encode(o.effects) for o in done],
+        )
+        if stored != len(done):  # only a writer that skipped the locks could get here
+            raise _ClaimLost()
+
+    def _replay(self, outcome: Outcome, row: asyncpg.Record) -> None:
         """A request seen before is answered as the first time. Its effects are republished
         only when the broker redelivers it (the first attempt may have died before publishing
         them); a client's replay gets the reply and causes nothing."""
-        rows = await conn.fetch(
-            f"SELECT id, reply, effects FROM {self.schema}.requests WHERE id = ANY($1::text[])", [o.env.id for o in seen]
-        )
-        stored = {row["id"]: row for row in rows}
-        for outcome in seen:
-            row = stored[outcome.env.id]
-            outcome.duplicate = True
-            outcome.reply = bytes(row["reply"])
-            outcome.effects = outgoing.effects_decoder.decode(row["effects"]) if outcome.delivery.redelivered else []
+        outcome.duplicate = True
+        outcome.reply = bytes(row["reply"])
+        outcome.effects = outgoing.decode(row["effects"]) if outcome.delivery.redelivered else outgoing.NONE
 
     async def _run_read(self, outcome: Outcome) -> None:
         """On the read-only pool: the database itself refuses any write a dryrun attempts."""
         while outcome.code == "ok":
             try:
                 async with self.read_pool.acquire() as conn:
-                    return await self._invoke(conn, outcome)
+                    return await self._invoke(conn, [outcome])
             except _RequestFailed as failed:
                 self._count_failure(outcome, failed.error)
 
-    async def _invoke(self, conn: asyncpg.Connection, outcome: Outcome) -> None:
-        """One handler, timed. Its failure becomes `_RequestFailed` unless it is the database's."""
-        env = outcome.env
+    async def _invoke(self, conn: asyncpg.Connection, run: list[Outcome]) -> None:
+        """The handler for one request, or for a run of a batched action's requests, timed.
+        A failure becomes `_RequestFailed` (or `_RunFailed`) unless it is the database's."""
+        ready: list[tuple[Outcome, Context]] = []
+        for outcome in run:
+            try:
+                ready.append((outcome, await self._context(conn, outcome)))
+            except AodmError as exc:
+                self._fail(outcome, exc)  # refused before its handler: nothing of it was written
+        if not ready:
+            return
+        action = run[0].action
         try:
-            # Freshness is judged for a first sighting only: a redelivery that waited out an
-            # outage finds its stored reply instead.
-            envelopes.check_fresh(env)
-            caller, scope = await self.authenticate(conn, env, outcome.action)
-            outcome.caller, outcome.caller_is_handle = caller, caller != env.owner
-            ctx = Context(conn=conn, envelope=env, caller=caller, scope=scope, now=envelopes.now_ms())
-            result = await asyncio.wait_for(self._call(ctx, outcome), self.handler_timeout)
+            results = await asyncio.wait_for(self._call(action, ready), self.handler_timeout)
         except TimeoutError as exc:  # before DatabaseUnavailable: TimeoutError is an OSError
             if not await self._database_answers():
-                raise DatabaseStalled(f"{env.action} timed out and the database does not answer") from exc
-            raise _RequestFailed(outcome, exc) from exc
+                raise DatabaseStalled(f"{action.request.__name__} timed out and the database does not answer") from exc
+            raise self._failure(ready, exc) from exc
         except DatabaseUnavailable:
             raise
         except Exception as exc:
-            raise _RequestFailed(outcome, exc) from exc
-        outcome.reply = ok(env.id, result)
-        outcome.effects = ctx.effects
+            raise self._failure(ready, exc) from exc
+        for (outcome, ctx), result in zip(ready, results, strict=True):
+            if isinstance(result, AodmError):
+                self._fail(outcome, result)
+            else:
+                outcome.reply, outcome.effects = ok(outcome.env.id, result), ctx.effects
 
-    async def _call(self, ctx: Context, outcome: Outcome) -> object:
-        await faults.before_handler(ctx.envelope, self.handler_timeout)
-        return await outcome.action.handler(ctx, outcome.request)
+    async def _context(self, conn: asyncpg.Connection, outcome: Outcome) -> Context:
+        env = outcome.env
+        # Freshness is judged for a first sighting only: a redelivery that waited out an
+        # outage finds its stored reply instead.
+        envelopes.check_fresh(env)
+        try:
+            caller, scope = await self.authenticate(conn, env, outcome.action)
+        except (AodmError, *DatabaseUnavailable):
+            raise
+        except Exception as exc:
+            raise _RequestFailed(outcome, exc) from exc
+        outcome.caller, outcome.caller_is_handle = caller, caller != env.owner
+        return Context(conn=conn, envelope=env, caller=caller, scope=scope, now=envelopes.now_ms())
+
+    @staticmethod
+    def _failure(ready: list[tuple[Outcome, Context]], error: BaseException) -> Exception:
+        if len(ready) > 1:
+            return _RunFailed()
+        return _RequestFailed(ready[0][0], error)
+
+    async def _call(self, action: Action, ready: list[tuple[Outcome, Context]]) -> list[object]:
+        for outcome, ctx in ready:
+            await faults.before_handler(ctx.envelope, self.handler_timeout)
+        if action.batched:
+            return await action.handler([ctx for _, ctx in ready], [outcome.request for outcome, _ in ready])
+        [(outcome, ctx)] = ready
+        return [await action.handler(ctx, outcome.request)]
 
     async def _database_answers(self) -> bool:
         try:
@@ -341,7 +404,7 @@ class Processor:
     def _fail(self, outcome: Outcome, error: AodmError) -> None:
         outcome.code = error.code
         outcome.reply = err(outcome.request_id or "", error)
-        outcome.effects = []
+        outcome.effects = outgoing.NONE
         # No reply address: the error goes to the caller's notification queue, but only when
         # the caller is a proven handle (a forged From must not write to another's queue, and
         # a bare signer address has no queue).
@@ -355,7 +418,7 @@ class Processor:
                 code=error.code,
                 message=error.message,
             )
-            outcome.effects = [Outgoing(topology.INTERNAL, topology.NOTIFIER_ROUTING_KEY, _encoder.encode(Fanout([note])))]
+            outcome.effects = Effects(notifications=[note])
 
     # -- answering ---------------------------------------------------------------------
 
@@ -369,7 +432,7 @@ class Processor:
             # Spawn still reaches its shard before any notification about it is sent.
             await asyncio.gather(*(
                 self._publish(effect.exchange, effect.routing_key, effect.body)
-                for effect in outgoing.merge([e for o in outcomes for e in o.effects])
+                for effect in outgoing.merge([o.effects for o in outcomes])
             ))
             await asyncio.gather(*(
                 self._publish("", o.delivery.reply_to, o.reply, correlation_id=o.delivery.correlation_id or o.request_id)
@@ -420,6 +483,17 @@ class Processor:
                 batch=len(outcomes),
                 duration_ms=round(elapsed * 1000, 2),
             )
+
+
+def _runs(outcomes: list[Outcome], batched: bool) -> list[list[Outcome]]:
+    """Consecutive requests of one batched action go to its handler together."""
+    runs: list[list[Outcome]] = []
+    for outcome in outcomes:
+        if batched and outcome.action.batched and runs and runs[-1][0].action is outcome.action:
+            runs[-1].append(outcome)
+        else:
+            runs.append([outcome])
+    return runs
 
 
 async def prune_requests(pool: asyncpg.Pool, schema: str, retention_s: int, stop: asyncio.Event) -> None:

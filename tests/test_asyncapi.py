@@ -19,7 +19,7 @@ import yaml
 from services.registry.__main__ import ACTIONS as REGISTRY_ACTIONS
 from services.session.__main__ import ACTIONS as SESSION_ACTIONS
 from shared import envelope, notifications, replies
-from shared.errors import ERROR_CODES
+from shared.errors import ERROR_CODES, AodmError
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC_PATH = ROOT / "docs" / "asyncapi.yaml"
@@ -152,8 +152,13 @@ def check_struct(name: str, cls: type[msgspec.Struct], *, output: bool, seen: se
             check_struct(nested_name, nested, output=output, seen=seen)
 
 
-def result_type(handler) -> type:
-    return typing.get_type_hints(inspect.unwrap(handler))["return"]
+def result_type(action) -> type:
+    """What the handler answers with: a batched handler answers a list of them (or errors)."""
+    result = typing.get_type_hints(inspect.unwrap(action.handler))["return"]
+    if action.batched:
+        item = typing.get_args(result)[0]  # list[Sent | AodmError]
+        result = next(t for t in typing.get_args(item) if t is not AodmError)
+    return result
 
 
 # ------------------------------------------------------------------ actions
@@ -234,7 +239,7 @@ def test_action_data_schema_matches_the_request_struct(name):
 @pytest.mark.parametrize("name", sorted(CODE_ACTIONS))
 def test_action_result_schema_matches_the_handler_result(name):
     _, action = CODE_ACTIONS[name]
-    cls = result_type(action.handler)
+    cls = result_type(action)
     assert DOC_ACTIONS[name]["result"] == cls.__name__, f"{name} returns {cls.__name__}"
     check_struct(cls.__name__, cls, output=True)
 

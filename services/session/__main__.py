@@ -18,7 +18,7 @@ ACTIONS = {
     "RotateSessionKey": Action(RotateSessionKey, keys.rotate_session_key, "send"),
     "GetCurrentKey": Action(GetCurrentKey, keys.get_current_key, "dryrun"),
     "GetKeyByGeneration": Action(GetKeyByGeneration, keys.get_key_by_generation, "dryrun"),
-    "SendMessage": Action(SendMessage, messages.send_message, "send"),
+    "SendMessage": Action(SendMessage, messages.send_messages, "send", batched=True),
     "QueryMessage": Action(QueryMessage, messages.query_message, "dryrun"),
 }
 

@@ -1,10 +1,8 @@
 """Key actions: RotateSessionKey, GetCurrentKey, GetKeyByGeneration."""
 
-from shared import topology
 from shared.encoding import b64decode, b64encode
 from shared.errors import InvalidArgument, NoSessionKey, NotFound
 from shared.notifications import KeyRotated
-from shared.registry_api import Activity
 from shared.service import Context
 from shared.session_api import (
     SEALED_KEY_BYTES,
@@ -41,7 +39,7 @@ async def rotate_session_key(ctx: Context, req: RotateSessionKey) -> Rotated:
     generation = await store.next_generation(ctx.conn, session_id)
     await store.insert_key_batch(ctx.conn, session_id, generation, ctx.caller, ctx.now, entries)
     ctx.notify(KeyRotated, members.handles, session_id=session_id, generation=generation, rotated_by=ctx.caller)
-    ctx.emit(topology.INTERNAL, topology.ACTIVITY_ROUTING_KEY, Activity(session_id, ctx.now))
+    ctx.touch(session_id, ctx.now)
     return Rotated(generation)
 
 

@@ -2,11 +2,9 @@
 
 import re
 
-from shared import topology
 from shared.encoding import b64decode, b64encode
-from shared.errors import InvalidArgument, NoSessionKey, NotFound
+from shared.errors import AodmError, InvalidArgument, NoSessionKey, NotFound
 from shared.notifications import NewMessage
-from shared.registry_api import Activity
 from shared.service import Context
 from shared.session_api import MAX_PAGE, MessagePage, QueryMessage, SendMessage, Sent, StoredMessage
 
@@ -18,35 +16,63 @@ NO_BOUND = 2**62
 _CURSOR = re.compile(r"([0-9]{1,19})\.([0-9]{1,19})")  # "<timestamp>.<seq>", as issued
 
 
-async def send_message(ctx: Context, req: SendMessage) -> Sent:
-    members: Members = ctx.scope
+def _content(req: SendMessage) -> bytes:
     content = b64decode(req.content, field="Content")
     if len(content) < MIN_CONTENT_BYTES:
         raise InvalidArgument(f"Content must be nonce ‖ SecretBox ciphertext, at least {MIN_CONTENT_BYTES} bytes")
+    return content
+
+
+def _generation(asked: int | None, current: int) -> int:
+    """The key generation a message is stored under: the one named, or the current one."""
+    if not current:
+        raise NoSessionKey("the session has no key yet: RotateSessionKey first")
+    if asked is not None and not 1 <= asked <= current:
+        raise NotFound(f"no key generation {asked}; the current one is {current}")
+    return current if asked is None else asked
+
+
+async def send_messages(ctxs: list[Context], reqs: list[SendMessage]) -> list[Sent | AodmError]:
+    """A run of SendMessages, possibly to many sessions, stored with one statement."""
+    conn = ctxs[0].conn
+    current = await store.lock_sessions(conn, sorted({ctx.envelope.target for ctx in ctxs}))
+    results: list[Sent | AodmError] = []
+    accepted = []
+    for ctx, req in zip(ctxs, reqs):
+        session_id = ctx.envelope.target
+        try:
+            content = _content(req)
+            generation = _generation(req.generation, current.get(session_id, 0))
+        except AodmError as exc:
+            results.append(exc)
+            continue
+        members: Members = ctx.scope
+        accepted.append((session_id, generation, ctx.envelope.id, ctx.caller, members.sign_keys[ctx.caller], content))
+        results.append(None)
+    stored = await store.append_messages(conn, max(ctx.now for ctx in ctxs), accepted) if accepted else {}
+    for i, (ctx, req) in enumerate(zip(ctxs, reqs)):
+        if results[i] is None:
+            results[i] = _sent(ctx, req, stored[ctx.envelope.id])
+    return results
+
+
+def _sent(ctx: Context, req: SendMessage, row) -> Sent:
+    """Notify the other member (the notification carries the ciphertext) and answer."""
+    members: Members = ctx.scope
     session_id = ctx.envelope.target
-    sender_key = members.sign_keys[ctx.caller]
-    stored = await store.append_message(
-        ctx.conn, session_id, ctx.now, req.generation, ctx.envelope.id, ctx.caller, sender_key, content
-    )
-    if stored is None:
-        current = await store.current_generation(ctx.conn, session_id)
-        if not current:
-            raise NoSessionKey("the session has no key yet: RotateSessionKey first")
-        raise NotFound(f"no key generation {req.generation}; the current one is {current}")
-    seq, ts, generation = stored["seq"], stored["ts"], stored["generation"]
     ctx.notify(
         NewMessage,
         [members.other(ctx.caller)],
         session_id=session_id,
         message_id=ctx.envelope.id,
-        seq=seq,
+        seq=row["seq"],
         sender=ctx.caller,
-        generation=generation,
-        timestamp=ts,
+        generation=row["generation"],
+        timestamp=row["ts"],
         content=req.content,
     )
-    ctx.emit(topology.INTERNAL, topology.ACTIVITY_ROUTING_KEY, Activity(session_id, ts))
-    return Sent(ctx.envelope.id, seq, ts, generation)
+    ctx.touch(session_id, row["ts"])
+    return Sent(ctx.envelope.id, row["seq"], row["ts"], row["generation"])
 
 
 def _cursor(text: str | None, descending: bool) -> tuple[int, int]:

@@ -102,31 +102,44 @@ async def key_batch(conn: asyncpg.Connection, session_id: str, generation: int) 
     )
 
 
-async def append_message(
-    conn: asyncpg.Connection,
-    session_id: str,
-    now: int,
-    generation: int | None,
-    message_id: str,
-    sender: str,
-    sender_key: bytes,
-    content: bytes,
-) -> asyncpg.Record | None:
-    """Store a message in one round trip: the next sequence number, and a timestamp that
+async def lock_sessions(conn: asyncpg.Connection, session_ids: list[str]) -> dict[str, int]:
+    """Each session's current key generation, its row locked (in a fixed order) until the
+    transaction ends, so neither the generation nor the sequence moves under a batch."""
+    rows = await conn.fetch(
+        """SELECT session_id, key_generation FROM session.sessions
+           WHERE session_id = ANY($1::text[]) ORDER BY session_id FOR UPDATE""",
+        session_ids,
+    )
+    return {row["session_id"]: row["key_generation"] for row in rows}
+
+
+async def append_messages(
+    conn: asyncpg.Connection, now: int, messages: list[tuple[str, int, str, str, bytes, bytes]]
+) -> dict[str, asyncpg.Record]:
+    """Store a batch of (session_id, generation, message_id, sender, sender_key, content) in
+    one statement: each session's next sequence numbers in list order, and a timestamp that
     never goes backwards within the session (so (timestamp, seq) order is arrival order).
-    None when the session has no key yet or not the generation asked for."""
-    return await conn.fetchrow(
-        """WITH advanced AS (
-               UPDATE session.sessions
-               SET message_seq = message_seq + 1, last_timestamp = greatest(last_timestamp, $2)
-               WHERE session_id = $1 AND key_generation >= greatest(coalesce($3, 1), 1)
-               RETURNING message_seq, last_timestamp, key_generation
+    Returns seq, ts and generation by message_id."""
+    rows = await conn.fetch(
+        """WITH batch AS (
+               SELECT * FROM unnest($2::text[], $3::int[], $4::text[], $5::text[], $6::bytea[], $7::bytea[])
+                   WITH ORDINALITY AS b(session_id, generation, message_id, sender, sender_key, content, position)
+           ), counts AS (
+               SELECT session_id, count(*) AS n FROM batch GROUP BY session_id
+           ), advanced AS (
+               UPDATE session.sessions AS s
+               SET message_seq = s.message_seq + c.n, last_timestamp = greatest(s.last_timestamp, $1)
+               FROM counts AS c WHERE s.session_id = c.session_id
+               RETURNING s.session_id, s.message_seq - c.n AS base, s.last_timestamp
            )
            INSERT INTO session.messages (session_id, seq, message_id, sender, sender_key, generation, ts, content)
-           SELECT $1, message_seq, $4, $5, $6, coalesce($3, key_generation), last_timestamp, $7 FROM advanced
-           RETURNING seq, ts, generation""",
-        session_id, now, generation, message_id, sender, sender_key, content,
+           SELECT b.session_id, a.base + row_number() OVER (PARTITION BY b.session_id ORDER BY b.position),
+                  b.message_id, b.sender, b.sender_key, b.generation, a.last_timestamp, b.content
+           FROM batch AS b JOIN advanced AS a USING (session_id)
+           RETURNING message_id, seq, ts, generation""",
+        now, *map(list, zip(*messages)),
     )
+    return {row["message_id"]: row for row in rows}
 
 
 _PAGE = """
