@@ -335,7 +335,8 @@ class Processor:
             return
         action = run[0].action
         try:
-            results = await asyncio.wait_for(self._call(action, ready), self.handler_timeout)
+            async with asyncio.timeout(self.handler_timeout):  # no extra task, unlike wait_for
+                results = await self._call(action, ready)
         except TimeoutError as exc:  # before DatabaseUnavailable: TimeoutError is an OSError
             if not await self._database_answers():
                 raise DatabaseStalled(f"{action.request.__name__} timed out and the database does not answer") from exc
