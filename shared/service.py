@@ -145,6 +145,10 @@ class _RequestFailed(Exception):
 class _RunFailed(Exception):
     """A batched handler failed for a run of several requests: run them one by one to learn which."""
 
+    def __init__(self, run: list["Outcome"], error: BaseException) -> None:
+        self.run = run
+        self.error = error
+
 
 class _ClaimLost(Exception):
     """Another transaction stored one of these request ids first: run the batch again."""
@@ -256,7 +260,9 @@ class Processor:
                 return await self._send_batch(batch, batched)
             except _RequestFailed as failed:
                 self._count_failure(failed.outcome, failed.error)
-            except _RunFailed:
+            except _RunFailed as failed:
+                log.warning("batched handler failed, running its requests one by one", service=self.name,
+                            action=failed.run[0].action_name, requests=len(failed.run), error=repr(failed.error))
                 batched = False
             except _ClaimLost:
                 pass
@@ -368,7 +374,7 @@ class Processor:
     @staticmethod
     def _failure(ready: list[tuple[Outcome, Context]], error: BaseException) -> Exception:
         if len(ready) > 1:
-            return _RunFailed()
+            return _RunFailed([outcome for outcome, _ in ready], error)
         return _RequestFailed(ready[0][0], error)
 
     async def _call(self, action: Action, ready: list[tuple[Outcome, Context]]) -> list[object]:

@@ -1,8 +1,13 @@
-"""The only module that speaks AMQP (aio-pika). Everything else sees a `Bus`.
+"""The only module that speaks AMQP (aio-pika, aiormq). Everything else sees a `Bus`.
 
 Publishes go through a channel with publisher confirms and mandatory routing, so a publish
 returns only once the broker has taken responsibility for the message, and an unroutable
 one raises instead of being silently confirmed.
+
+aio-pika keeps the connection and channels robust (reconnect, re-declare, restore QoS);
+messages themselves go straight through its underlying aiormq channels: aio-pika's
+`Message`/`IncomingMessage` wrappers and its drain-per-publish cost more CPU than the rest
+of a publish or a delivery.
 """
 
 import asyncio
@@ -14,8 +19,11 @@ from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
-from aio_pika.exceptions import PublishError
+from aio_pika.abc import AbstractRobustConnection
+from aio_pika.exceptions import MessageProcessError
+from aiormq.abc import AbstractChannel as AMQPChannel
+from aiormq.abc import DeliveredMessage
+from aiormq.exceptions import PublishError
 
 # What a broker fault looks like to callers: retry or reconnect, never treat as poison.
 BrokerError: tuple[type[BaseException], ...] = (
@@ -57,12 +65,14 @@ def url_user(url: str) -> str:
 
 
 class Delivery:
-    """One incoming message, with the few properties the services read."""
+    """One incoming message, with the few properties the services read. It remembers the
+    AMQP channel it came on: its delivery tag means nothing on any other channel."""
 
-    __slots__ = ("_message",)
+    __slots__ = ("_message", "_settled")
 
-    def __init__(self, message: AbstractIncomingMessage) -> None:
+    def __init__(self, message: DeliveredMessage) -> None:
         self._message = message
+        self._settled = False
 
     @property
     def body(self) -> bytes:
@@ -70,48 +80,60 @@ class Delivery:
 
     @property
     def reply_to(self) -> str | None:
-        return self._message.reply_to
+        return self._message.header.properties.reply_to
 
     @property
     def correlation_id(self) -> str | None:
-        return self._message.correlation_id
+        return self._message.header.properties.correlation_id
 
     @property
     def redelivered(self) -> bool:
-        return bool(self._message.redelivered)
+        return bool(self._message.delivery.redelivered)
 
     @property
     def exchange(self) -> str:
-        return self._message.exchange or ""
+        return self._message.delivery.exchange or ""
 
     @property
     def user_id(self) -> str | None:
         """The publisher's broker user. Bus sets it on every publish and RabbitMQ refuses a
         user_id that is not the publishing connection's user, so it cannot be forged."""
-        return self._message.user_id
+        return self._message.header.properties.user_id
 
     @property
     def routing_key(self) -> str:
-        return self._message.routing_key or ""
+        return self._message.delivery.routing_key or ""
 
     @property
     def headers(self) -> dict[str, Any]:
-        return dict(self._message.headers or {})
+        return dict(self._message.header.properties.headers or {})
+
+    def _unsettled(self) -> tuple[AMQPChannel, int]:
+        if self._settled:
+            raise MessageProcessError("delivery already acknowledged or rejected", self)
+        return self._message.channel, self._message.delivery.delivery_tag
 
     async def ack(self, *, multiple: bool = False) -> None:
-        """`multiple` also acknowledges every earlier delivery of the channel still open."""
-        await self._message.ack(multiple=multiple)
+        """`multiple` also acknowledges every earlier delivery of the channel still open.
+        On a channel closed since (a reconnect), this raises: the broker redelivers it.
+        The ack is queued, not awaited onto the socket: frames leave in order, so a later
+        channel close (Consumer.stop/close) still carries it to the broker first."""
+        channel, tag = self._unsettled()
+        await channel.basic_ack(tag, multiple=multiple, wait=False)
+        self._settled = True
 
     async def reject(self, *, requeue: bool) -> None:
-        await self._message.reject(requeue=requeue)
+        channel, tag = self._unsettled()
+        await channel.basic_reject(tag, requeue=requeue, wait=False)
+        self._settled = True
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
 
 
-async def _reject_quietly(message: AbstractIncomingMessage) -> None:
+async def _reject_quietly(delivery: Delivery) -> None:
     try:
-        await message.reject(requeue=False)
+        await delivery.reject(requeue=False)
     except BrokerError:
         pass
 
@@ -125,9 +147,10 @@ class Consumer:
         self._channel = channel
         self._handler = handler
         self._batch = batch
-        self._inbox: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+        self._inbox: asyncio.Queue[DeliveredMessage | None] = asyncio.Queue()
         self._stopping = False
-        self._queue: Any = None
+        self._queue = ""
+        self._amqp: AMQPChannel | None = None  # the AMQP channel consumed on, under _channel
         self._tag: str | None = None
         self._exclusive = False
         # An exclusive subscription the broker dropped (connection or channel lost) that is
@@ -148,9 +171,9 @@ class Consumer:
             except Exception:  # last line of defence: a handler bug must not stop the consumer
                 logging.getLogger("aodm.transport").exception("consumer handler failed; messages dead-lettered")
                 for delivery in deliveries:
-                    await _reject_quietly(delivery._message)
+                    await _reject_quietly(delivery)
 
-    def _take_batch(self, first: AbstractIncomingMessage) -> list[Delivery]:
+    def _take_batch(self, first: DeliveredMessage) -> list[Delivery]:
         """The first message and whatever else has already arrived, up to the batch size:
         under load batches grow by themselves; when idle a message waits for nothing."""
         assert self._batch is not None
@@ -163,21 +186,33 @@ class Consumer:
             batch.append(Delivery(message))
         return batch
 
-    async def _start(self, queue: Any, exclusive: bool) -> None:
+    async def _on_message(self, message: DeliveredMessage) -> None:
+        # aiormq runs this as a task per delivery: one from a channel since replaced is void
+        # (the broker requeued it), and must not slip in after _on_reopen emptied the inbox.
+        if message.channel is self._amqp:
+            self._inbox.put_nowait(message)
+
+    async def _consume(self, exclusive: bool) -> None:
+        # Set before consuming: deliveries can arrive before basic.consume-ok is handed back.
+        self._amqp = amqp = await self._channel.get_underlay_channel()
+        self._tag = (await amqp.basic_consume(self._queue, self._on_message, exclusive=exclusive)).consumer_tag
+
+    async def _start(self, queue: str, exclusive: bool) -> None:
         self._queue = queue
         self._exclusive = exclusive
-        self._tag = await queue.consume(self._inbox.put, exclusive=exclusive)
+        await self._consume(exclusive)
         reopened = getattr(self._channel, "reopen_callbacks", None)
         if reopened is not None:
             reopened.add(self._on_reopen)
 
     async def _on_reopen(self, _channel: Any) -> None:
-        """The channel was reopened after a broker restart or a lost connection. aio-pika
-        restores only the consumers of queues it declared itself, so this one is gone: the
-        broker has requeued everything it had delivered, so the prefetched messages still
-        waiting here are void (acking them would fail). A shared queue is consumed again
-        right away; an exclusive one is only marked `lost`, for its owner to take back the
-        usual way, since another worker may hold it by now."""
+        """The channel was reopened after a broker restart or a lost connection. Its
+        consumer is gone with the old AMQP channel: the broker has requeued everything it
+        had delivered, so the prefetched messages still waiting here are void (acking them
+        would fail). A shared queue is consumed again right away; an exclusive one is only
+        marked `lost`, for its owner to take back the usual way, since another worker may
+        hold it by now."""
+        self._amqp = None  # anything still arriving from the old AMQP channel is void too
         pending = []
         while not self._inbox.empty():
             pending.append(self._inbox.get_nowait())
@@ -189,9 +224,9 @@ class Consumer:
             self.lost = True
             return
         try:
-            self._tag = await self._queue.consume(self._inbox.put, exclusive=False)
+            await self._consume(exclusive=False)
         except (*BrokerError, RuntimeError) as exc:
-            logging.getLogger("aodm.transport").warning("could not consume %s again: %r", self._queue.name, exc)
+            logging.getLogger("aodm.transport").warning("could not consume %s again: %r", self._queue, exc)
             self.lost = True
 
     async def stop(self) -> None:
@@ -200,9 +235,9 @@ class Consumer:
         self._stopping = True
         for _ in self._tasks:
             self._inbox.put_nowait(None)
-        if self._tag and not self._channel.is_closed:
+        if self._tag and self._amqp is not None and not self._amqp.is_closed:
             try:
-                await self._queue.cancel(self._tag)
+                await self._amqp.basic_cancel(self._tag)
             except BrokerError:
                 pass
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -226,9 +261,9 @@ class Bus:
     ) -> None:
         self._connection = connection
         self._channel = channel
-        self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+        self._amqp: AMQPChannel | None = None  # the AMQP channel under _channel, see _publisher
         self._pending: dict[str, asyncio.Future[bytes]] = {}
-        self._reply_queue: str | None = None
+        self._reply_channel: AMQPChannel | None = None  # the AMQP channel consuming the replies
         self._reply_lock = asyncio.Lock()
         self.url = url
         self.user = url_user(url)  # the broker user: the user_id of everything published
@@ -251,9 +286,7 @@ class Bus:
     # -- topology ---------------------------------------------------------------------
 
     async def declare_exchange(self, name: str, kind: str, *, arguments: dict | None = None) -> None:
-        self._exchanges[name] = await self._channel.declare_exchange(
-            name, kind, durable=True, arguments=arguments
-        )
+        await self._channel.declare_exchange(name, kind, durable=True, arguments=arguments)
 
     async def declare_queue(self, name: str, *, arguments: dict | None = None) -> None:
         await self._channel.declare_queue(name, durable=True, arguments=arguments)
@@ -276,12 +309,16 @@ class Bus:
 
     # -- publishing -------------------------------------------------------------------
 
-    async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
-        if name == "":
-            return self._channel.default_exchange
-        if name not in self._exchanges:
-            self._exchanges[name] = await self._channel.get_exchange(name, ensure=False)
-        return self._exchanges[name]
+    async def _publisher(self) -> AMQPChannel:
+        """The AMQP channel under the robust one, cached: the robust channel swaps in a new
+        one when it reopens, so a closed one is replaced, or the publish fails at once while
+        the robust channel itself is closed (as aio-pika's own publish does)."""
+        amqp = self._amqp
+        if amqp is None or amqp.is_closed:
+            if self._channel.is_closed:
+                raise aiormq.exceptions.ChannelInvalidStateError(f"{self._channel!r} closed")
+            amqp = self._amqp = await self._channel.get_underlay_channel()
+        return amqp
 
     async def publish(
         self,
@@ -297,25 +334,32 @@ class Bus:
     ) -> None:
         """Publish and wait for the broker's confirm; raise `Unroutable` if it comes back.
         Every message carries `user_id` = this connection's broker user, which the broker
-        validates: receivers use it to tell the services' own messages from anyone else's."""
-        message = aio_pika.Message(
-            body,
+        validates: receivers use it to tell the services' own messages from anyone else's.
+        Without a message_id, aiormq sets a random one (it matches a basic.return by it)."""
+        properties = aiormq.spec.Basic.Properties(
             content_type=content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
+            delivery_mode=2 if persistent else 1,
             reply_to=reply_to,
             correlation_id=correlation_id,
             message_id=message_id,
             user_id=self.user,
         )
-        target = await self._exchange(exchange)
         # A reply to direct reply-to is never routed through a queue, so RabbitMQ returns it
         # as NO_ROUTE under `mandatory` even when it was delivered (rabbitmq-server#6124);
         # without `mandatory` it is delivered, or dropped if the requester has gone.
         mandatory = not (exchange == "" and routing_key.startswith(DIRECT_REPLY_TO))
+        amqp = await self._publisher()
         try:
-            await target.publish(message, routing_key=routing_key, mandatory=mandatory)
+            # wait=False: the frames are queued in order and the confirm is what we await;
+            # waiting for each frame's socket drain too would serialise concurrent publishes.
+            result = await amqp.basic_publish(
+                body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=mandatory,
+                wait=False,
+            )
         except PublishError as exc:  # basic.return: no queue is bound for it
             raise Unroutable(f"{exchange or '(default)'}/{routing_key}") from exc
+        if isinstance(result, DeliveredMessage):  # a basic.return, on a channel that does not raise
+            raise Unroutable(f"{exchange or '(default)'}/{routing_key}")
         # A basic.nack (DeliveryError, a BrokerError) means the broker did not take the
         # message, e.g. while it stops: the caller must treat it as a broker fault and
         # retry, never as "unroutable, drop it".
@@ -324,17 +368,19 @@ class Bus:
 
     async def _ensure_reply_queue(self) -> str:
         """Direct reply-to on the publishing channel: no queue is declared, so a client needs
-        no configure or read permission to get replies. The robust channel consumes it again
-        after a reconnect (replies to the requests in flight then are lost: they time out)."""
-        async with self._reply_lock:
-            if self._reply_queue is None:
-                queue = await self._channel.declare_queue(DIRECT_REPLY_TO, passive=True)
-                await queue.consume(self._on_reply, no_ack=True)
-                self._reply_queue = DIRECT_REPLY_TO
-        return self._reply_queue
+        no configure or read permission to get replies. It is consumed on the AMQP channel
+        the requests go out on, again whenever the robust channel has swapped that channel
+        (replies to the requests in flight at a reconnect are lost: they time out)."""
+        if self._reply_channel is not await self._publisher():
+            async with self._reply_lock:
+                amqp = await self._publisher()
+                if self._reply_channel is not amqp:
+                    await amqp.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
+                    self._reply_channel = amqp
+        return DIRECT_REPLY_TO
 
-    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        future = self._pending.pop(message.correlation_id or "", None)
+    async def _on_reply(self, message: DeliveredMessage) -> None:
+        future = self._pending.pop(message.header.properties.correlation_id or "", None)
         if future is not None and not future.done():
             future.set_result(message.body)
 
@@ -379,7 +425,7 @@ class Bus:
         await channel.set_qos(prefetch_count=prefetch)
         consumer = Consumer(channel, handler, concurrency, batch)
         try:
-            await consumer._start(await channel.get_queue(queue, ensure=False), exclusive)
+            await consumer._start(queue, exclusive)
         except aiormq.exceptions.ChannelAccessRefused as exc:
             await consumer.close()
             # RabbitMQ says ACCESS_REFUSED both for a queue "in exclusive use" and for a user

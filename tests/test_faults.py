@@ -316,11 +316,10 @@ async def test_stalled_handler_is_retried_without_a_second_effect(tmp_path):
     async with isolated() as settings, services(settings, tmp_path, session=faults) as stack:
         report = await checked(settings, "stalled-handler", senders_per_session=1, messages=40, rate=15.0,
                                tag=("Fault", "stall"), tag_every=40)
-        # Each stalled attempt is cut off by the handler timeout and run again. (shared/service.py
-        # currently logs it as "database unavailable": TimeoutError is an OSError, which its
-        # DatabaseUnavailable tuple includes; see docs/reliability.md.)
+        # Each stalled attempt is cut off by the handler timeout and run again: alone, or as
+        # part of a batched run of SendMessages, which is then run again one by one.
         timeouts = [line for line in stack.logs("session")
-                    if line.get("event") in ("handler failed, retrying", "database unavailable, retrying")
+                    if line.get("event") in ("handler failed, retrying", "batched handler failed, running its requests one by one")
                     and "TimeoutError" in line.get("error", "")]
         assert len(timeouts) == 3, "each stalled request should time out exactly once"
         assert_clean(report)
