@@ -81,10 +81,12 @@ async def serve(
     finally:
         runtime.consuming = False
         log.info("service stopping", service=name)
+        # Consumers first: the messages in hand finish, and a background task may be what
+        # finishes them (the session worker's Combiner); then the background tasks.
+        await asyncio.gather(*(c.stop() for c in list(runtime.consumers)), return_exceptions=True)
         for task in runtime.tasks:
             task.cancel()
         await asyncio.gather(*runtime.tasks, return_exceptions=True)
-        await asyncio.gather(*(c.stop() for c in runtime.consumers), return_exceptions=True)
         await health.close()
         await bus.close()
         for open_pool in (pool, read_pool):

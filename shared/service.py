@@ -43,7 +43,7 @@ from shared.logs import log
 from shared.notifications import AnyNotification, RequestFailed, notification_id
 from shared.registry_api import Activity
 from shared.replies import err, ok
-from shared.transport import BrokerError, Bus, Delivery, Unroutable
+from shared.transport import BrokerError, Bus, Delivery, Unroutable, ack_in_order
 
 metrics.describe("aodm_requests_total", "counter", "Requests handled, by service, action and outcome (ok or error code).")
 metrics.describe("aodm_request_duration_seconds", "histogram", "Time from delivery to the answer being ready (its transaction committed).")
@@ -451,16 +451,13 @@ class Processor:
             log.warning("broker fault while answering; the requests will be redelivered", error=repr(exc))
 
     async def _settle(self, outcomes: list[Outcome]) -> None:
-        """Poison to the dead letters, the rest acknowledged. A batch comes from one channel
-        consumed in order with nothing earlier left open, so one `multiple` ack on its last
-        good delivery settles all of them."""
+        """Poison to the dead letters, the rest acknowledged: a batch holds, per channel,
+        deliveries consumed in order with nothing earlier left open."""
         for outcome in outcomes:
             if outcome.poison:
                 await outcome.delivery.reject(requeue=False)
                 metrics.inc("aodm_dead_lettered_total", service=self.name)
-        good = [o for o in outcomes if not o.poison]
-        if good:
-            await good[-1].delivery.ack(multiple=len(outcomes) > 1)
+        await ack_in_order([o.delivery for o in outcomes if not o.poison])
 
     async def _publish(self, exchange: str, routing_key: str, body: bytes, correlation_id: str | None = None) -> None:
         try:

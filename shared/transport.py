@@ -131,6 +131,18 @@ class Delivery:
 Handler = Callable[[Delivery], Awaitable[None]]
 
 
+async def ack_in_order(deliveries: list[Delivery]) -> None:
+    """Acknowledge deliveries that each channel handed out in this order, with nothing
+    earlier on it left open (a consumer working one batch at a time): one ack per channel,
+    `multiple` when it covers several."""
+    last: dict[int, tuple[Delivery, int]] = {}
+    for delivery in deliveries:
+        key = id(delivery._message.channel)
+        last[key] = (delivery, last.get(key, (None, 0))[1] + 1)
+    for delivery, count in last.values():
+        await delivery.ack(multiple=count > 1)
+
+
 async def _reject_quietly(delivery: Delivery) -> None:
     try:
         await delivery.reject(requeue=False)

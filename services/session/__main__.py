@@ -12,7 +12,10 @@ from shared.session_api import GetCurrentKey, GetKeyByGeneration, QueryMessage, 
 from shared.transport import Delivery
 
 from services.session import keys, members, messages, store
-from services.session.shards import ShardOwner
+from services.session.batches import Combiner
+from services.session.shards import BATCH_SIZE, ShardOwner
+
+COMBINED_BATCH = 4 * BATCH_SIZE  # deliveries of all held shards run as one batch
 
 ACTIONS = {
     "RotateSessionKey": Action(RotateSessionKey, keys.rotate_session_key, "send"),
@@ -30,7 +33,7 @@ async def start(rt: runtime.Runtime) -> None:
         handler_timeout=rt.settings.handler_timeout_s, stopping=rt.stop,
     )
 
-    async def on_shard_batch(deliveries: list[Delivery]) -> None:
+    async def run_batch(deliveries: list[Delivery]) -> None:
         """Requests in runs (one transaction per run), Spawns between them, all in queue order.
         Only services publish to the sessions exchange directly; clients' requests reach the
         shards through aodm.requests (its alternate exchange)."""
@@ -58,7 +61,9 @@ async def start(rt: runtime.Runtime) -> None:
             log.warning("bad spawn dropped", error=str(exc))
         await delivery.ack()
 
-    rt.background(ShardOwner(rt, on_shard_batch).run())
+    combiner = Combiner(run_batch, limit=COMBINED_BATCH)
+    rt.background(combiner.serve())
+    rt.background(ShardOwner(rt, combiner.submit).run())
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
