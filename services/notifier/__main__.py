@@ -8,10 +8,13 @@ from shared.config import Settings
 
 from services.notifier import fanout
 
+EVENT_BATCH = 64  # events handled together when they are waiting
+
 
 async def start(rt: runtime.Runtime) -> None:
-    # One at a time: a handle sees its notifications in the order they were produced.
-    await rt.consume(topology.NOTIFIER_QUEUE, functools.partial(fanout.on_event, rt.bus))
+    # One batch at a time, in queue order: a handle sees its notifications in the order they
+    # were produced; a batch waits once for the confirms of all its notifications.
+    await rt.consume(topology.NOTIFIER_QUEUE, functools.partial(fanout.on_events, rt.bus), batch=EVENT_BATCH)
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:

@@ -10,8 +10,8 @@ import msgspec
 
 from shared import metrics, topology
 from shared.logs import log
-from shared.notifications import AnyNotification, Fanout, HandleRegistered, event_decoder
-from shared.transport import Bus, Delivery, Unroutable
+from shared.notifications import AnyNotification, Fanout, HandleRegistered, NotifierEvent, event_decoder
+from shared.transport import Bus, Delivery, Unroutable, ack_in_order
 
 metrics.describe("aodm_notifications_total", "counter", "Notifications published to handle queues, by kind.")
 
@@ -28,27 +28,33 @@ async def _publish(bus: Bus, note: AnyNotification) -> None:
     metrics.inc("aodm_notifications_total", kind=type(note).__name__)
 
 
-async def on_event(bus: Bus, delivery: Delivery) -> None:
-    """Ack only after every notification is confirmed by the broker: at-least-once.
-    Events count only when the broker vouches (user_id) that the services' user sent them."""
+def _accepted(bus: Bus, delivery: Delivery) -> NotifierEvent | None:
+    """Events count only when the broker vouches (user_id) that the services' user sent them."""
     if delivery.user_id != bus.user:
         log.warning("notifier event from another broker user dropped", user_id=delivery.user_id)
-        return await delivery.ack()
+        return None
     try:
-        event = event_decoder.decode(delivery.body)
+        return event_decoder.decode(delivery.body)
     except msgspec.DecodeError as exc:
         log.warning("bad notifier event dropped", error=str(exc))
-        return await delivery.ack()
-    match event:
-        case HandleRegistered(handle=handle):
-            await topology.declare_inbox(bus, handle)
-            log.info("handled", service="notifier", kind="HandleRegistered", handle=handle)
-        case Fanout(notifications=notes):
-            # Published together, confirmed together: the frames leave in list order, so a
-            # handle still sees its notifications in order, without a confirm wait for each.
-            await asyncio.gather(*(_publish(bus, note) for note in notes))
-            log.info(
-                "handled", service="notifier", kind="Fanout", kinds=[type(n).__name__ for n in notes],
-                ids=[n.id for n in notes], redelivered=delivery.redelivered,
-            )
-    await delivery.ack()
+        return None
+
+
+async def on_events(bus: Bus, deliveries: list[Delivery]) -> None:
+    """The events waiting, in order: their notifications are published together and
+    confirmed together (frames leave in list order, so each handle still sees its
+    notifications in order), then all are acknowledged: at-least-once."""
+    publishing: list[asyncio.Task] = []
+    for delivery in deliveries:
+        match _accepted(bus, delivery):
+            case HandleRegistered(handle=handle):
+                await topology.declare_inbox(bus, handle)  # before any later notification for it
+                log.info("handled", service="notifier", kind="HandleRegistered", handle=handle)
+            case Fanout(notifications=notes):
+                publishing += [asyncio.ensure_future(_publish(bus, note)) for note in notes]
+                log.info(
+                    "handled", service="notifier", kind="Fanout", kinds=[type(n).__name__ for n in notes],
+                    ids=[n.id for n in notes], redelivered=delivery.redelivered, batch=len(deliveries),
+                )
+    await asyncio.gather(*publishing)
+    await ack_in_order(deliveries)
