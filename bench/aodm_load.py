@@ -15,6 +15,7 @@ import aio_pika
 import msgspec
 
 from aodm import crypto
+from bench import load
 from aodm.client import Client
 from aodm.crypto import Identity
 from bench.progress import Bar
@@ -212,18 +213,15 @@ class SendTarget:
         return client.sign(s.session_id, "SendMessage", SendMessage(crypto.encrypt(s.key, self._plaintext), 1))
 
     async def start(self) -> None:
-        self._channel = await self._connection.channel()
-        await self._channel.set_qos(prefetch_count=2000)
-        for handle in sorted({s.b for s in self.world.sessions}):
-            queue = await self._channel.get_queue(topology.inbox_queue(handle), ensure=False)
-            await queue.consume(self._on_notification, no_ack=True)
+        queues = [topology.inbox_queue(handle) for handle in sorted({s.b for s in self.world.sessions})]
+        self._channel = await load.consume_notifications(self._connection, queues, self._on_notification)
 
     async def stop(self) -> None:
         await self._channel.close()
 
-    async def _on_notification(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    async def _on_notification(self, message) -> None:  # an aiormq DeliveredMessage
         now = time.monotonic()
-        sent = self._waiting.pop(message.message_id or "", None)
+        sent = self._waiting.pop(message.header.properties.message_id or "", None)
         if sent is not None:
             self.latencies.append((now, now - sent, sent))
 
@@ -237,7 +235,8 @@ class SendTarget:
         self._waiting[notification_id(env.id, "NewMessage", s.b)] = sent
         try:
             reply = await self.buses[sender].request(topology.REQUESTS, env.target, envelope.encode(env))
-            body = await asyncio.wait_for(reply, self.timeout)
+            async with asyncio.timeout(self.timeout):
+                body = await reply
         except TimeoutError:
             return sent, time.monotonic(), "timeout"
         done = time.monotonic()

@@ -1,5 +1,8 @@
 """The baseline: the least a message pipeline on this RabbitMQ and PostgreSQL must do, tuned
-honestly, run as its own process beside the services (python -m bench.baseline).
+honestly, run as its own process beside the services (python -m bench.baseline). It talks
+AMQP through aodm's own transport (`shared.transport.Bus`: confirms, mandatory, coalesced
+socket writes, consumers on raw aiormq channels), so the comparison measures what aodm does
+per message, not which client library path it takes.
 
 Modes (BENCH_BASELINE_MODE):
 
@@ -11,10 +14,9 @@ Modes (BENCH_BASELINE_MODE):
   100 messages (never waiting to fill a batch), verify each, COPY the batch in one
   transaction, publish the notifications concurrently and wait for all confirms, then one
   ack with multiple=True.
-- `rpc` — request/reply: consume `bench.rpc` (prefetch 64, concurrent handlers), read a
-  50-row page from session.messages with aodm's own keyset query, encode it as aodm's
-  MessagePage and publish the reply to reply_to (no confirm: a lost reply is the client's
-  timeout, as in any RPC).
+- `rpc` — request/reply: consume `bench.rpc` (prefetch 64, 32 handler tasks), read a 50-row
+  page from session.messages with aodm's own keyset query, encode it as aodm's MessagePage
+  and publish the (transient) reply to reply_to, as aodm's services do.
 
 All modes run under uvloop, as the services do. The 1 KiB message is
 `verify key (32) ‖ signature (64) ‖ signed part (928)`, the signed part starting with a
@@ -31,9 +33,10 @@ import msgspec
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from bench.load import consume_notifications
 from shared.encoding import b64encode
 from shared.session_api import MessagePage, StoredMessage
-from shared.transport import Bus
+from shared.transport import Bus, Delivery, ack_in_order
 
 IN_QUEUE = "bench.in"
 NOTIFY_QUEUE = "bench.notify"
@@ -82,82 +85,53 @@ def _verified(body: bytes) -> tuple[bytes, bytes] | None:
     return signed[:16], key
 
 
-async def _notify(channel: aio_pika.abc.AbstractChannel, message_id: bytes, body: bytes) -> None:
-    await channel.default_exchange.publish(
-        aio_pika.Message(message_id + body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=message_id.hex()),
-        routing_key=NOTIFY_QUEUE,
-        mandatory=True,
-    )
+async def _notify(bus: Bus, message_id: bytes, body: bytes) -> None:
+    await bus.publish("", NOTIFY_QUEUE, message_id + body, message_id=message_id.hex(),
+                      content_type="application/octet-stream")
 
 
-async def serve_per_message(connection: aio_pika.abc.AbstractConnection, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
-    consume = await connection.channel()
-    await consume.set_qos(prefetch_count=64)
-    publish = await connection.channel(publisher_confirms=True)
-    inbox: asyncio.Queue = asyncio.Queue()
+async def serve_per_message(bus: Bus, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
+    async def handle(delivery: Delivery) -> None:
+        checked = _verified(delivery.body)
+        if checked is None:
+            return await delivery.reject(requeue=False)
+        message_id, key = checked
+        await pool.execute(_INSERT, message_id, key, now_ms(), delivery.body)
+        await _notify(bus, message_id, delivery.body)
+        await delivery.ack()
 
-    async def worker() -> None:
-        while True:
-            message = await inbox.get()
-            checked = _verified(message.body)
+    consumer = await bus.consume(IN_QUEUE, handle, prefetch=64, concurrency=8)
+    await stop.wait()
+    await consumer.close()
+
+
+async def serve_group_commit(bus: Bus, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
+    async def handle(batch: list[Delivery]) -> None:
+        rows, good = [], []
+        at = now_ms()
+        for delivery in batch:
+            checked = _verified(delivery.body)
             if checked is None:
-                await message.reject(requeue=False)
+                await delivery.reject(requeue=False)
                 continue
-            message_id, key = checked
-            await pool.execute(_INSERT, message_id, key, now_ms(), message.body)
-            await _notify(publish, message_id, message.body)
-            await message.ack()
+            rows.append((checked[0], checked[1], at, delivery.body))
+            good.append(delivery)
+        if rows:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.copy_records_to_table(
+                    "messages", schema_name="bench", records=rows, columns=["id", "sender_key", "ts", "body"]
+                )
+            await asyncio.gather(*(_notify(bus, row[0], row[3]) for row in rows))
+        await ack_in_order(good)
 
-    queue = await consume.get_queue(IN_QUEUE, ensure=False)
-    workers = [asyncio.create_task(worker()) for _ in range(8)]
-    await queue.consume(inbox.put)
+    consumer = await bus.consume(IN_QUEUE, handle, prefetch=1000, batch=100)
     await stop.wait()
-    for task in workers:
-        task.cancel()
+    await consumer.close()
 
 
-async def serve_group_commit(connection: aio_pika.abc.AbstractConnection, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
-    consume = await connection.channel()
-    await consume.set_qos(prefetch_count=1000)
-    publish = await connection.channel(publisher_confirms=True)
-    inbox: asyncio.Queue = asyncio.Queue()
-    queue = await consume.get_queue(IN_QUEUE, ensure=False)
-    await queue.consume(inbox.put)
-
-    async def loop() -> None:
-        while True:
-            batch = [await inbox.get()]
-            while len(batch) < 100 and not inbox.empty():
-                batch.append(inbox.get_nowait())
-            rows, good = [], []
-            at = now_ms()
-            for message in batch:
-                checked = _verified(message.body)
-                if checked is None:
-                    await message.reject(requeue=False)
-                    continue
-                rows.append((checked[0], checked[1], at, message.body))
-                good.append((checked[0], message.body))
-            if rows:
-                async with pool.acquire() as conn, conn.transaction():
-                    await conn.copy_records_to_table(
-                        "messages", schema_name="bench", records=rows, columns=["id", "sender_key", "ts", "body"]
-                    )
-                await asyncio.gather(*(_notify(publish, mid, body) for mid, body in good))
-            await batch[-1].ack(multiple=True)
-
-    task = asyncio.create_task(loop())
-    await stop.wait()
-    task.cancel()
-
-
-async def serve_rpc(connection: aio_pika.abc.AbstractConnection, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
-    consume = await connection.channel()
-    await consume.set_qos(prefetch_count=64)
-    reply = await connection.channel(publisher_confirms=False)
-
-    async def handle(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        request = _page_request.decode(message.body)
+async def serve_rpc(bus: Bus, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
+    async def handle(delivery: Delivery) -> None:
+        request = _page_request.decode(delivery.body)
         rows = await pool.fetch(_PAGE, request.session_id, request.from_, 2**62, -1, -1, request.limit + 1)
         more = len(rows) > request.limit
         rows = rows[: request.limit]
@@ -169,17 +143,13 @@ async def serve_rpc(connection: aio_pika.abc.AbstractConnection, pool: asyncpg.P
             ],
             f"{rows[-1]['ts']}.{rows[-1]['seq']}" if more else None,
         )
-        await reply.default_exchange.publish(
-            aio_pika.Message(_encoder.encode(page), correlation_id=message.correlation_id,
-                             content_type="application/json"),
-            routing_key=message.reply_to,
-            mandatory=False,  # a direct reply-to reply counts as unroutable (rabbitmq-server#6124)
-        )
-        await message.ack()
+        await bus.publish("", delivery.reply_to, _encoder.encode(page), correlation_id=delivery.correlation_id,
+                          persistent=False)
+        await delivery.ack()
 
-    queue = await consume.get_queue(RPC_QUEUE, ensure=False)
-    await queue.consume(handle)  # aiormq runs each delivery's callback as its own task
+    consumer = await bus.consume(RPC_QUEUE, handle, prefetch=64, concurrency=32)
     await stop.wait()
+    await consumer.close()
 
 
 async def serve(mode: str, amqp_url: str, database_url: str) -> None:
@@ -190,12 +160,12 @@ async def serve(mode: str, amqp_url: str, database_url: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     pool = await asyncpg.create_pool(database_url, min_size=2, max_size=10)
-    connection = await aio_pika.connect(amqp_url, client_properties={"connection_name": f"bench-baseline-{mode}"})
+    bus = await Bus.connect(amqp_url, name=f"bench-baseline-{mode}")
     try:
         runner = {"a": serve_per_message, "b": serve_group_commit, "rpc": serve_rpc}[mode]
-        await runner(connection, pool, stop)
+        await runner(bus, pool, stop)
     finally:
-        await connection.close()
+        await bus.close()
         await pool.close()
 
 
@@ -223,16 +193,16 @@ class PipelineTarget:
         self.message_bytes = MESSAGE_BYTES
 
     async def start(self) -> None:
-        self._channel = await self._connection.channel()
-        await self._channel.set_qos(prefetch_count=2000)
-        queue = await self._channel.get_queue(NOTIFY_QUEUE, ensure=False)
+        channel = await self._connection.channel()
+        queue = await channel.get_queue(NOTIFY_QUEUE, ensure=False)
         await queue.purge()
-        await queue.consume(self._on_notification, no_ack=True)
+        await channel.close()
+        self._channel = await consume_notifications(self._connection, [NOTIFY_QUEUE], self._on_notification)
 
     async def stop(self) -> None:
         await self._channel.close()
 
-    async def _on_notification(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    async def _on_notification(self, message) -> None:  # an aiormq DeliveredMessage
         now = time.monotonic()
         entry = self._waiting.pop(message.body[:16], None)
         if entry is not None:
@@ -255,7 +225,8 @@ class PipelineTarget:
         self._waiting[message_id] = (sent, future)
         try:
             await self.buses[sender].publish("", IN_QUEUE, body, content_type="application/octet-stream")
-            done = await asyncio.wait_for(future, self.timeout)
+            async with asyncio.timeout(self.timeout):
+                done = await future
         except TimeoutError:
             return sent, time.monotonic(), "timeout"
         return sent, done, None

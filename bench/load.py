@@ -15,9 +15,22 @@ record (arrival, latency, publish time) in `latencies`.
 import asyncio
 import time
 
+import aio_pika
+
 from bench.env import CpuMeter
 from bench.progress import Bar
 from bench.stats import RunResult, latency_series, rate_series, summary
+
+
+async def consume_notifications(connection: aio_pika.abc.AbstractConnection, queues: list[str], callback) -> aio_pika.abc.AbstractChannel:
+    """No-ack consumers on a raw aiormq channel (no aio-pika message wrapper per delivery):
+    the load side's own cost, the same for aodm's and the baseline's notifications."""
+    channel = await connection.channel()
+    amqp = await channel.get_underlay_channel()
+    await amqp.basic_qos(prefetch_count=2000)
+    for queue in queues:
+        await amqp.basic_consume(queue, callback, no_ack=True)
+    return channel
 
 
 async def _drain_notifications(target, since: float, timeout: float) -> int:

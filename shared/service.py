@@ -11,9 +11,10 @@ many as a shard has waiting: group commit):
    each reply and its outgoing effects under its Id; each `dryrun` runs on a connection
    whose session is read-only (PostgreSQL refuses any write on it), so it cannot change
    state;
-3. after the commit the effects are published with confirms, then the replies, then the
-   deliveries are acknowledged. A crash anywhere before the ack redelivers the requests, and
-   a redelivery republishes the stored effects (notifications carry stable ids).
+3. after the commit the effects and then the replies are published, and once the broker
+   has confirmed all of them the deliveries are acknowledged. A crash anywhere before the
+   ack redelivers the requests, and a redelivery republishes the stored effects
+   (notifications carry stable ids).
 
 A request refused before its handler runs (stale, not a member…) just gets its error. One
 whose handler fails is taken out and the rest of the batch run again without it: a typed
@@ -430,22 +431,22 @@ class Processor:
     # -- answering ---------------------------------------------------------------------
 
     async def _deliver(self, outcomes: list[Outcome]) -> None:
-        """Effects, then the replies, then the acks. A broker fault here leaves the requests
+        """Effects and replies, then the acks. A broker fault here leaves the requests
         unacknowledged, so they are redelivered and recognised as duplicates."""
         if any(o.effects and not o.duplicate for o in outcomes):
             faults.crash_point("crash-after-commit")
+        effects = outgoing.merge([o.effects for o in outcomes])
+        replies = [o for o in outcomes if o.delivery.reply_to and o.reply is not None]
         try:
-            # Published together and confirmed together; frames leave in list order, so a
-            # Spawn still reaches its shard before any notification about it is sent.
-            await asyncio.gather(*(
-                self._publish(effect.exchange, effect.routing_key, effect.body)
-                for effect in outgoing.merge([o.effects for o in outcomes])
-            ))
-            await asyncio.gather(*(
-                self._publish("", o.delivery.reply_to, o.reply, correlation_id=o.delivery.correlation_id or o.request_id)
-                for o in outcomes
-                if o.delivery.reply_to and o.reply is not None
-            ))
+            # All published together and confirmed together. Frames leave in list order and
+            # the broker routes a channel's publishes in order, so a Spawn is in its shard
+            # before the caller can read the reply and write to the session; the acks wait
+            # for every confirm, so a redelivery republishes whatever the broker lost.
+            await asyncio.gather(
+                *(self._publish(effect.exchange, effect.routing_key, effect.body) for effect in effects),
+                *(self._publish("", o.delivery.reply_to, o.reply, correlation_id=o.delivery.correlation_id or o.request_id)
+                  for o in replies),
+            )
             await self._settle(outcomes)
         except BrokerError as exc:
             log.warning("broker fault while answering; the requests will be redelivered", error=repr(exc))

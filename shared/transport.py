@@ -484,7 +484,8 @@ class Bus:
     async def call(self, exchange: str, routing_key: str, body: bytes, *, timeout: float) -> bytes:
         future = await self.request(exchange, routing_key, body)
         try:
-            return await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                return await future
         finally:
             future.cancel()
 
