@@ -115,6 +115,22 @@ def requests_table(schema: str) -> str:
     """
 
 
+def requests_lookup(schema: str) -> str:
+    """A later migration: lock a batch's request ids and read the ones already answered, in
+    one round trip. The locks come first, in a fixed order (so never a deadlock); the query
+    is a statement of its own, so it sees what a transaction it waited for has committed."""
+    return f"""
+        CREATE FUNCTION {schema}.lock_requests(ids text[])
+        RETURNS TABLE (request_id text, stored_reply bytea, stored_effects bytea)
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_advisory_xact_lock(hashtext('{schema}'), hashtext(sorted.id))
+            FROM (SELECT DISTINCT unnest(ids) AS id ORDER BY 1) AS sorted;
+            RETURN QUERY SELECT r.id, r.reply, r.effects FROM {schema}.requests AS r WHERE r.id = ANY(ids);
+        END $$;
+    """
+
+
 _RANGE_ERROR = re.compile(r"Expected `[^`]+` (>=|<=|>|<|of length)|Invalid enum value|match pattern")
 
 
@@ -290,14 +306,9 @@ class Processor:
             copy.code, copy.reply, copy.caller, copy.duplicate = first.code, first.reply, first.caller, True
 
     async def _lock_and_look_up(self, conn: asyncpg.Connection, ids: list[str]) -> dict[str, asyncpg.Record]:
-        """The locks make a concurrent transaction holding one of these ids finish first (in
-        a fixed order, so never a deadlock); the lookup, a statement of its own, then sees it."""
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtext($1), hashtext(id)) FROM (SELECT DISTINCT unnest($2::text[]) AS id ORDER BY 1) AS ids",
-            self.schema, ids,
-        )
-        rows = await conn.fetch(f"SELECT id, reply, effects FROM {self.schema}.requests WHERE id = ANY($1::text[])", ids)
-        return {row["id"]: row for row in rows}
+        """A concurrent transaction holding one of these ids finishes first (see requests_lookup)."""
+        rows = await conn.fetch(f"SELECT * FROM {self.schema}.lock_requests($1::text[])", ids)
+        return {row["request_id"]: row for row in rows}
 
     async def _store_replies(self, conn: asyncpg.Connection, done: list[Outcome]) -> None:
         if not done:
@@ -317,8 +328,8 @@ class Processor:
         only when the broker redelivers it (the first attempt may have died before publishing
         them); a client's replay gets the reply and causes nothing."""
         outcome.duplicate = True
-        outcome.reply = bytes(row["reply"])
-        outcome.effects = outgoing.decode(row["effects"]) if outcome.delivery.redelivered else outgoing.NONE
+        outcome.reply = bytes(row["stored_reply"])
+        outcome.effects = outgoing.decode(row["stored_effects"]) if outcome.delivery.redelivered else outgoing.NONE
 
     async def _run_read(self, outcome: Outcome) -> None:
         """On the read-only pool: the database itself refuses any write a dryrun attempts."""

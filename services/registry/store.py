@@ -2,7 +2,7 @@
 
 import asyncpg
 
-from shared.service import requests_table
+from shared.service import requests_lookup, requests_table
 
 SCHEMA = "registry"
 
@@ -34,6 +34,7 @@ MIGRATIONS = [
         ALTER COLUMN handle_lo TYPE text COLLATE "C",
         ALTER COLUMN handle_hi TYPE text COLLATE "C";
     """,
+    requests_lookup(SCHEMA),
 ]
 
 

@@ -23,36 +23,31 @@ def _content(req: SendMessage) -> bytes:
     return content
 
 
-def _generation(asked: int | None, current: int) -> int:
-    """The key generation a message is stored under: the one named, or the current one."""
+def _refused(asked: int | None, current: int) -> AodmError:
+    """Why a message was not stored: no key yet, or no such generation."""
     if not current:
-        raise NoSessionKey("the session has no key yet: RotateSessionKey first")
-    if asked is not None and not 1 <= asked <= current:
-        raise NotFound(f"no key generation {asked}; the current one is {current}")
-    return current if asked is None else asked
+        return NoSessionKey("the session has no key yet: RotateSessionKey first")
+    return NotFound(f"no key generation {asked}; the current one is {current}")
 
 
 async def send_messages(ctxs: list[Context], reqs: list[SendMessage]) -> list[Sent | AodmError]:
     """A run of SendMessages, possibly to many sessions, stored with one statement."""
-    conn = ctxs[0].conn
-    current = await store.lock_sessions(conn, sorted({ctx.envelope.target for ctx in ctxs}))
-    results: list[Sent | AodmError] = []
-    accepted = []
+    results: list[Sent | AodmError | None] = []
+    batch = []
     for ctx, req in zip(ctxs, reqs):
-        session_id = ctx.envelope.target
         try:
             content = _content(req)
-            generation = _generation(req.generation, current.get(session_id, 0))
         except AodmError as exc:
             results.append(exc)
             continue
         members: Members = ctx.scope
-        accepted.append((session_id, generation, ctx.envelope.id, ctx.caller, members.sign_keys[ctx.caller], content))
+        batch.append((ctx.envelope.target, req.generation, ctx.envelope.id, ctx.caller, members.sign_keys[ctx.caller], content))
         results.append(None)
-    stored = await store.append_messages(conn, max(ctx.now for ctx in ctxs), accepted) if accepted else {}
+    stored = await store.append_messages(ctxs[0].conn, max(ctx.now for ctx in ctxs), batch) if batch else {}
     for i, (ctx, req) in enumerate(zip(ctxs, reqs)):
         if results[i] is None:
-            results[i] = _sent(ctx, req, stored[ctx.envelope.id])
+            row = stored[ctx.envelope.id]
+            results[i] = _refused(req.generation, row["current"]) if row["seq"] is None else _sent(ctx, req, row)
     return results
 
 

@@ -3,7 +3,7 @@ by session_id first, so the schema can be distributed by session (see docs/scali
 
 import asyncpg
 
-from shared.service import requests_table
+from shared.service import requests_lookup, requests_table
 
 SCHEMA = "session"
 
@@ -47,6 +47,7 @@ MIGRATIONS = [
     );
     CREATE INDEX messages_by_time ON session.messages (session_id, ts, seq);
     """,
+    requests_lookup(SCHEMA),
 ]
 
 
@@ -102,41 +103,41 @@ async def key_batch(conn: asyncpg.Connection, session_id: str, generation: int) 
     )
 
 
-async def lock_sessions(conn: asyncpg.Connection, session_ids: list[str]) -> dict[str, int]:
-    """Each session's current key generation, its row locked (in a fixed order) until the
-    transaction ends, so neither the generation nor the sequence moves under a batch."""
-    rows = await conn.fetch(
-        """SELECT session_id, key_generation FROM session.sessions
-           WHERE session_id = ANY($1::text[]) ORDER BY session_id FOR UPDATE""",
-        session_ids,
-    )
-    return {row["session_id"]: row["key_generation"] for row in rows}
-
-
 async def append_messages(
-    conn: asyncpg.Connection, now: int, messages: list[tuple[str, int, str, str, bytes, bytes]]
+    conn: asyncpg.Connection, now: int, messages: list[tuple[str, int | None, str, str, bytes, bytes]]
 ) -> dict[str, asyncpg.Record]:
     """Store a batch of (session_id, generation, message_id, sender, sender_key, content) in
-    one statement: each session's next sequence numbers in list order, and a timestamp that
-    never goes backwards within the session (so (timestamp, seq) order is arrival order).
-    Returns seq, ts and generation by message_id."""
+    one statement. A message is taken when its session has a key and the generation named
+    (none: the current one) exists; each session's next sequence numbers go in list order,
+    with a timestamp that never goes backwards within the session (so (timestamp, seq)
+    order is arrival order). By message_id: `current` generation, and seq, ts and
+    generation when it was stored (NULL when it was not)."""
     rows = await conn.fetch(
         """WITH batch AS (
                SELECT * FROM unnest($2::text[], $3::int[], $4::text[], $5::text[], $6::bytea[], $7::bytea[])
                    WITH ORDINALITY AS b(session_id, generation, message_id, sender, sender_key, content, position)
+           ), current AS (
+               SELECT session_id, key_generation FROM session.sessions
+               WHERE session_id IN (SELECT session_id FROM batch)
+           ), accepted AS (
+               SELECT b.* FROM batch AS b JOIN current AS c USING (session_id)
+               WHERE c.key_generation >= 1 AND (b.generation IS NULL OR b.generation BETWEEN 1 AND c.key_generation)
            ), counts AS (
-               SELECT session_id, count(*) AS n FROM batch GROUP BY session_id
+               SELECT session_id, count(*) AS n FROM accepted GROUP BY session_id
            ), advanced AS (
                UPDATE session.sessions AS s
                SET message_seq = s.message_seq + c.n, last_timestamp = greatest(s.last_timestamp, $1)
                FROM counts AS c WHERE s.session_id = c.session_id
-               RETURNING s.session_id, s.message_seq - c.n AS base, s.last_timestamp
+               RETURNING s.session_id, s.message_seq - c.n AS base, s.last_timestamp, s.key_generation
+           ), stored AS (
+               INSERT INTO session.messages (session_id, seq, message_id, sender, sender_key, generation, ts, content)
+               SELECT a.session_id, v.base + row_number() OVER (PARTITION BY a.session_id ORDER BY a.position),
+                      a.message_id, a.sender, a.sender_key, coalesce(a.generation, v.key_generation), v.last_timestamp, a.content
+               FROM accepted AS a JOIN advanced AS v USING (session_id)
+               RETURNING message_id, seq, ts, generation
            )
-           INSERT INTO session.messages (session_id, seq, message_id, sender, sender_key, generation, ts, content)
-           SELECT b.session_id, a.base + row_number() OVER (PARTITION BY b.session_id ORDER BY b.position),
-                  b.message_id, b.sender, b.sender_key, b.generation, a.last_timestamp, b.content
-           FROM batch AS b JOIN advanced AS a USING (session_id)
-           RETURNING message_id, seq, ts, generation""",
+           SELECT b.message_id, coalesce(c.key_generation, 0) AS current, s.seq, s.ts, s.generation
+           FROM batch AS b LEFT JOIN current AS c USING (session_id) LEFT JOIN stored AS s USING (message_id)""",
         now, *map(list, zip(*messages)),
     )
     return {row["message_id"]: row for row in rows}
