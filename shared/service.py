@@ -215,12 +215,20 @@ class Processor:
         self.authenticate = authenticate
         self.handler_timeout = handler_timeout
         self.stopping = stopping or asyncio.Event()  # set: database faults abandon instead of waiting
+        self._answered: asyncio.Future[None] | None = None  # the latest batch's publishing and acks
         metrics.inc("aodm_dead_lettered_total", 0, service=name)  # a series from the start, so rates see the first
 
     async def __call__(self, delivery: Delivery) -> None:
         await self.handle([delivery])
 
     async def handle(self, deliveries: list[Delivery]) -> None:
+        await (await self.begin(deliveries))
+
+    async def begin(self, deliveries: list[Delivery]) -> "asyncio.Future[None]":
+        """Everything up to the commit. Returns the rest under way: publishing the effects and
+        replies, and once they are confirmed and every earlier batch is acknowledged, the
+        acks. A caller may begin the next batch meanwhile (the session worker does, with
+        another shard's requests): its publishes follow these, its acks follow these."""
         started = time.perf_counter()
         outcomes = [Outcome(delivery) for delivery in deliveries]
         for outcome in outcomes:
@@ -235,9 +243,10 @@ class Processor:
                     await self._with_database(self._run_read, outcome)
         except Abandoned:
             log.info("left for redelivery", service=self.name, requests=len(outcomes))
-            return  # not acked: closing the channel at shutdown hands them back to the queue
+            return _done()  # not acked: closing the channel at shutdown hands them back to the queue
         self._record(outcomes, time.perf_counter() - started)
-        await self._deliver(outcomes)
+        self._answered = asyncio.ensure_future(self._deliver(outcomes, after=self._answered))
+        return self._answered
 
     # -- parsing (no database) ---------------------------------------------------------
 
@@ -441,9 +450,11 @@ class Processor:
 
     # -- answering ---------------------------------------------------------------------
 
-    async def _deliver(self, outcomes: list[Outcome]) -> None:
-        """Effects and replies, then the acks. A broker fault here leaves the requests
-        unacknowledged, so they are redelivered and recognised as duplicates."""
+    async def _deliver(self, outcomes: list[Outcome], after: "asyncio.Future[None] | None") -> None:
+        """Effects and replies, then the acks, after the acks of the batch before (a
+        `multiple` ack must not cover deliveries whose effects are not confirmed yet). A
+        broker fault here leaves the requests unacknowledged, so they are redelivered and
+        recognised as duplicates."""
         if any(o.effects and not o.duplicate for o in outcomes):
             faults.crash_point("crash-after-commit")
         effects = outgoing.merge([o.effects for o in outcomes])
@@ -458,6 +469,8 @@ class Processor:
                 *(self._publish("", o.delivery.reply_to, o.reply, correlation_id=o.delivery.correlation_id or o.request_id)
                   for o in replies),
             )
+            if after is not None:
+                await asyncio.wait([after])  # its outcome is its own batch's business
             await self._settle(outcomes)
         except BrokerError as exc:
             log.warning("broker fault while answering; the requests will be redelivered", error=repr(exc))
@@ -499,6 +512,12 @@ class Processor:
                 batch=len(outcomes),
                 duration_ms=round(elapsed * 1000, 2),
             )
+
+
+def _done() -> "asyncio.Future[None]":
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(None)
+    return future
 
 
 def _runs(outcomes: list[Outcome], batched: bool) -> list[list[Outcome]]:

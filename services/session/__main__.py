@@ -33,21 +33,24 @@ async def start(rt: runtime.Runtime) -> None:
         handler_timeout=rt.settings.handler_timeout_s, stopping=rt.stop,
     )
 
-    async def run_batch(deliveries: list[Delivery]) -> None:
-        """Requests in runs (one transaction per run), Spawns between them, all in queue order.
-        Only services publish to the sessions exchange directly; clients' requests reach the
-        shards through aodm.requests (its alternate exchange)."""
+    async def run_batch(deliveries: list[Delivery]) -> "asyncio.Future[None] | None":
+        """Requests in runs (one transaction per run), Spawns between them, all in queue order;
+        returns the last run's answering under way (see Processor.begin). Only services
+        publish to the sessions exchange directly; clients' requests reach the shards through
+        aodm.requests (its alternate exchange)."""
+        answered = None
         run: list[Delivery] = []
         for delivery in deliveries:
             if delivery.exchange != topology.SESSIONS:
                 run.append(delivery)
                 continue
             if run:
-                await processor.handle(run)
+                answered = await processor.begin(run)
                 run = []
             await spawn(delivery)
         if run:
-            await processor.handle(run)
+            answered = await processor.begin(run)
+        return answered
 
     async def spawn(delivery: Delivery) -> None:
         # A Spawn counts only when the broker vouches (user_id, which it validates) that the
