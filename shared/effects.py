@@ -46,17 +46,17 @@ def decode(stored: bytes) -> Effects:
     return _unpacker.decode(stored)
 
 
-def merge(batch: list[Effects]) -> list[Outgoing]:
+def merge(batch: list[Effects], *, activity: bool = True) -> list[Outgoing]:
     """Same messages, fewer publishes: the plain messages first in their order (a Spawn or a
     HandleRegistered must precede notifications about it), then the notifications in their
-    order, then one report of the latest activity per session."""
+    order, then (unless `activity` is False) one report of the latest activity per session."""
     merged = [message for effects in batch for message in effects.messages]
     notifications = [note for effects in batch for note in effects.notifications]
     for start in range(0, len(notifications), MAX_FANOUT):
         chunk = Fanout(notifications[start : start + MAX_FANOUT])
         merged.append(Outgoing(topology.INTERNAL, topology.NOTIFIER_ROUTING_KEY, _encoder.encode(chunk)))
     latest: dict[str, int] = {}
-    for effects in batch:
+    for effects in batch if activity else []:
         for seen in effects.activity:
             latest[seen.session_id] = max(latest.get(seen.session_id, 0), seen.at)
     if latest:

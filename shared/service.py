@@ -205,6 +205,7 @@ class Processor:
         authenticate: Authenticate,
         handler_timeout: float = 10.0,
         stopping: asyncio.Event | None = None,
+        activity: Callable[[list[Activity]], None] | None = None,
     ) -> None:
         self.name = name
         self.schema = schema
@@ -215,6 +216,7 @@ class Processor:
         self.authenticate = authenticate
         self.handler_timeout = handler_timeout
         self.stopping = stopping or asyncio.Event()  # set: database faults abandon instead of waiting
+        self.activity = activity  # takes the batches' activity instead of a report per batch
         self._answered: asyncio.Future[None] | None = None  # the latest batch's publishing and acks
         metrics.inc("aodm_dead_lettered_total", 0, service=name)  # a series from the start, so rates see the first
 
@@ -457,7 +459,9 @@ class Processor:
         recognised as duplicates."""
         if any(o.effects and not o.duplicate for o in outcomes):
             faults.crash_point("crash-after-commit")
-        effects = outgoing.merge([o.effects for o in outcomes])
+        effects = outgoing.merge([o.effects for o in outcomes], activity=self.activity is None)
+        if self.activity is not None:
+            self.activity([seen for o in outcomes for seen in o.effects.activity])
         replies = [o for o in outcomes if o.delivery.reply_to and o.reply is not None]
         try:
             # All published together and confirmed together. Frames leave in list order and

@@ -12,6 +12,7 @@ from shared.session_api import GetCurrentKey, GetKeyByGeneration, QueryMessage, 
 from shared.transport import Delivery
 
 from services.session import keys, members, messages, store
+from services.session.activity import ActivityFeed
 from services.session.batches import Combiner
 from services.session.shards import BATCH_SIZE, ShardOwner
 
@@ -28,9 +29,10 @@ ACTIONS = {
 
 async def start(rt: runtime.Runtime) -> None:
     directory = members.MemberDirectory()
+    feed = ActivityFeed(rt.bus)
     processor = Processor(
         name="session", schema=store.SCHEMA, pool=rt.pool, read_pool=rt.read_pool, bus=rt.bus, actions=ACTIONS, authenticate=directory.authenticate,
-        handler_timeout=rt.settings.handler_timeout_s, stopping=rt.stop,
+        handler_timeout=rt.settings.handler_timeout_s, stopping=rt.stop, activity=feed.add,
     )
 
     async def run_batch(deliveries: list[Delivery]) -> "asyncio.Future[None] | None":
@@ -66,6 +68,7 @@ async def start(rt: runtime.Runtime) -> None:
 
     combiner = Combiner(run_batch, limit=COMBINED_BATCH)
     rt.background(combiner.serve())
+    rt.background(feed.serve(rt.pool))
     rt.background(ShardOwner(rt, combiner.submit).run())
 
 
