@@ -4,6 +4,7 @@ the middle of a run. Nothing lost, nothing doubled, each sender's order kept."""
 import asyncio
 import secrets
 
+import asyncpg
 import pytest
 
 from aodm.client import Client
@@ -170,3 +171,23 @@ async def test_a_handler_that_always_hangs_is_dead_lettered_not_waited_for(tmp_p
             await client.close()
         finally:
             registry.kill()
+
+
+async def test_chat_list_activity_lost_by_a_killed_worker_is_re_reported_at_its_start(system):
+    settings, procs, spawn, client = system
+    alice, bob = await client("alice"), await client("bob")
+    session, key = await open_pair(alice, bob)
+    procs["session"].kill()
+    # What the dead worker had committed but not yet reported: the database is the truth.
+    later = (await alice.get_chat_list()).chats[0].last_activity + 5_000
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute("UPDATE session.sessions SET last_timestamp = $2 WHERE session_id = $1", session, later)
+    finally:
+        await conn.close()
+    spawn("session")
+    deadline = asyncio.get_running_loop().time() + 20
+    while (chat := (await alice.get_chat_list()).chats[0]).last_activity != later:
+        assert asyncio.get_running_loop().time() < deadline, f"LastActivity still {chat.last_activity}, not {later}"
+        await asyncio.sleep(0.2)
+    assert chat.session_id == session

@@ -1,7 +1,7 @@
 """Which worker runs which shard.
 
 Session ids are hashed onto a fixed set of shard queues. Each shard is consumed by exactly
-one worker at a time through an *exclusive* consumer, one message at a time, so a session's
+one worker at a time through an *exclusive* consumer, one batch at a time, so a session's
 requests are handled in queue order. Workers announce themselves by consuming the presence
 queue; each takes its fair share (shards / live workers, rounded up) and hands back any
 excess, so `--scale session=N` spreads the shards and a dead worker's shards are taken over
