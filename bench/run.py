@@ -3,6 +3,7 @@ services as real processes). See docs/performance.md for what each figure means.
 
 import argparse
 import asyncio
+import gc
 import importlib.metadata
 import json
 import os
@@ -221,10 +222,15 @@ class Bench:
         await target.start()
         depths: dict[str, list[int]] = {}
         sampler = asyncio.create_task(self._queue_depths(depths))
+        # This process holds every latency sample of the whole benchmark: a full garbage
+        # collection over them mid-run would stall its clocks and show as a latency spike.
+        gc.collect()
+        gc.disable()
         try:
             result = await load.run(target, name, meter=self.meter, bucket=self.cfg.bucket,
                                     notification_timeout=min(60.0, self.cfg.timeout), **kw)
         finally:
+            gc.enable()
             sampler.cancel()
             await target.stop()
         result.extra["queue_ready"] = {k: {"mean": sum(v) / len(v), "max": max(v)} for k, v in depths.items() if v and max(v)}

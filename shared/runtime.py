@@ -3,6 +3,7 @@ health endpoint, and a graceful stop on SIGTERM (consumers drain, in-flight work
 prefetched messages go back to their queues)."""
 
 import asyncio
+import gc
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -75,6 +76,7 @@ async def serve(
         if pool is not None and schema is not None:
             runtime.background(prune_requests(pool, schema, settings.dedup_retention_s, stop))
         await start(runtime)
+        gc.freeze()  # what start-up built lives on: full collections need not walk it again
         runtime.consuming = True
         log.info("service started", service=name)
         await stop.wait()

@@ -49,7 +49,7 @@ from shared.transport import BrokerError, Bus, Delivery, Unroutable, ack_in_orde
 metrics.describe("aodm_requests_total", "counter", "Requests handled, by service, action and outcome (ok or error code).")
 metrics.describe("aodm_request_duration_seconds", "histogram", "Time from delivery to the answer being ready (its transaction committed).")
 metrics.describe("aodm_dead_lettered_total", "counter", "Poison requests rejected to the dead-letter queue, by service.")
-metrics.describe("aodm_batch_size", "histogram", "Requests handled per transaction.", buckets=(1, 2, 5, 10, 20, 50, 100))
+metrics.describe("aodm_batch_size", "histogram", "Requests handled per transaction.", buckets=(1, 2, 5, 10, 20, 50, 100, 200, 400))
 
 MAX_ATTEMPTS = 3  # a request that fails this often in a row is poison: dead-lettered
 _encoder = msgspec.json.Encoder()
