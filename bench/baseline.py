@@ -34,6 +34,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 from bench.load import consume_notifications
+from shared import db
 from shared.encoding import b64encode
 from shared.session_api import MessagePage, StoredMessage
 from shared.transport import Bus, Delivery, ack_in_order
@@ -159,7 +160,7 @@ async def serve(mode: str, amqp_url: str, database_url: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    pool = await asyncpg.create_pool(database_url, min_size=2, max_size=10)
+    pool = await db.connect(database_url, size=10)  # the services' pool settings
     bus = await Bus.connect(amqp_url, name=f"bench-baseline-{mode}")
     try:
         runner = {"a": serve_per_message, "b": serve_group_commit, "rpc": serve_rpc}[mode]

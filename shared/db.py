@@ -42,13 +42,22 @@ async def _create_database(dsn: str) -> None:
         await conn.close()
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Returning a connection to the pool: nothing to undo. asyncpg still rolls back an open
+    transaction; its default reset (advisory unlock, CLOSE ALL, UNLISTEN, RESET ALL) would
+    cost a round trip per use, and aodm never sets a session-level lock, cursor, listener or
+    setting."""
+
+
 async def connect(dsn: str, *, size: int, read_only: bool = False, attempts: int = 60) -> asyncpg.Pool:
     """Wait for the database (it may start after us), creating it on first use. A read-only
     pool's sessions refuse every write, so a dryrun cannot change state even by mistake."""
     settings = {"default_transaction_read_only": "on"} if read_only else None
     for attempt in range(attempts):
         try:
-            return await asyncpg.create_pool(dsn, min_size=min(2, size), max_size=size, server_settings=settings)
+            return await asyncpg.create_pool(
+                dsn, min_size=min(2, size), max_size=size, server_settings=settings, reset=_keep_session
+            )
         except asyncpg.InvalidCatalogNameError:
             await _create_database(dsn)
         except DatabaseUnavailable as exc:
