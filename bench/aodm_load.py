@@ -16,9 +16,9 @@ import asyncpg
 import msgspec
 
 from aodm import crypto
-from bench import load
 from aodm.client import Client
 from aodm.crypto import Identity
+from bench import load
 from bench.progress import Bar
 from bench.stats import summary
 from shared import envelope, topology
@@ -249,7 +249,7 @@ class SendTarget:
         return sent, done, decoded.code if isinstance(decoded, Err) else None
 
 
-class QueryTarget:
+class QueryTarget(load.ReplyTarget):
     """QueryMessage, 50 messages from a random point of a random seeded session, as one of
     its members; done at the reply."""
 
@@ -264,25 +264,13 @@ class QueryTarget:
         self._pick = page_picker(world, rng)
         self._rng = rng
 
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
-    def pending_notifications(self, since: float) -> int:
-        return 0
-
     async def one(self, sender: int) -> tuple[float, float, str | None]:
         s, from_ts = self._pick()
         client = self.world.client(self.buses[sender], s.a if self._rng.random() < 0.5 else s.b)
         env = client.sign(s.session_id, "QueryMessage", QueryMessage(from_=from_ts, limit=50))
-        sent = time.monotonic()
-        try:
-            body = await self.buses[sender].call(topology.REQUESTS, env.target, envelope.encode(env), timeout=self.timeout)
-        except TimeoutError:
-            return sent, time.monotonic(), "timeout"
-        done = time.monotonic()
+        sent, done, body = await self.timed_call(sender, topology.REQUESTS, env.target, envelope.encode(env))
+        if body is None:
+            return sent, done, "timeout"
         decoded = reply_decoder.decode(body)
         if isinstance(decoded, Err):
             return sent, done, decoded.code

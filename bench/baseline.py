@@ -33,7 +33,7 @@ import msgspec
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
-from bench.load import consume_notifications
+from bench.load import ReplyTarget, consume_notifications
 from shared import db
 from shared.encoding import b64encode
 from shared.session_api import MessagePage, StoredMessage
@@ -233,7 +233,7 @@ class PipelineTarget:
         return sent, done, None
 
 
-class RpcTarget:
+class RpcTarget(ReplyTarget):
     """The raw RPC round trip: a page request to bench.rpc, the 50-row page back."""
 
     def __init__(self, buses: list[Bus], pages: "callable", timeout: float) -> None:
@@ -244,26 +244,12 @@ class RpcTarget:
         self.latencies: list = []
         self.short_pages = 0
 
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
-    def pending_notifications(self, since: float) -> int:
-        return 0
-
     async def one(self, sender: int) -> tuple[float, float, str | None]:
         session_id, from_ts = self.pages()
-        body = _encoder.encode(PageRequest(session_id, from_ts))
-        sent = time.monotonic()
-        try:
-            raw = await self.buses[sender].call("", RPC_QUEUE, body, timeout=self.timeout)
-        except TimeoutError:
-            return sent, time.monotonic(), "timeout"
-        done = time.monotonic()
-        page = msgspec.json.decode(raw, type=MessagePage)
-        if len(page.messages) != 50:
+        sent, done, raw = await self.timed_call(sender, "", RPC_QUEUE, _encoder.encode(PageRequest(session_id, from_ts)))
+        if raw is None:
+            return sent, done, "timeout"
+        if len(msgspec.json.decode(raw, type=MessagePage).messages) != 50:
             self.short_pages += 1
         return sent, done, None
 

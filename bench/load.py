@@ -33,6 +33,31 @@ async def consume_notifications(connection: aio_pika.abc.AbstractConnection, que
     return channel
 
 
+class ReplyTarget:
+    """A target done at its reply (a read): nothing to start or stop, no notifications."""
+
+    buses: list
+    timeout: float
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def pending_notifications(self, since: float) -> int:
+        return 0
+
+    async def timed_call(self, sender: int, exchange: str, routing_key: str, body: bytes) -> tuple[float, float, bytes | None]:
+        """(sent, done, reply body — None on a timeout)."""
+        sent = time.monotonic()
+        try:
+            reply = await self.buses[sender].call(exchange, routing_key, body, timeout=self.timeout)
+        except TimeoutError:
+            return sent, time.monotonic(), None
+        return sent, time.monotonic(), reply
+
+
 async def _drain_notifications(target, since: float, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     while True:
