@@ -1,6 +1,7 @@
 """The DM session's actions against a running stack: keys, messages, paging, who may call,
 and that reads (dryruns) never write."""
 
+import asyncio
 import secrets
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ from shared.session_api import (
     RotateSessionKey,
     Rotated,
     SealedKey,
+    SendMessage,
     Sent,
     StoredMessage,
 )
@@ -423,6 +425,22 @@ async def test_send_notifies_only_the_other_member(keyed):
     assert [n for n in alice_notes if isinstance(n, NewMessage) and n.sender == keyed.alice.handle] == []
     assert all(n.handle == keyed.alice.handle for n in alice_notes)
     assert all(n.handle == keyed.bob.handle for n in bob_notes)
+
+
+async def test_refused_sends_among_pipelined_ones_leave_their_neighbours_stored(keyed):
+    """Pipelined sends usually share a batch, stored with one statement: the refused ones get
+    their own errors and are written nowhere; the rest get consecutive seqs in publish order."""
+    plan = [(ciphertext(1), None), (ciphertext(2), 99), (b64encode(bytes(8)), None), (ciphertext(3), 1), (ciphertext(4), None)]
+    pending = []
+    for content, generation in plan:
+        env = keyed.alice.sign(keyed.session, "SendMessage", SendMessage(content, generation))
+        pending.append((env, await keyed.alice.submit(env)))
+    results = await asyncio.gather(*(keyed.alice.result_of(env, reply) for env, reply in pending), return_exceptions=True)
+    assert isinstance(results[1], NotFound) and isinstance(results[2], InvalidArgument)
+    stored = [msgspec.json.decode(r, type=Sent) for i, r in enumerate(results) if i not in (1, 2)]
+    assert [s.seq for s in stored] == [1, 2, 3]
+    assert [s.message_id for s in stored] == [env.id for i, (env, _) in enumerate(pending) if i not in (1, 2)]
+    assert ids((await keyed.bob.query_messages(keyed.session)).messages) == [s.message_id for s in stored]
 
 
 async def test_send_by_outsiders(keyed, make_client):
