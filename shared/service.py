@@ -455,8 +455,9 @@ class Processor:
     async def _deliver(self, outcomes: list[Outcome], after: "asyncio.Future[None] | None") -> None:
         """Effects and replies, then the acks, after the acks of the batch before (a
         `multiple` ack must not cover deliveries whose effects are not confirmed yet). A
-        broker fault here leaves the requests unacknowledged, so they are redelivered and
-        recognised as duplicates."""
+        broker fault here leaves the requests unacknowledged and raises, so the consumer
+        hands them back; redelivered, they are recognised as duplicates and their stored
+        effects published again."""
         if any(o.effects and not o.duplicate for o in outcomes):
             faults.crash_point("crash-after-commit")
         effects = outgoing.merge([o.effects for o in outcomes], activity=self.activity is None)
@@ -473,20 +474,31 @@ class Processor:
                 *(self._publish("", o.delivery.reply_to, o.reply, correlation_id=o.delivery.correlation_id or o.request_id)
                   for o in replies),
             )
+            one_by_one = False
             if after is not None:
-                await asyncio.wait([after])  # its outcome is its own batch's business
-            await self._settle(outcomes)
+                await asyncio.wait([after])
+                # Failed, the batch before left its deliveries open: a `multiple` ack on a
+                # channel both batches came on would count them as done.
+                one_by_one = after.cancelled() or after.exception() is not None
+            await self._settle(outcomes, one_by_one)
         except BrokerError as exc:
+            # Raised on to the consumer, which hands the deliveries back to their queue.
             log.warning("broker fault while answering; the requests will be redelivered", error=repr(exc))
+            raise
 
-    async def _settle(self, outcomes: list[Outcome]) -> None:
+    async def _settle(self, outcomes: list[Outcome], one_by_one: bool) -> None:
         """Poison to the dead letters, the rest acknowledged: a batch holds, per channel,
-        deliveries consumed in order with nothing earlier left open."""
+        deliveries consumed in order, with nothing earlier left open unless `one_by_one`."""
         for outcome in outcomes:
             if outcome.poison:
                 await outcome.delivery.reject(requeue=False)
                 metrics.inc("aodm_dead_lettered_total", service=self.name)
-        await ack_in_order([o.delivery for o in outcomes if not o.poison])
+        done = [o.delivery for o in outcomes if not o.poison]
+        if one_by_one:
+            for delivery in done:
+                await delivery.ack()
+        else:
+            await ack_in_order(done)
 
     async def _publish(self, exchange: str, routing_key: str, body: bytes, correlation_id: str | None = None) -> None:
         try:

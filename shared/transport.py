@@ -122,6 +122,12 @@ class _Connection(aio_pika.RobustConnection):
     )
 
 
+# How long a publish waits for its channel to come back after a reconnect: longer than
+# aio-pika's reconnect interval (5 s), short enough that a publisher learns of an outage.
+PUBLISHER_RESTORE_TIMEOUT = 15.0
+# After a broker fault stopped a handler, the pause before its queue is consumed again.
+HAND_BACK_PAUSE = 0.5
+
 # RabbitMQ's direct reply-to: a pseudo-queue consumed (no-ack) on the channel that publishes
 # the requests. It needs no configure or read permission, so every principal can do RPC.
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
@@ -243,11 +249,13 @@ class Consumer:
             message = await self._inbox.get()
             if message is None or self._stopping:
                 return
+            if message.channel is not self._amqp:
+                continue  # void: its channel was closed, and the broker has the message back
             deliveries = [Delivery(message)] if self._batch is None else self._take_batch(message)
             try:
                 await self._handler(deliveries[0] if self._batch is None else deliveries)
-            except BrokerError:
-                pass  # the channel is gone; the broker redelivers what was not acked
+            except BrokerError as exc:
+                await self._hand_back(deliveries[0], exc)
             except Exception:  # last line of defence: a handler bug must not stop the consumer
                 logging.getLogger("aodm.transport").exception("consumer handler failed; messages dead-lettered")
                 for delivery in deliveries:
@@ -263,8 +271,29 @@ class Consumer:
             if message is None:
                 self._inbox.put_nowait(None)  # keep the stop signal for the loop
                 break
-            batch.append(Delivery(message))
+            if message.channel is self._amqp:
+                batch.append(Delivery(message))
         return batch
+
+    async def _hand_back(self, delivery: Delivery, error: BaseException) -> None:
+        """A broker fault (a publish that failed, say) kept the handler from settling its
+        deliveries. Left open on a live channel they would be stuck there, and a later
+        `multiple` ack would count them as done. Closing the AMQP channel hands them, and
+        all prefetched behind them, back to the queue in order; the robust channel then
+        reopens as after a channel error, and `_on_reopen` consumes again. A channel the
+        broker closed already has handed them back."""
+        channel = delivery._message.channel
+        if channel is not self._amqp or channel.is_closed or self._stopping:
+            return
+        logging.getLogger("aodm.transport").warning(
+            "broker fault while handling %s; handing its unacknowledged messages back: %r", self._queue, error
+        )
+        self._amqp = None  # what this channel delivered, or still delivers, is void from now
+        await asyncio.sleep(HAND_BACK_PAUSE)  # a fault that persists must not spin the queue
+        try:
+            await channel.close()
+        except BrokerError:
+            pass  # the connection went with it: the broker has them back either way
 
     async def _on_message(self, message: DeliveredMessage) -> None:
         # aiormq runs this as a task per delivery: one from a channel since replaced is void
@@ -394,13 +423,19 @@ class Bus:
 
     async def _publisher(self) -> AMQPChannel:
         """The AMQP channel under the robust one, cached: the robust channel swaps in a new
-        one when it reopens, so a closed one is replaced, or the publish fails at once while
-        the robust channel itself is closed (as aio-pika's own publish does)."""
+        one when it reopens. A reconnect restores a connection's channels one at a time, so
+        a consumer's may deliver again before this one is back: a publish waits for it (a
+        while) rather than fail the message being answered."""
         amqp = self._amqp
         if amqp is None or amqp.is_closed:
-            if self._channel.is_closed:
-                raise aiormq.exceptions.ChannelInvalidStateError(f"{self._channel!r} closed")
-            amqp = self._amqp = await self._channel.get_underlay_channel()
+            try:
+                async with asyncio.timeout(PUBLISHER_RESTORE_TIMEOUT):
+                    # Waits out a reconnect; the channel's own reopen follows it.
+                    while (amqp := await self._channel.get_underlay_channel()).is_closed:
+                        await asyncio.sleep(0.01)
+            except TimeoutError:
+                raise aiormq.exceptions.ChannelInvalidStateError(f"{self._channel!r} closed") from None
+            self._amqp = amqp
         return amqp
 
     async def publish(

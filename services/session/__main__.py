@@ -37,22 +37,22 @@ async def start(rt: runtime.Runtime) -> None:
 
     async def run_batch(deliveries: list[Delivery]) -> "asyncio.Future[None] | None":
         """Requests in runs (one transaction per run), Spawns between them, all in queue order;
-        returns the last run's answering under way (see Processor.begin). Only services
-        publish to the sessions exchange directly; clients' requests reach the shards through
-        aodm.requests (its alternate exchange)."""
-        answered = None
+        returns the runs' answering under way (see Processor.begin), which fails if any run's
+        does. Only services publish to the sessions exchange directly; clients' requests
+        reach the shards through aodm.requests (its alternate exchange)."""
+        answering = []
         run: list[Delivery] = []
         for delivery in deliveries:
             if delivery.exchange != topology.SESSIONS:
                 run.append(delivery)
                 continue
             if run:
-                answered = await processor.begin(run)
+                answering.append(await processor.begin(run))
                 run = []
             await spawn(delivery)
         if run:
-            answered = await processor.begin(run)
-        return answered
+            answering.append(await processor.begin(run))
+        return asyncio.gather(*answering) if answering else None
 
     async def spawn(delivery: Delivery) -> None:
         # A Spawn counts only when the broker vouches (user_id, which it validates) that the
