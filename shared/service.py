@@ -12,9 +12,10 @@ many as a shard has waiting: group commit):
    whose session is read-only (PostgreSQL refuses any write on it), so it cannot change
    state;
 3. after the commit the effects and then the replies are published, and once the broker
-   has confirmed all of them the deliveries are acknowledged. A crash anywhere before the
-   ack redelivers the requests, and a redelivery republishes the stored effects
-   (notifications carry stable ids).
+   has confirmed all of them the deliveries are acknowledged, batch after batch. A crash
+   anywhere before the ack redelivers the requests, and a redelivery republishes the
+   stored effects (notifications carry stable ids); a broker fault hands the batch back to
+   its queue to the same end.
 
 A request refused before its handler runs (stale, not a member…) just gets its error. One
 whose handler fails is taken out and the rest of the batch run again without it: a typed
@@ -44,7 +45,7 @@ from shared.logs import log
 from shared.notifications import AnyNotification, RequestFailed, notification_id
 from shared.registry_api import Activity
 from shared.replies import err, ok
-from shared.transport import BrokerError, Bus, Delivery, Unroutable, ack_in_order
+from shared.transport import Bus, Delivery, Unroutable, settle_when_confirmed
 
 metrics.describe("aodm_requests_total", "counter", "Requests handled, by service, action and outcome (ok or error code).")
 metrics.describe("aodm_request_duration_seconds", "histogram", "Time from delivery to the answer being ready (its transaction committed).")
@@ -247,7 +248,7 @@ class Processor:
             log.info("left for redelivery", service=self.name, requests=len(outcomes))
             return _done()  # not acked: closing the channel at shutdown hands them back to the queue
         self._record(outcomes, time.perf_counter() - started)
-        self._answered = asyncio.ensure_future(self._deliver(outcomes, after=self._answered))
+        self._answered = self._answer(outcomes)
         return self._answered
 
     # -- parsing (no database) ---------------------------------------------------------
@@ -452,53 +453,35 @@ class Processor:
 
     # -- answering ---------------------------------------------------------------------
 
-    async def _deliver(self, outcomes: list[Outcome], after: "asyncio.Future[None] | None") -> None:
-        """Effects and replies, then the acks, after the acks of the batch before (a
-        `multiple` ack must not cover deliveries whose effects are not confirmed yet). A
-        broker fault here leaves the requests unacknowledged and raises, so the consumer
-        hands them back; redelivered, they are recognised as duplicates and their stored
-        effects published again."""
+    def _answer(self, outcomes: list[Outcome]) -> "asyncio.Future[None]":
+        """Publish the batch's effects and replies now, then (a task) acknowledge it once the
+        broker has confirmed them all and every earlier batch is acknowledged: a `multiple`
+        ack must not cover deliveries whose effects are not confirmed yet. The publishes are
+        issued here, before the next batch can begin, so batches' messages leave in batch
+        order (and a handle's notifications in the order they were produced)."""
         if any(o.effects and not o.duplicate for o in outcomes):
             faults.crash_point("crash-after-commit")
         effects = outgoing.merge([o.effects for o in outcomes], activity=self.activity is None)
         if self.activity is not None:
             self.activity([seen for o in outcomes for seen in o.effects.activity])
-        replies = [o for o in outcomes if o.delivery.reply_to and o.reply is not None]
-        try:
-            # All published together and confirmed together. Frames leave in list order and
-            # the broker routes a channel's publishes in order, so a Spawn is in its shard
-            # before the caller can read the reply and write to the session; the acks wait
-            # for every confirm, so a redelivery republishes whatever the broker lost.
-            await asyncio.gather(
-                *(self._publish(effect.exchange, effect.routing_key, effect.body) for effect in effects),
-                *(self._publish("", o.delivery.reply_to, o.reply, correlation_id=o.delivery.correlation_id or o.request_id)
-                  for o in replies),
-            )
-            one_by_one = False
-            if after is not None:
-                await asyncio.wait([after])
-                # Failed, the batch before left its deliveries open: a `multiple` ack on a
-                # channel both batches came on would count them as done.
-                one_by_one = after.cancelled() or after.exception() is not None
-            await self._settle(outcomes, one_by_one)
-        except BrokerError as exc:
-            # Raised on to the consumer, which hands the deliveries back to their queue.
-            log.warning("broker fault while answering; the requests will be redelivered", error=repr(exc))
-            raise
+        # Frames leave in this order and the broker routes a channel's publishes in order, so
+        # a Spawn is in its shard before the caller can read the reply and write to the session.
+        publishing = [asyncio.ensure_future(self._publish(e.exchange, e.routing_key, e.body)) for e in effects]
+        publishing += [
+            asyncio.ensure_future(self._publish("", o.delivery.reply_to, o.reply,
+                                                correlation_id=o.delivery.correlation_id or o.request_id))
+            for o in outcomes if o.delivery.reply_to and o.reply is not None
+        ]
+        return asyncio.ensure_future(self._settle(outcomes, publishing, after=self._answered))
 
-    async def _settle(self, outcomes: list[Outcome], one_by_one: bool) -> None:
-        """Poison to the dead letters, the rest acknowledged: a batch holds, per channel,
-        deliveries consumed in order, with nothing earlier left open unless `one_by_one`."""
-        for outcome in outcomes:
-            if outcome.poison:
-                await outcome.delivery.reject(requeue=False)
-                metrics.inc("aodm_dead_lettered_total", service=self.name)
-        done = [o.delivery for o in outcomes if not o.poison]
-        if one_by_one:
-            for delivery in done:
-                await delivery.ack()
-        else:
-            await ack_in_order(done)
+    async def _settle(self, outcomes: list[Outcome], publishing: list[asyncio.Future], after: "asyncio.Future[None] | None") -> None:
+        """Poison to the dead letters, the rest acknowledged, once confirmed. On a broker
+        fault they are handed back to their queues; redelivered, they are recognised as
+        duplicates and their stored effects published again."""
+        poison = [o.delivery for o in outcomes if o.poison]
+        await settle_when_confirmed([o.delivery for o in outcomes], publishing, after, rejected=poison)
+        if poison:
+            metrics.inc("aodm_dead_lettered_total", len(poison), service=self.name)
 
     async def _publish(self, exchange: str, routing_key: str, body: bytes, correlation_id: str | None = None) -> None:
         try:

@@ -13,7 +13,7 @@ of a publish or a delivery.
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -125,7 +125,7 @@ class _Connection(aio_pika.RobustConnection):
 # How long a publish waits for its channel to come back after a reconnect: longer than
 # aio-pika's reconnect interval (5 s), short enough that a publisher learns of an outage.
 PUBLISHER_RESTORE_TIMEOUT = 15.0
-# After a broker fault stopped a handler, the pause before its queue is consumed again.
+# After a broker fault stopped an answer, the pause before its deliveries are handed back.
 HAND_BACK_PAUSE = 0.5
 
 # RabbitMQ's direct reply-to: a pseudo-queue consumed (no-ack) on the channel that publishes
@@ -202,7 +202,10 @@ class Delivery:
         self._settled = True
 
 
-Handler = Callable[[Delivery], Awaitable[None]]
+# A handler may return what is still under way for its deliveries (publishes awaiting their
+# confirms, then the acks), so the consumer can take its next message meanwhile.
+Handler = Callable[[Delivery], Awaitable["asyncio.Future[None] | None"]]
+SETTLE_TIMEOUT = 30.0  # at a graceful stop, how long the answers under way may take
 
 
 async def ack_in_order(deliveries: list[Delivery]) -> None:
@@ -215,6 +218,55 @@ async def ack_in_order(deliveries: list[Delivery]) -> None:
         last[key] = (delivery, last.get(key, (None, 0))[1] + 1)
     for delivery, count in last.values():
         await delivery.ack(multiple=count > 1)
+
+
+async def hand_back(deliveries: list[Delivery], error: BaseException) -> None:
+    """Deliveries that cannot be settled (a broker fault kept their answer from being
+    confirmed) go back to their queue, with all their channel holds behind them, in order:
+    their channel is closed. Left open on a live channel they would be stuck there, and a
+    later `multiple` ack would count them as done. The robust channel then reopens as after
+    a channel error, and its consumer consumes again (`Consumer._on_reopen`). A channel the
+    broker has closed already handed them back."""
+    channels = {id(d._message.channel): d._message.channel for d in deliveries}
+    open_channels = [channel for channel in channels.values() if not channel.is_closed]
+    if not open_channels:
+        return
+    logging.getLogger("aodm.transport").warning(
+        "broker fault; handing %d deliveries back to their queues: %r", len(deliveries), error
+    )
+    await asyncio.sleep(HAND_BACK_PAUSE)  # a fault that persists must not spin the messages
+    for channel in open_channels:
+        try:
+            await channel.close()
+        except BrokerError:
+            pass  # the connection went with it: the broker has them back either way
+
+
+async def settle_when_confirmed(
+    deliveries: list[Delivery],
+    publishing: list["asyncio.Future[None]"],
+    after: "asyncio.Future[None] | None",
+    rejected: Collection[Delivery] = (),
+) -> None:
+    """Settle a batch once the broker has confirmed what answering it published, and once
+    the batch before it (`after`) is settled: a `multiple` ack must not cover deliveries
+    whose answers are not confirmed yet. `rejected` go to the dead letters, the rest are
+    acknowledged. On a broker fault they are handed back, before any later batch settles."""
+    try:
+        await asyncio.gather(*publishing)
+        if after is not None:
+            await asyncio.wait([after])  # it settles its own batch, whatever its outcome
+        for delivery in rejected:
+            await delivery.reject(requeue=False)
+        await ack_in_order([d for d in deliveries if d not in rejected])
+    except BrokerError as exc:
+        await hand_back(deliveries, exc)
+        raise
+
+
+def _retrieve(future: "asyncio.Future[None]") -> None:
+    if not future.cancelled():
+        future.exception()  # a broker fault was handled where it happened (hand_back)
 
 
 async def _reject_quietly(delivery: Delivery) -> None:
@@ -242,6 +294,7 @@ class Consumer:
         # An exclusive subscription the broker dropped (connection or channel lost) that is
         # not taken back here: its owner must take it again, or learn that another has it.
         self.lost = False
+        self._settling: set[asyncio.Future[None]] = set()  # what handlers returned, still under way
         self._tasks = [asyncio.create_task(self._work()) for _ in range(concurrency)]
 
     async def _work(self) -> None:
@@ -249,13 +302,17 @@ class Consumer:
             message = await self._inbox.get()
             if message is None or self._stopping:
                 return
-            if message.channel is not self._amqp:
+            if message.channel is not self._amqp or message.channel.is_closed:
                 continue  # void: its channel was closed, and the broker has the message back
             deliveries = [Delivery(message)] if self._batch is None else self._take_batch(message)
             try:
-                await self._handler(deliveries[0] if self._batch is None else deliveries)
+                under_way = await self._handler(deliveries[0] if self._batch is None else deliveries)
+                if under_way is not None:
+                    self._settling.add(under_way)
+                    under_way.add_done_callback(self._settling.discard)
+                    under_way.add_done_callback(_retrieve)
             except BrokerError as exc:
-                await self._hand_back(deliveries[0], exc)
+                await hand_back(deliveries, exc)
             except Exception:  # last line of defence: a handler bug must not stop the consumer
                 logging.getLogger("aodm.transport").exception("consumer handler failed; messages dead-lettered")
                 for delivery in deliveries:
@@ -271,29 +328,9 @@ class Consumer:
             if message is None:
                 self._inbox.put_nowait(None)  # keep the stop signal for the loop
                 break
-            if message.channel is self._amqp:
+            if message.channel is self._amqp and not message.channel.is_closed:
                 batch.append(Delivery(message))
         return batch
-
-    async def _hand_back(self, delivery: Delivery, error: BaseException) -> None:
-        """A broker fault (a publish that failed, say) kept the handler from settling its
-        deliveries. Left open on a live channel they would be stuck there, and a later
-        `multiple` ack would count them as done. Closing the AMQP channel hands them, and
-        all prefetched behind them, back to the queue in order; the robust channel then
-        reopens as after a channel error, and `_on_reopen` consumes again. A channel the
-        broker closed already has handed them back."""
-        channel = delivery._message.channel
-        if channel is not self._amqp or channel.is_closed or self._stopping:
-            return
-        logging.getLogger("aodm.transport").warning(
-            "broker fault while handling %s; handing its unacknowledged messages back: %r", self._queue, error
-        )
-        self._amqp = None  # what this channel delivered, or still delivers, is void from now
-        await asyncio.sleep(HAND_BACK_PAUSE)  # a fault that persists must not spin the queue
-        try:
-            await channel.close()
-        except BrokerError:
-            pass  # the connection went with it: the broker has them back either way
 
     async def _on_message(self, message: DeliveredMessage) -> None:
         # aiormq runs this as a task per delivery: one from a channel since replaced is void
@@ -339,8 +376,9 @@ class Consumer:
             self.lost = True
 
     async def stop(self) -> None:
-        """Graceful: take no more, finish the messages being handled, then close the
-        channel, which hands every prefetched but unstarted message back to the queue."""
+        """Graceful: take no more, finish the messages being handled and their answers under
+        way, then close the channel, which hands every prefetched but unstarted message back
+        to the queue."""
         self._stopping = True
         for _ in self._tasks:
             self._inbox.put_nowait(None)
@@ -350,6 +388,8 @@ class Consumer:
             except BrokerError:
                 pass
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._settling:
+            await asyncio.wait(self._settling, timeout=SETTLE_TIMEOUT)
         await self.close()
 
     async def close(self) -> None:

@@ -1,7 +1,6 @@
 """The notifier: turns service events into notifications in each handle's own queue."""
 
 import asyncio
-import functools
 
 from shared import runtime, topology
 from shared.config import Settings
@@ -12,9 +11,9 @@ EVENT_BATCH = 64  # events handled together when they are waiting
 
 
 async def start(rt: runtime.Runtime) -> None:
-    # One batch at a time, in queue order: a handle sees its notifications in the order they
-    # were produced; a batch waits once for the confirms of all its notifications.
-    await rt.consume(topology.NOTIFIER_QUEUE, functools.partial(fanout.on_events, rt.bus), batch=EVENT_BATCH)
+    # Batches in queue order: a handle sees its notifications in the order they were produced;
+    # a batch waits once for the confirms of all its notifications, while the next is published.
+    await rt.consume(topology.NOTIFIER_QUEUE, fanout.Notifier(rt.bus).on_events, batch=EVENT_BATCH)
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:

@@ -11,7 +11,7 @@ import msgspec
 from shared import metrics, topology
 from shared.logs import log
 from shared.notifications import AnyNotification, Fanout, HandleRegistered, NotifierEvent, event_decoder
-from shared.transport import Bus, Delivery, Unroutable, ack_in_order
+from shared.transport import Bus, Delivery, Unroutable, settle_when_confirmed
 
 metrics.describe("aodm_notifications_total", "counter", "Notifications published to handle queues, by kind.")
 
@@ -40,21 +40,29 @@ def _accepted(bus: Bus, delivery: Delivery) -> NotifierEvent | None:
         return None
 
 
-async def on_events(bus: Bus, deliveries: list[Delivery]) -> None:
-    """The events waiting, in order: their notifications are published together and
-    confirmed together (frames leave in list order, so each handle still sees its
-    notifications in order), then all are acknowledged: at-least-once."""
-    publishing: list[asyncio.Task] = []
-    for delivery in deliveries:
-        match _accepted(bus, delivery):
-            case HandleRegistered(handle=handle):
-                await topology.declare_inbox(bus, handle)  # before any later notification for it
-                log.info("handled", service="notifier", kind="HandleRegistered", handle=handle)
-            case Fanout(notifications=notes):
-                publishing += [asyncio.ensure_future(_publish(bus, note)) for note in notes]
-                log.info(
-                    "handled", service="notifier", kind="Fanout", kinds=[type(n).__name__ for n in notes],
-                    ids=[n.id for n in notes], redelivered=delivery.redelivered, batch=len(deliveries),
-                )
-    await asyncio.gather(*publishing)
-    await ack_in_order(deliveries)
+class Notifier:
+    """The notifier's handler. A batch's notifications are published together, and its
+    acknowledgement waits for their confirms; the next batch is published meanwhile, and
+    acknowledged after this one (frames leave in order, so each handle still sees its
+    notifications in the order they were produced). At-least-once: a broker fault hands
+    the events back, and republished notifications keep their ids."""
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self._settled: asyncio.Future[None] | None = None  # the latest batch's acknowledgement
+
+    async def on_events(self, deliveries: list[Delivery]) -> "asyncio.Future[None]":
+        publishing: list[asyncio.Future] = []
+        for delivery in deliveries:
+            match _accepted(self._bus, delivery):
+                case HandleRegistered(handle=handle):
+                    await topology.declare_inbox(self._bus, handle)  # before any later notification for it
+                    log.info("handled", service="notifier", kind="HandleRegistered", handle=handle)
+                case Fanout(notifications=notes):
+                    publishing += [asyncio.ensure_future(_publish(self._bus, note)) for note in notes]
+                    log.info(
+                        "handled", service="notifier", kind="Fanout", kinds=[type(n).__name__ for n in notes],
+                        ids=[n.id for n in notes], redelivered=delivery.redelivered, batch=len(deliveries),
+                    )
+        self._settled = asyncio.ensure_future(settle_when_confirmed(deliveries, publishing, self._settled))
+        return self._settled
