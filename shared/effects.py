@@ -1,14 +1,14 @@
 """Outgoing effects: messages a request publishes once its transaction has committed.
 
-A request's effects stay objects until its batch is published: `merge` folds a batch into
-few publishes (one ordered Fanout for the notifier, one activity report for the registry)
-and encodes each message once. They are stored with the request's claim as MessagePack,
-so a redelivery can publish them again."""
+A request's effects stay objects until its batch is published: `merge` turns a batch into
+its publishes (each notification straight into its handle's queue, one activity report for
+the registry) and encodes each message once. They are stored with the request's reply as
+MessagePack, so a redelivery can publish them again."""
 
 import msgspec
 
 from shared import topology
-from shared.notifications import AnyNotification, Fanout
+from shared.notifications import AnyNotification, Fanout, notification_decoder
 from shared.registry_api import Activity, ActivityReport
 
 
@@ -16,6 +16,7 @@ class Outgoing(msgspec.Struct, array_like=True):
     exchange: str
     routing_key: str
     body: bytes
+    message_id: str | None = None  # a notification's Id, by which clients drop duplicates
 
 
 class Effects(msgspec.Struct, array_like=True):
@@ -28,7 +29,6 @@ class Effects(msgspec.Struct, array_like=True):
 
 
 NONE = Effects()
-MAX_FANOUT = 256
 
 _encoder = msgspec.json.Encoder()
 _packer = msgspec.msgpack.Encoder()
@@ -46,15 +46,25 @@ def decode(stored: bytes) -> Effects:
     return _unpacker.decode(stored)
 
 
+def notification(note: AnyNotification) -> Outgoing:
+    """Through the inbox exchange into `aodm.inbox.<handle>`: RabbitMQ does the fan-out to
+    the handle's durable queue, which the notifier created when the handle registered."""
+    return Outgoing(topology.INBOX, note.handle, _encoder.encode(note), note.id)
+
+
+def for_the_notifier(undeliverable: Outgoing) -> Outgoing:
+    """A notification its handle's queue was not there for (not created yet, or deleted by
+    an operator): the notifier creates the queue and delivers it."""
+    note = notification_decoder.decode(undeliverable.body)
+    return Outgoing(topology.INTERNAL, topology.NOTIFIER_ROUTING_KEY, _encoder.encode(Fanout([note])))
+
+
 def merge(batch: list[Effects], *, activity: bool = True) -> list[Outgoing]:
-    """Same messages, fewer publishes: the plain messages first in their order (a Spawn or a
-    HandleRegistered must precede notifications about it), then the notifications in their
-    order, then (unless `activity` is False) one report of the latest activity per session."""
+    """The batch's publishes in order: the plain messages first (a Spawn or a
+    HandleRegistered must precede notifications about it), then the notifications, then
+    (unless `activity` is False) one report of the latest activity per session."""
     merged = [message for effects in batch for message in effects.messages]
-    notifications = [note for effects in batch for note in effects.notifications]
-    for start in range(0, len(notifications), MAX_FANOUT):
-        chunk = Fanout(notifications[start : start + MAX_FANOUT])
-        merged.append(Outgoing(topology.INTERNAL, topology.NOTIFIER_ROUTING_KEY, _encoder.encode(chunk)))
+    merged += [notification(note) for effects in batch for note in effects.notifications]
     latest: dict[str, int] = {}
     for effects in batch if activity else []:
         for seen in effects.activity:

@@ -36,7 +36,7 @@ import msgspec
 
 from shared import effects as outgoing
 from shared import envelope as envelopes
-from shared import faults, metrics
+from shared import faults, metrics, topology
 from shared.db import DatabaseUnavailable, DependencyUnavailable
 from shared.effects import Effects, Outgoing
 from shared.envelope import Envelope
@@ -50,6 +50,7 @@ from shared.transport import Bus, Delivery, Unroutable, settle_when_confirmed
 metrics.describe("aodm_requests_total", "counter", "Requests handled, by service, action and outcome (ok or error code).")
 metrics.describe("aodm_request_duration_seconds", "histogram", "Time from delivery to the answer being ready (its transaction committed).")
 metrics.describe("aodm_dead_lettered_total", "counter", "Poison requests rejected to the dead-letter queue, by service.")
+metrics.describe("aodm_notifications_total", "counter", "Notifications published to handle queues, by kind and publishing service.")
 metrics.describe("aodm_batch_size", "histogram", "Requests handled per transaction.", buckets=(1, 2, 5, 10, 20, 50, 100, 200, 400))
 
 MAX_ATTEMPTS = 3  # a request that fails this often in a row is poison: dead-lettered
@@ -462,16 +463,15 @@ class Processor:
         if any(o.effects and not o.duplicate for o in outcomes):
             faults.crash_point("crash-after-commit")
         effects = outgoing.merge([o.effects for o in outcomes], activity=self.activity is None)
+        for outcome in outcomes:
+            for note in outcome.effects.notifications:
+                metrics.inc("aodm_notifications_total", kind=type(note).__name__, service=self.name)
         if self.activity is not None:
             self.activity([seen for o in outcomes for seen in o.effects.activity])
         # Frames leave in this order and the broker routes a channel's publishes in order, so
         # a Spawn is in its shard before the caller can read the reply and write to the session.
-        publishing = [asyncio.ensure_future(self._publish(e.exchange, e.routing_key, e.body)) for e in effects]
-        publishing += [
-            asyncio.ensure_future(self._publish("", o.delivery.reply_to, o.reply,
-                                                correlation_id=o.delivery.correlation_id or o.request_id))
-            for o in outcomes if o.delivery.reply_to and o.reply is not None
-        ]
+        publishing = [asyncio.ensure_future(self._publish(effect)) for effect in effects]
+        publishing += [asyncio.ensure_future(self._reply(o)) for o in outcomes if o.delivery.reply_to and o.reply is not None]
         return asyncio.ensure_future(self._settle(outcomes, publishing, after=self._answered))
 
     async def _settle(self, outcomes: list[Outcome], publishing: list[asyncio.Future], after: "asyncio.Future[None] | None") -> None:
@@ -483,14 +483,23 @@ class Processor:
         if poison:
             metrics.inc("aodm_dead_lettered_total", len(poison), service=self.name)
 
-    async def _publish(self, exchange: str, routing_key: str, body: bytes, correlation_id: str | None = None) -> None:
+    async def _publish(self, effect: Outgoing) -> None:
         try:
-            # A reply goes to a requester's transient reply queue: persisting it buys nothing
-            # and costs the broker a disk write before it confirms.
-            await self.bus.publish(exchange, routing_key, body, correlation_id=correlation_id, persistent=exchange != "")
+            await self.bus.publish(effect.exchange, effect.routing_key, effect.body, message_id=effect.message_id)
         except Unroutable as exc:
-            # A reply whose client has gone, or an event nobody is bound for: nothing to retry.
-            log.warning("unroutable publish dropped", service=self.name, destination=str(exc))
+            if effect.exchange == topology.INBOX:  # no queue for the handle (yet)
+                await self._publish(outgoing.for_the_notifier(effect))
+            else:  # an event nobody is bound for: nothing to retry
+                log.warning("unroutable publish dropped", service=self.name, destination=str(exc))
+
+    async def _reply(self, outcome: Outcome) -> None:
+        # A reply goes to a requester's transient reply queue: persisting it buys nothing and
+        # costs the broker a disk write before it confirms.
+        try:
+            await self.bus.publish("", outcome.delivery.reply_to, outcome.reply, persistent=False,
+                                   correlation_id=outcome.delivery.correlation_id or outcome.request_id)
+        except Unroutable as exc:  # its client has gone
+            log.warning("unroutable reply dropped", service=self.name, destination=str(exc))
 
     def _record(self, outcomes: list[Outcome], elapsed: float) -> None:
         """One log line per handled request; metrics never take an attacker's action name."""

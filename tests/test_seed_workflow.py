@@ -1,9 +1,14 @@
 """The eight steps of the seed workflow, end to end, with real crypto and two clients;
 B is offline (no consumer on its queue) until step 8."""
 
+import urllib.parse
+
 from aodm import crypto
 from aodm.inbox import Inbox
+from shared import topology
 from shared.notifications import KeyRotated, NewMessage, SessionEstablished
+from tests.conftest import management
+from tests.helpers import open_pair
 
 
 async def test_eight_steps_with_b_offline(make_client):
@@ -40,3 +45,18 @@ async def test_eight_steps_with_b_offline(make_client):
     history = await bob.history(session)
     assert [await bob.read_text(session, m) for m in history] == ["hello bob"]
     assert history[0].sender_key == alice.identity.address
+
+
+async def test_a_deleted_inbox_is_recreated_and_the_notification_delivered(stack, make_client):
+    """The services publish notifications straight into the handle's queue; when it is not
+    there (an operator deleted it), the notifier creates it again and delivers."""
+    alice = await make_client("alice")
+    bob = await make_client("bob")
+    session, key = await open_pair(alice, bob)
+    vhost = urllib.parse.quote(stack.amqp_url.rsplit("/", 1)[1], safe="")
+    management("DELETE", f"/queues/{vhost}/{urllib.parse.quote(topology.inbox_queue(bob.handle), safe='')}")
+    sent = await alice.send_message(session, crypto.encrypt(key, "still delivered"))
+    async with Inbox(bob.bus, bob.handle) as inbox:
+        note = await inbox.next(timeout=10)
+    assert isinstance(note, NewMessage) and note.message_id == sent.message_id
+    assert await bob.decrypt(session, note.generation, note.content) == "still delivered"

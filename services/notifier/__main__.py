@@ -1,4 +1,4 @@
-"""The notifier: turns service events into notifications in each handle's own queue."""
+"""The notifier: keeps each handle's own notification queue (see fanout.py)."""
 
 import asyncio
 
@@ -11,8 +11,8 @@ EVENT_BATCH = 64  # events handled together when they are waiting
 
 
 async def start(rt: runtime.Runtime) -> None:
-    # Batches in queue order: a handle sees its notifications in the order they were produced;
-    # a batch waits once for the confirms of all its notifications, while the next is published.
+    # Batches in queue order (a handle's queue is declared before anything is delivered to
+    # it); a batch waits once for the confirms of all its notifications, while the next is published.
     await rt.consume(topology.NOTIFIER_QUEUE, fanout.Notifier(rt.bus).on_events, batch=EVENT_BATCH)
 
 

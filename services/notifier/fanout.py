@@ -1,8 +1,11 @@
-"""Fan notifications out to one durable queue per handle.
+"""The notifier keeps one durable queue per handle, `aodm.inbox.<handle>`.
 
-A handle's queue is declared when the handle registers; should a notification still find
-it missing (the queue was deleted by an operator), it is declared again and the
-notification republished, so nothing addressed to a registered handle is dropped."""
+The services publish notifications straight into them through the inbox exchange
+(shared/effects.py), so an offline handle finds them when it comes back. The notifier
+declares a handle's queue when the handle registers (HandleRegistered), and delivers what
+found its queue missing (a Fanout event: the queue is not created yet, or an operator
+deleted it): it declares the queue again and publishes there, so nothing addressed to a
+registered handle is dropped."""
 
 import asyncio
 
@@ -12,8 +15,6 @@ from shared import metrics, topology
 from shared.logs import log
 from shared.notifications import AnyNotification, Fanout, HandleRegistered, NotifierEvent, event_decoder
 from shared.transport import Bus, Delivery, Unroutable, settle_when_confirmed
-
-metrics.describe("aodm_notifications_total", "counter", "Notifications published to handle queues, by kind.")
 
 _encoder = msgspec.json.Encoder()
 
@@ -25,7 +26,7 @@ async def _publish(bus: Bus, note: AnyNotification) -> None:
     except Unroutable:
         await topology.declare_inbox(bus, note.handle)
         await bus.publish(topology.INBOX, note.handle, body, message_id=note.id)
-    metrics.inc("aodm_notifications_total", kind=type(note).__name__)
+    metrics.inc("aodm_notifications_total", kind=type(note).__name__, service="notifier")
 
 
 def _accepted(bus: Bus, delivery: Delivery) -> NotifierEvent | None:
@@ -43,9 +44,8 @@ def _accepted(bus: Bus, delivery: Delivery) -> NotifierEvent | None:
 class Notifier:
     """The notifier's handler. A batch's notifications are published together, and its
     acknowledgement waits for their confirms; the next batch is published meanwhile, and
-    acknowledged after this one (frames leave in order, so each handle still sees its
-    notifications in the order they were produced). At-least-once: a broker fault hands
-    the events back, and republished notifications keep their ids."""
+    acknowledged after this one. At-least-once: a broker fault hands the events back, and
+    republished notifications keep their ids."""
 
     def __init__(self, bus: Bus) -> None:
         self._bus = bus
