@@ -220,6 +220,7 @@ class Processor:
         self.stopping = stopping or asyncio.Event()  # set: database faults abandon instead of waiting
         self.activity = activity  # takes the batches' activity instead of a report per batch
         self._answered: asyncio.Future[None] | None = None  # the latest batch's publishing and acks
+        self._abandoned = False  # stopping while the database was away: everything is left
         metrics.inc("aodm_dead_lettered_total", 0, service=name)  # a series from the start, so rates see the first
 
     async def __call__(self, delivery: Delivery) -> None:
@@ -235,6 +236,8 @@ class Processor:
         another shard's requests): its publishes follow these, its acks follow these."""
         started = time.perf_counter()
         outcomes = [Outcome(delivery) for delivery in deliveries]
+        if self._abandoned:  # a later batch must not commit ahead of one left for redelivery
+            return _done()
         for outcome in outcomes:
             try:
                 self._parse(outcome)
@@ -246,6 +249,7 @@ class Processor:
                 if outcome.code == "ok" and outcome.action.mode == "dryrun":
                     await self._with_database(self._run_read, outcome)
         except Abandoned:
+            self._abandoned = True
             log.info("left for redelivery", service=self.name, requests=len(outcomes))
             return _done()  # not acked: closing the channel at shutdown hands them back to the queue
         self._record(outcomes, time.perf_counter() - started)

@@ -269,11 +269,15 @@ def _retrieve(future: "asyncio.Future[None]") -> None:
         future.exception()  # a broker fault was handled where it happened (hand_back)
 
 
-async def _reject_quietly(delivery: Delivery) -> None:
-    try:
-        await delivery.reject(requeue=False)
-    except BrokerError:
-        pass
+async def dead_letter(deliveries: list[Delivery], error: BaseException) -> None:
+    """The last line of defence: deliveries whose handler failed with a bug go to the dead
+    letters instead of stopping their consumer (or coming back forever)."""
+    logging.getLogger("aodm.transport").error("consumer handler failed; messages dead-lettered", exc_info=error)
+    for delivery in deliveries:
+        try:
+            await delivery.reject(requeue=False)
+        except BrokerError:
+            pass
 
 
 class Consumer:
@@ -313,10 +317,8 @@ class Consumer:
                     under_way.add_done_callback(_retrieve)
             except BrokerError as exc:
                 await hand_back(deliveries, exc)
-            except Exception:  # last line of defence: a handler bug must not stop the consumer
-                logging.getLogger("aodm.transport").exception("consumer handler failed; messages dead-lettered")
-                for delivery in deliveries:
-                    await _reject_quietly(delivery)
+            except Exception as exc:  # a handler bug must not stop the consumer
+                await dead_letter(deliveries, exc)
 
     def _take_batch(self, first: DeliveredMessage) -> list[Delivery]:
         """The first message and whatever else has already arrived, up to the batch size:

@@ -35,7 +35,7 @@ async def start(rt: runtime.Runtime) -> None:
         handler_timeout=rt.settings.handler_timeout_s, stopping=rt.stop, activity=feed.add,
     )
 
-    async def run_batch(deliveries: list[Delivery]) -> "asyncio.Future[None] | None":
+    async def run_batch(deliveries: list[Delivery]) -> "asyncio.Future | None":
         """Requests in runs (one transaction per run), Spawns between them, all in queue order;
         returns the runs' answering under way (see Processor.begin), which fails if any run's
         does. Only services publish to the sessions exchange directly; clients' requests
