@@ -406,12 +406,27 @@ class Consumer:
                 pass
 
 
+async def _open(url: str, name: str) -> AbstractRobustConnection:
+    factory = None if urlsplit(url).scheme == "amqps" else _CoalescingTransportFactory()
+    # What aio_pika.connect_robust does, with a factory object (it would put it in the URL).
+    connection = _Connection(URL(url), client_properties={"connection_name": name}, transport_factory=factory)
+    await connection.connect()
+    return connection
+
+
 class Bus:
     def __init__(
-        self, connection: AbstractRobustConnection, channel: aio_pika.abc.AbstractChannel, *, url: str = ""
+        self, connection: AbstractRobustConnection, channel: aio_pika.abc.AbstractChannel, *, url: str = "",
+        name: str = "aodm",
     ) -> None:
-        self._connection = connection
+        self._connection = connection  # publishing, and the replies to its requests
         self._channel = channel
+        # Consumers get a connection of their own, opened on first use: RabbitMQ throttles a
+        # connection that publishes faster than its queues take (flow control), and on a
+        # shared one that would hold back the consumers' deliveries and acks too.
+        self._consuming: AbstractRobustConnection | None = None
+        self._consuming_lock = asyncio.Lock()
+        self._name = name
         self._amqp: AMQPChannel | None = None  # the AMQP channel under _channel, see _publisher
         self._pending: dict[str, asyncio.Future[bytes]] = {}
         self._reply_channel: AMQPChannel | None = None  # the AMQP channel consuming the replies
@@ -421,21 +436,27 @@ class Bus:
 
     @classmethod
     async def connect(cls, url: str, *, name: str) -> "Bus":
-        factory = None if urlsplit(url).scheme == "amqps" else _CoalescingTransportFactory()
-        # What aio_pika.connect_robust does, with a factory object (it would put it in the URL).
-        connection = _Connection(URL(url), client_properties={"connection_name": name}, transport_factory=factory)
-        await connection.connect()
+        connection = await _open(url, name)
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        return cls(connection, channel, url=url)
+        return cls(connection, channel, url=url, name=name)
 
     async def close(self) -> None:
         for future in self._pending.values():
             future.cancel()
+        if self._consuming is not None:
+            await self._consuming.close()
         await self._connection.close()
 
     @property
     def is_connected(self) -> bool:
-        return not self._connection.is_closed and not self._channel.is_closed
+        consuming = self._consuming is None or not self._consuming.is_closed
+        return consuming and not self._connection.is_closed and not self._channel.is_closed
+
+    async def _consumer_connection(self) -> AbstractRobustConnection:
+        async with self._consuming_lock:
+            if self._consuming is None:
+                self._consuming = await _open(self.url, f"{self._name} (consumers)")
+        return self._consuming
 
     # -- topology ---------------------------------------------------------------------
 
@@ -582,7 +603,7 @@ class Bus:
         """Consume on a channel of its own. With concurrency 1 messages are handled strictly
         in queue order, which is what keeps a session shard's order. With `batch`, the
         handler gets a list of the deliveries that are waiting (group commit)."""
-        channel = await self._connection.channel()
+        channel = await (await self._consumer_connection()).channel()
         await channel.set_qos(prefetch_count=prefetch)
         consumer = Consumer(channel, handler, concurrency, batch)
         try:
