@@ -67,14 +67,20 @@ class Context:
     scope: Any
     now: int
     effects: Effects = field(default_factory=Effects)
+    # For an action that keeps its own record (Action.own_record): why the request may not
+    # be taken if it is new (its timestamp is out of the window), and whether the handler
+    # found it stored before (then it answers as the first time).
+    stale: AodmError | None = None
+    stored_before: bool = False
 
     def emit(self, exchange: str, routing_key: str, message: object) -> None:
         self.effects.messages.append(Outgoing(exchange, routing_key, _encoder.encode(message)))
 
-    def notify(self, kind: type[AnyNotification], recipients: list[str], **fields: Any) -> None:
-        """Queue one notification per recipient for the notifier, ids derived from the request."""
+    def notify(self, kind: type[AnyNotification], recipients: list[str], *, at: int | None = None, **fields: Any) -> None:
+        """One notification per recipient, its Id derived from the request's."""
         self.effects.notifications += [
-            kind(id=notification_id(self.envelope.id, kind.__name__, handle), handle=handle, at=self.now, **fields)
+            kind(id=notification_id(self.envelope.id, kind.__name__, handle), handle=handle,
+                 at=self.now if at is None else at, **fields)
             for handle in recipients
         ]
 
@@ -98,6 +104,11 @@ class Action:
     mode: Literal["send", "dryrun"]
     needs_handle: bool = True  # From must be a handle, not the bare signer address
     batched: bool = False  # `handler` is a BatchHandler (send actions only)
+    # The handler keeps its own record of the requests it took, keyed by their Ids, and
+    # writes with one statement: a request stored before is answered from that record
+    # (setting ctx.stored_before) and a new one whose ctx.stale is set is refused with it.
+    # Such a run needs neither a transaction nor the requests table (send actions only).
+    own_record: bool = False
     decoder: msgspec.json.Decoder = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -188,6 +199,8 @@ class Outcome:
     duplicate: bool = False
     poison: bool = False
     failures: int = 0
+    tried: bool = False  # an attempt to store it has begun (and may have committed)
+    again: bool = False  # this attempt is not the first
 
     @property
     def request_id(self) -> str | None:
@@ -244,7 +257,7 @@ class Processor:
             except AodmError as exc:
                 self._fail(outcome, exc)
         try:
-            await self._with_database(self._run_sends, [o for o in outcomes if o.code == "ok" and o.action.mode == "send"])
+            await self._run_sends([o for o in outcomes if o.code == "ok" and o.action.mode == "send"])
             for outcome in outcomes:
                 if outcome.code == "ok" and outcome.action.mode == "dryrun":
                     await self._with_database(self._run_read, outcome)
@@ -288,9 +301,17 @@ class Processor:
                 backoff = min(backoff * 2, 5.0)
 
     async def _run_sends(self, outcomes: list[Outcome]) -> None:
+        """In batch order: each run of an action that keeps its own record (one statement),
+        and what lies between them in one transaction."""
+        for segment in _segments(outcomes):
+            await self._with_database(self._run_segment, segment)
+
+    async def _run_segment(self, segment: list[Outcome]) -> None:
         batched = True
-        while batch := [o for o in outcomes if o.code == "ok"]:
+        while batch := [o for o in segment if o.code == "ok"]:
             try:
+                if batch[0].action.own_record:
+                    return await self._send_own(batch, batched)
                 return await self._send_batch(batch, batched)
             except _RequestFailed as failed:
                 self._count_failure(failed.outcome, failed.error)
@@ -304,23 +325,26 @@ class Processor:
     async def _send_batch(self, batch: list[Outcome], batched: bool) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
             stored = await self._lock_and_look_up(conn, [o.env.id for o in batch])
-            fresh: dict[str, Outcome] = {}
-            copies = []
-            for outcome in batch:
-                outcome.reply, outcome.effects, outcome.duplicate = None, outgoing.NONE, False
+            firsts, copies = _firsts(batch)
+            fresh = []
+            for outcome in firsts:
                 row = stored.get(outcome.env.id)
-                if row is not None:
-                    self._replay(outcome, row)
-                elif outcome.env.id in fresh:
-                    copies.append(outcome)  # the same envelope twice in one batch
+                if row is None:
+                    fresh.append(outcome)
                 else:
-                    fresh[outcome.env.id] = outcome
-            for run in _runs(list(fresh.values()), batched):
+                    self._replay(outcome, row)
+            for run in _runs(fresh, batched):
                 await self._invoke(conn, run)
-            await self._store_replies(conn, [o for o in fresh.values() if o.code == "ok"])
-        for copy in copies:
-            first = fresh[copy.env.id]
-            copy.code, copy.reply, copy.caller, copy.duplicate = first.code, first.reply, first.caller, True
+            await self._store_replies(conn, [o for o in fresh if o.code == "ok"])
+        _answer_copies(copies)
+
+    async def _send_own(self, batch: list[Outcome], batched: bool) -> None:
+        """The handler's statement is atomic on its own, and recognises what it stored before."""
+        firsts, copies = _firsts(batch)
+        async with self.pool.acquire() as conn:
+            for run in _runs(firsts, batched):
+                await self._invoke(conn, run)
+        _answer_copies(copies)
 
     async def _lock_and_look_up(self, conn: asyncpg.Connection, ids: list[str]) -> dict[str, asyncpg.Record]:
         """A concurrent transaction holding one of these ids finishes first (see requests_lookup)."""
@@ -342,11 +366,12 @@ class Processor:
 
     def _replay(self, outcome: Outcome, row: asyncpg.Record) -> None:
         """A request seen before is answered as the first time. Its effects are republished
-        only when the broker redelivers it (the first attempt may have died before publishing
-        them); a client's replay gets the reply and causes nothing."""
+        only when they may not have been published: the broker redelivers it, or an attempt
+        of ours met a database fault that may have come after its commit. A client's replay
+        gets the reply and causes nothing."""
         outcome.duplicate = True
         outcome.reply = bytes(row["stored_reply"])
-        outcome.effects = outgoing.decode(row["stored_effects"]) if outcome.delivery.redelivered else outgoing.NONE
+        outcome.effects = outgoing.decode(row["stored_effects"]) if _may_be_unpublished(outcome) else outgoing.NONE
 
     async def _run_read(self, outcome: Outcome) -> None:
         """On the read-only pool: the database itself refuses any write a dryrun attempts."""
@@ -378,19 +403,34 @@ class Processor:
             raise self._failure(ready, exc) from exc
         except DatabaseUnavailable:
             raise
+        except asyncpg.UniqueViolationError as exc:
+            if action.own_record:  # another worker stored one of them first (a shard handover)
+                raise _ClaimLost() from exc
+            raise self._failure(ready, exc) from exc
         except Exception as exc:
             raise self._failure(ready, exc) from exc
         for (outcome, ctx), result in zip(ready, results, strict=True):
             if isinstance(result, AodmError):
                 self._fail(outcome, result)
-            else:
-                outcome.reply, outcome.effects = ok(outcome.env.id, result), ctx.effects
+                continue
+            outcome.reply, outcome.effects = ok(outcome.env.id, result), ctx.effects
+            if ctx.stored_before:
+                outcome.duplicate = True
+                if not _may_be_unpublished(outcome):
+                    outcome.effects = outgoing.NONE
 
     async def _context(self, conn: asyncpg.Connection, outcome: Outcome) -> Context:
         env = outcome.env
         # Freshness is judged for a first sighting only: a redelivery that waited out an
-        # outage finds its stored reply instead.
-        envelopes.check_fresh(env)
+        # outage finds its stored reply instead (an action keeping its own record judges it
+        # with the record at hand).
+        stale = None
+        try:
+            envelopes.check_fresh(env)
+        except AodmError as exc:
+            if not outcome.action.own_record:
+                raise
+            stale = exc
         try:
             caller, scope = await self.authenticate(conn, env, outcome.action)
         except (AodmError, *DatabaseUnavailable):
@@ -398,7 +438,7 @@ class Processor:
         except Exception as exc:
             raise _RequestFailed(outcome, exc) from exc
         outcome.caller, outcome.caller_is_handle = caller, caller != env.owner
-        return Context(conn=conn, envelope=env, caller=caller, scope=scope, now=envelopes.now_ms())
+        return Context(conn=conn, envelope=env, caller=caller, scope=scope, now=envelopes.now_ms(), stale=stale)
 
     @staticmethod
     def _failure(ready: list[tuple[Outcome, Context]], error: BaseException) -> Exception:
@@ -530,6 +570,45 @@ def _done() -> "asyncio.Future[None]":
     future = asyncio.get_running_loop().create_future()
     future.set_result(None)
     return future
+
+
+def _segments(outcomes: list[Outcome]) -> list[list[Outcome]]:
+    """Consecutive sends that keep their own record, of one action, are a segment; so is
+    whatever lies between them."""
+    segments: list[list[Outcome]] = []
+    for outcome in outcomes:
+        last = segments[-1][0].action if segments else None
+        if last is not None and (last is outcome.action or not (last.own_record or outcome.action.own_record)):
+            segments[-1].append(outcome)
+        else:
+            segments.append([outcome])
+    return segments
+
+
+def _firsts(batch: list[Outcome]) -> tuple[list[Outcome], list[Outcome]]:
+    """The first of each envelope, and the copies behind them (a client resent it while the
+    first was still waiting in the same batch)."""
+    firsts: dict[str, Outcome] = {}
+    copies = []
+    for outcome in batch:
+        outcome.reply, outcome.effects, outcome.duplicate = None, outgoing.NONE, False
+        outcome.again, outcome.tried = outcome.tried, True
+        if outcome.env.id in firsts:
+            copies.append((outcome, firsts[outcome.env.id]))
+        else:
+            firsts[outcome.env.id] = outcome
+    return list(firsts.values()), copies
+
+
+def _answer_copies(copies: list[tuple[Outcome, Outcome]]) -> None:
+    for copy, first in copies:
+        copy.code, copy.reply, copy.caller, copy.duplicate = first.code, first.reply, first.caller, True
+
+
+def _may_be_unpublished(outcome: Outcome) -> bool:
+    """A request found stored: were its effects perhaps never published? Yes when the broker
+    redelivers it, or when this is our own attempt again (after a fault, or a neighbour's)."""
+    return outcome.delivery.redelivered or outcome.again
 
 
 def _runs(outcomes: list[Outcome], batched: bool) -> list[list[Outcome]]:

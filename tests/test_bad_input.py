@@ -457,6 +457,28 @@ async def test_replayed_send_notifies_once(world):
     assert len({n.id for n in seen}) == len(seen)
 
 
+async def test_a_stored_message_replayed_once_stale_gets_its_first_reply(world, monkeypatch):
+    """Freshness is judged at the first sighting: a request stored before gets its reply even
+    when its timestamp has left the window since (a redelivery after a long outage); a new
+    request that old is refused."""
+    ten_minutes_ago = envelope.now_ms() - 10 * MINUTE_MS
+
+    def old_message(text: str) -> bytes:
+        data = msgspec.json.encode(SendMessage(crypto.encrypt(crypto.new_session_key(), text))).decode()
+        return body(envelope.sign(world.alice.identity.signing_key, target=world.session, from_=world.alice.handle,
+                                  action="SendMessage", data=data, timestamp=ten_minutes_ago))
+
+    stored = old_message("stored while fresh")
+    first = await call(world.alice, world.session, stored)
+    assert isinstance(first, Ok)
+    monkeypatch.setattr(envelope, "MAX_AGE_MS", 5 * MINUTE_MS)  # the window has moved past it
+    assert await call(world.alice, world.session, stored) == first
+    late = await call(world.alice, world.session, old_message("new, and as old"))
+    assert isinstance(late, Err) and late.code == "stale_request", late
+    page = await world.bob.query_messages(world.session)
+    assert [m.message_id for m in page.messages] == [first.request_id]
+
+
 async def test_replayed_register_is_the_same_reply(make_client):
     client = await make_client(register=False)
     name = f"replay-{secrets.token_hex(4)}"

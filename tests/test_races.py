@@ -3,7 +3,10 @@
 import asyncio
 
 import asyncpg
+import msgspec
 
+from aodm import crypto
+from shared.session_api import SendMessage, Sent
 from tests.helpers import check_order, decrypt_all, open_pair, pipelined_send
 
 
@@ -52,3 +55,32 @@ async def test_two_members_five_hundred_each_interleaved(make_client):
     assert seqs == list(range(1, 1001))
     history = await alice.history(session, limit=500)
     check_order(decrypt_all(key, history), texts)
+
+
+async def test_a_message_another_worker_stores_first_is_answered_from_its_row(make_client, stack):
+    """Two workers on one request (a shard changing hands): the one that commits second
+    meets the unique index, and answers from the row the first stored, using no seq."""
+    alice = await make_client("alice")
+    bob = await make_client("bob")
+    session, key = await open_pair(alice, bob)
+    env = alice.sign(session, "SendMessage", SendMessage(crypto.encrypt(key, "raced"), 1))
+    other_worker = await asyncpg.connect(stack.database_url)
+    try:
+        transaction = other_worker.transaction()
+        await transaction.start()
+        seq = await other_worker.fetchval(
+            "UPDATE session.sessions SET message_seq = message_seq + 1 WHERE session_id = $1 RETURNING message_seq",
+            session)
+        await other_worker.execute(
+            """INSERT INTO session.messages (session_id, seq, message_id, sender, sender_key, generation, ts, content)
+               VALUES ($1, $2, $3, $4, $5, 1, $6, $7)""",
+            session, seq, env.id, alice.handle, bytes(alice.identity.signing_key.verify_key), 1234, b"\0" * 40)
+        reply = await alice.submit(env)  # blocks behind the other worker's transaction
+        await asyncio.sleep(0.5)
+        await transaction.commit()
+        sent = msgspec.json.decode(await alice.result_of(env, reply), type=Sent)
+    finally:
+        await other_worker.close()
+    assert (sent.message_id, sent.seq, sent.timestamp) == (env.id, seq, 1234)
+    assert (await alice.send_text(session, "next")).seq == seq + 1
+    assert [m.seq for m in (await bob.query_messages(session)).messages] == [seq, seq + 1]

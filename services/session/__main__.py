@@ -22,7 +22,7 @@ ACTIONS = {
     "RotateSessionKey": Action(RotateSessionKey, keys.rotate_session_key, "send"),
     "GetCurrentKey": Action(GetCurrentKey, keys.get_current_key, "dryrun"),
     "GetKeyByGeneration": Action(GetKeyByGeneration, keys.get_key_by_generation, "dryrun"),
-    "SendMessage": Action(SendMessage, messages.send_messages, "send", batched=True),
+    "SendMessage": Action(SendMessage, messages.send_messages, "send", batched=True, own_record=True),
     "QueryMessage": Action(QueryMessage, messages.query_message, "dryrun"),
 }
 

@@ -31,7 +31,10 @@ def _refused(asked: int | None, current: int) -> AodmError:
 
 
 async def send_messages(ctxs: list[Context], reqs: list[SendMessage]) -> list[Sent | AodmError]:
-    """A run of SendMessages, possibly to many sessions, stored with one statement."""
+    """A run of SendMessages, possibly to many sessions, stored with one statement.
+
+    SendMessage keeps its own record (Action.own_record): a message's id is its request's
+    Id, so a request stored before is answered from its row, as the first time."""
     results: list[Sent | AodmError | None] = []
     batch = []
     for ctx, req in zip(ctxs, reqs):
@@ -41,13 +44,19 @@ async def send_messages(ctxs: list[Context], reqs: list[SendMessage]) -> list[Se
             results.append(exc)
             continue
         members: Members = ctx.scope
-        batch.append((ctx.envelope.target, req.generation, ctx.envelope.id, ctx.caller, members.sign_keys[ctx.caller], content))
+        batch.append((ctx.envelope.target, req.generation, ctx.envelope.id, ctx.caller, members.sign_keys[ctx.caller],
+                      content, ctx.stale is None))
         results.append(None)
     stored = await store.append_messages(ctxs[0].conn, max(ctx.now for ctx in ctxs), batch) if batch else {}
     for i, (ctx, req) in enumerate(zip(ctxs, reqs)):
-        if results[i] is None:
-            row = stored[ctx.envelope.id]
-            results[i] = _refused(req.generation, row["current"]) if row["seq"] is None else _sent(ctx, req, row)
+        if results[i] is not None:
+            continue
+        row = stored[ctx.envelope.id]
+        ctx.stored_before = row["stored_before"]
+        if row["seq"] is not None:
+            results[i] = _sent(ctx, req, row)
+        else:
+            results[i] = ctx.stale or _refused(req.generation, row["current"])
     return results
 
 
@@ -58,6 +67,7 @@ def _sent(ctx: Context, req: SendMessage, row) -> Sent:
     ctx.notify(
         NewMessage,
         [members.other(ctx.caller)],
+        at=row["ts"],  # the same whenever it is (re)published
         session_id=session_id,
         message_id=ctx.envelope.id,
         seq=row["seq"],

@@ -48,6 +48,8 @@ MIGRATIONS = [
     CREATE INDEX messages_by_time ON session.messages (session_id, ts, seq);
     """,
     requests_lookup(SCHEMA),
+    # SendMessage keeps its own record: a message's id is its request's Id.
+    "CREATE UNIQUE INDEX messages_by_id ON session.messages (session_id, message_id)",
 ]
 
 
@@ -104,24 +106,31 @@ async def key_batch(conn: asyncpg.Connection, session_id: str, generation: int) 
 
 
 async def append_messages(
-    conn: asyncpg.Connection, now: int, messages: list[tuple[str, int | None, str, str, bytes, bytes]]
+    conn: asyncpg.Connection, now: int, messages: list[tuple[str, int | None, str, str, bytes, bytes, bool]]
 ) -> dict[str, asyncpg.Record]:
-    """Store a batch of (session_id, generation, message_id, sender, sender_key, content) in
-    one statement. A message is taken when its session has a key and the generation named
-    (none: the current one) exists; each session's next sequence numbers go in list order,
-    with a timestamp that never goes backwards within the session (so (timestamp, seq)
-    order is arrival order). By message_id: `current` generation, and seq, ts and
-    generation when it was stored (NULL when it was not)."""
+    """Store a batch of (session_id, generation, message_id, sender, sender_key, content,
+    fresh) in one statement, atomic without a transaction around it. A message stored
+    before (the same request again) is left as it is. A new one is taken when it is fresh,
+    its session has a key and the generation named (none: the current one) exists; each
+    session's next sequence numbers go in list order, with a timestamp that never goes
+    backwards within the session (so (timestamp, seq) order is arrival order). By
+    message_id: `stored_before`, the `current` generation, and seq, ts and generation of
+    the stored message (NULL when it was not taken). Two workers storing the same message at
+    once (a shard handover) meet the unique index: the later one's statement fails whole."""
     rows = await conn.fetch(
         """WITH batch AS (
-               SELECT * FROM unnest($2::text[], $3::int[], $4::text[], $5::text[], $6::bytea[], $7::bytea[])
-                   WITH ORDINALITY AS b(session_id, generation, message_id, sender, sender_key, content, position)
+               SELECT * FROM unnest($2::text[], $3::int[], $4::text[], $5::text[], $6::bytea[], $7::bytea[], $8::bool[])
+                   WITH ORDINALITY AS b(session_id, generation, message_id, sender, sender_key, content, fresh, position)
+           ), earlier AS (
+               SELECT m.message_id, m.seq, m.ts, m.generation
+               FROM session.messages AS m JOIN batch AS b USING (session_id, message_id)
            ), current AS (
                SELECT session_id, key_generation FROM session.sessions
                WHERE session_id IN (SELECT session_id FROM batch)
            ), accepted AS (
                SELECT b.* FROM batch AS b JOIN current AS c USING (session_id)
-               WHERE c.key_generation >= 1 AND (b.generation IS NULL OR b.generation BETWEEN 1 AND c.key_generation)
+               WHERE b.fresh AND b.message_id NOT IN (SELECT message_id FROM earlier)
+                 AND c.key_generation >= 1 AND (b.generation IS NULL OR b.generation BETWEEN 1 AND c.key_generation)
            ), counts AS (
                SELECT session_id, count(*) AS n FROM accepted GROUP BY session_id
            ), advanced AS (
@@ -136,8 +145,10 @@ async def append_messages(
                FROM accepted AS a JOIN advanced AS v USING (session_id)
                RETURNING message_id, seq, ts, generation
            )
-           SELECT b.message_id, coalesce(c.key_generation, 0) AS current, s.seq, s.ts, s.generation
-           FROM batch AS b LEFT JOIN current AS c USING (session_id) LEFT JOIN stored AS s USING (message_id)""",
+           SELECT b.message_id, e.message_id IS NOT NULL AS stored_before, coalesce(c.key_generation, 0) AS current,
+                  coalesce(e.seq, s.seq) AS seq, coalesce(e.ts, s.ts) AS ts, coalesce(e.generation, s.generation) AS generation
+           FROM batch AS b LEFT JOIN current AS c USING (session_id)
+                LEFT JOIN earlier AS e USING (message_id) LEFT JOIN stored AS s USING (message_id)""",
         now, *map(list, zip(*messages)),
     )
     return {row["message_id"]: row for row in rows}
