@@ -48,8 +48,19 @@ MIGRATIONS = [
     CREATE INDEX messages_by_time ON session.messages (session_id, ts, seq);
     """,
     requests_lookup(SCHEMA),
-    # SendMessage keeps its own record: a message's id is its request's Id.
-    "CREATE UNIQUE INDEX messages_by_id ON session.messages (session_id, message_id)",
+    # SendMessage keeps its own record: a message's id is its request's Id. The lookup is a
+    # function of its own so that it is planned at each call: a cached plan made while the
+    # table was empty would scan the whole table for ever after.
+    """
+    CREATE UNIQUE INDEX messages_by_id ON session.messages (session_id, message_id);
+    CREATE FUNCTION session.stored_messages(session_ids text[], message_ids text[])
+    RETURNS TABLE (message_id text, seq bigint, ts bigint, generation int)
+    LANGUAGE sql STABLE SET plan_cache_mode = force_custom_plan AS $$
+        SELECT m.message_id, m.seq, m.ts, m.generation
+        FROM unnest(session_ids, message_ids) AS b(session_id, message_id)
+        JOIN session.messages AS m ON m.session_id = b.session_id AND m.message_id = b.message_id
+    $$;
+    """,
 ]
 
 
@@ -122,11 +133,9 @@ async def append_messages(
                SELECT * FROM unnest($2::text[], $3::int[], $4::text[], $5::text[], $6::bytea[], $7::bytea[], $8::bool[])
                    WITH ORDINALITY AS b(session_id, generation, message_id, sender, sender_key, content, fresh, position)
            ), earlier AS (
-               SELECT m.message_id, m.seq, m.ts, m.generation
-               FROM session.messages AS m JOIN batch AS b USING (session_id, message_id)
+               SELECT * FROM session.stored_messages($2::text[], $4::text[])
            ), current AS (
-               SELECT session_id, key_generation FROM session.sessions
-               WHERE session_id IN (SELECT session_id FROM batch)
+               SELECT session_id, key_generation FROM session.sessions WHERE session_id = ANY($2::text[])
            ), accepted AS (
                SELECT b.* FROM batch AS b JOIN current AS c USING (session_id)
                WHERE b.fresh AND b.message_id NOT IN (SELECT message_id FROM earlier)
