@@ -12,8 +12,8 @@ Modes (BENCH_BASELINE_MODE):
   (persistent, mandatory, publisher confirms), ack.
 - `b` — group commit. Consume with prefetch 1000; take whatever is already delivered, up to
   100 messages (never waiting to fill a batch), verify each, COPY the batch in one
-  transaction, publish the notifications concurrently and wait for all confirms, then one
-  ack with multiple=True.
+  transaction, publish the notifications together (`Bus.publish_all`, as the services
+  publish a batch's answers) and wait for all confirms, then one ack with multiple=True.
 - `rpc` — request/reply: consume `bench.rpc` (prefetch 64, 32 handler tasks), read a 50-row
   page from session.messages with aodm's own keyset query, encode it as aodm's MessagePage
   and publish the (transient) reply to reply_to, as aodm's services do.
@@ -37,7 +37,7 @@ from bench.load import ReplyTarget, consume_notifications
 from shared import db
 from shared.encoding import b64encode
 from shared.session_api import MessagePage, StoredMessage
-from shared.transport import Bus, Delivery, ack_in_order
+from shared.transport import Bus, Delivery, Message, Unroutable, ack_in_order
 
 IN_QUEUE = "bench.in"
 NOTIFY_QUEUE = "bench.notify"
@@ -122,7 +122,10 @@ async def serve_group_commit(bus: Bus, pool: asyncpg.Pool, stop: asyncio.Event) 
                 await conn.copy_records_to_table(
                     "messages", schema_name="bench", records=rows, columns=["id", "sender_key", "ts", "body"]
                 )
-            await asyncio.gather(*(_notify(bus, row[0], row[3]) for row in rows))
+            notifications = [Message("", NOTIFY_QUEUE, row[0] + row[3], message_id=row[0].hex(),
+                                     content_type="application/octet-stream") for row in rows]
+            if await bus.publish_all(notifications):  # the same one write and confirm wait as the services
+                raise Unroutable(NOTIFY_QUEUE)
         await ack_in_order(good)
 
     consumer = await bus.consume(IN_QUEUE, handle, prefetch=1000, batch=100)

@@ -10,13 +10,13 @@ import msgspec
 from shared import topology
 from shared.notifications import AnyNotification, Fanout, notification_decoder
 from shared.registry_api import Activity, ActivityReport
+from shared.transport import Message
 
 
 class Outgoing(msgspec.Struct, array_like=True):
     exchange: str
     routing_key: str
     body: bytes
-    message_id: str | None = None  # a notification's Id, by which clients drop duplicates
 
 
 class Effects(msgspec.Struct, array_like=True):
@@ -46,24 +46,25 @@ def decode(stored: bytes) -> Effects:
     return _unpacker.decode(stored)
 
 
-def notification(note: AnyNotification) -> Outgoing:
+def notification(note: AnyNotification) -> Message:
     """Through the inbox exchange into `aodm.inbox.<handle>`: RabbitMQ does the fan-out to
-    the handle's durable queue, which the notifier created when the handle registered."""
-    return Outgoing(topology.INBOX, note.handle, _encoder.encode(note), note.id)
+    the handle's durable queue, which the notifier created when the handle registered. Its
+    message_id is the notification's Id, by which clients drop duplicates."""
+    return Message(topology.INBOX, note.handle, _encoder.encode(note), message_id=note.id)
 
 
-def for_the_notifier(undeliverable: Outgoing) -> Outgoing:
+def for_the_notifier(undeliverable: Message) -> Message:
     """A notification its handle's queue was not there for (not created yet, or deleted by
     an operator): the notifier creates the queue and delivers it."""
     note = notification_decoder.decode(undeliverable.body)
-    return Outgoing(topology.INTERNAL, topology.NOTIFIER_ROUTING_KEY, _encoder.encode(Fanout([note])))
+    return Message(topology.INTERNAL, topology.NOTIFIER_ROUTING_KEY, _encoder.encode(Fanout([note])))
 
 
-def merge(batch: list[Effects], *, activity: bool = True) -> list[Outgoing]:
+def merge(batch: list[Effects], *, activity: bool = True) -> list[Message]:
     """The batch's publishes in order: the plain messages first (a Spawn or a
     HandleRegistered must precede notifications about it), then the notifications, then
     (unless `activity` is False) one report of the latest activity per session."""
-    merged = [message for effects in batch for message in effects.messages]
+    merged = [Message(m.exchange, m.routing_key, m.body) for effects in batch for m in effects.messages]
     merged += [notification(note) for effects in batch for note in effects.notifications]
     latest: dict[str, int] = {}
     for effects in batch if activity else []:
@@ -71,5 +72,5 @@ def merge(batch: list[Effects], *, activity: bool = True) -> list[Outgoing]:
             latest[seen.session_id] = max(latest.get(seen.session_id, 0), seen.at)
     if latest:
         report = ActivityReport([Activity(session_id, at) for session_id, at in latest.items()])
-        merged.append(Outgoing(topology.INTERNAL, topology.ACTIVITY_ROUTING_KEY, _encoder.encode(report)))
+        merged.append(Message(topology.INTERNAL, topology.ACTIVITY_ROUTING_KEY, _encoder.encode(report)))
     return merged

@@ -45,7 +45,7 @@ from shared.logs import log
 from shared.notifications import AnyNotification, RequestFailed, notification_id
 from shared.registry_api import Activity
 from shared.replies import err, ok
-from shared.transport import Bus, Delivery, Unroutable, settle_when_confirmed
+from shared.transport import Bus, Delivery, Message, settle_when_confirmed
 
 metrics.describe("aodm_requests_total", "counter", "Requests handled, by service, action and outcome (ok or error code).")
 metrics.describe("aodm_request_duration_seconds", "histogram", "Time from delivery to the answer being ready (its transaction committed).")
@@ -512,11 +512,17 @@ class Processor:
                 metrics.inc("aodm_notifications_total", kind=type(note).__name__, service=self.name)
         if self.activity is not None:
             self.activity([seen for o in outcomes for seen in o.effects.activity])
+        # A reply goes to a requester's transient reply queue: persisting it buys nothing and
+        # costs the broker a disk write before it confirms.
+        replies = [
+            Message("", o.delivery.reply_to, o.reply, correlation_id=o.delivery.correlation_id or o.request_id,
+                    persistent=False)
+            for o in outcomes if o.delivery.reply_to and o.reply is not None
+        ]
         # Frames leave in this order and the broker routes a channel's publishes in order, so
         # a Spawn is in its shard before the caller can read the reply and write to the session.
-        publishing = [asyncio.ensure_future(self._publish(effect)) for effect in effects]
-        publishing += [asyncio.ensure_future(self._reply(o)) for o in outcomes if o.delivery.reply_to and o.reply is not None]
-        return asyncio.ensure_future(self._settle(outcomes, publishing, after=self._answered))
+        publishing = asyncio.ensure_future(self._publish(effects + replies))
+        return asyncio.ensure_future(self._settle(outcomes, [publishing], after=self._answered))
 
     async def _settle(self, outcomes: list[Outcome], publishing: list[asyncio.Future], after: "asyncio.Future[None] | None") -> None:
         """Poison to the dead letters, the rest acknowledged, once confirmed. On a broker
@@ -527,23 +533,14 @@ class Processor:
         if poison:
             metrics.inc("aodm_dead_lettered_total", len(poison), service=self.name)
 
-    async def _publish(self, effect: Outgoing) -> None:
-        try:
-            await self.bus.publish(effect.exchange, effect.routing_key, effect.body, message_id=effect.message_id)
-        except Unroutable as exc:
-            if effect.exchange == topology.INBOX:  # no queue for the handle (yet)
-                await self._publish(outgoing.for_the_notifier(effect))
-            else:  # an event nobody is bound for: nothing to retry
-                log.warning("unroutable publish dropped", service=self.name, destination=str(exc))
-
-    async def _reply(self, outcome: Outcome) -> None:
-        # A reply goes to a requester's transient reply queue: persisting it buys nothing and
-        # costs the broker a disk write before it confirms.
-        try:
-            await self.bus.publish("", outcome.delivery.reply_to, outcome.reply, persistent=False,
-                                   correlation_id=outcome.delivery.correlation_id or outcome.request_id)
-        except Unroutable as exc:  # its client has gone
-            log.warning("unroutable reply dropped", service=self.name, destination=str(exc))
+    async def _publish(self, messages: list[Message]) -> None:
+        unroutable = await self.bus.publish_all(messages)
+        # No queue for a handle (yet): the notifier, which keeps them, creates it and delivers.
+        redirected = [outgoing.for_the_notifier(m) for m in unroutable if m.exchange == topology.INBOX]
+        for message in [m for m in unroutable if m.exchange != topology.INBOX] + await self.bus.publish_all(redirected):
+            # A reply whose client has gone, or an event nobody is bound for: nothing to retry.
+            log.warning("unroutable publish dropped", service=self.name,
+                        destination=f"{message.exchange or '(default)'}/{message.routing_key}")
 
     def _record(self, outcomes: list[Outcome], elapsed: float) -> None:
         """One log line per handled request; metrics never take an attacker's action name."""

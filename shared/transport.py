@@ -14,6 +14,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -23,8 +24,9 @@ from aio_pika.abc import AbstractRobustConnection, ConnectionParameter
 from yarl import URL
 from aio_pika.exceptions import MessageProcessError
 from aiormq.abc import AbstractChannel as AMQPChannel
-from aiormq.abc import DeliveredMessage
+from aiormq.abc import ChannelFrame, DeliveredMessage
 from aiormq.exceptions import PublishError
+from pamqp.header import ContentHeader
 
 # What a broker fault looks like to callers: retry or reconnect, never treat as poison.
 BrokerError: tuple[type[BaseException], ...] = (
@@ -37,6 +39,20 @@ BrokerError: tuple[type[BaseException], ...] = (
 
 # The broker refused the user name or password at connect.
 LoginRefused = aiormq.exceptions.ProbableAuthenticationError
+
+
+@dataclass(slots=True)
+class Message:
+    """One message to publish (see Bus.publish_all)."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    reply_to: str | None = None
+    correlation_id: str | None = None
+    message_id: str | None = None
+    content_type: str = "application/json"
+    persistent: bool = True
 
 
 class Unroutable(Exception):
@@ -251,7 +267,8 @@ async def settle_when_confirmed(
     """Settle a batch once the broker has confirmed what answering it published, and once
     the batch before it (`after`) is settled: a `multiple` ack must not cover deliveries
     whose answers are not confirmed yet. `rejected` go to the dead letters, the rest are
-    acknowledged. On a broker fault they are handed back, before any later batch settles."""
+    acknowledged. On a broker fault they are handed back, and on a bug dead-lettered, before
+    any later batch settles."""
     try:
         await asyncio.gather(*publishing)
         if after is not None:
@@ -262,11 +279,14 @@ async def settle_when_confirmed(
     except BrokerError as exc:
         await hand_back(deliveries, exc)
         raise
+    except Exception as exc:  # the consumers' last line of defence, for what they left under way
+        await dead_letter(deliveries, exc)
+        raise
 
 
 def _retrieve(future: "asyncio.Future[None]") -> None:
     if not future.cancelled():
-        future.exception()  # a broker fault was handled where it happened (hand_back)
+        future.exception()  # handled where it happened (settle_when_confirmed)
 
 
 async def dead_letter(deliveries: list[Delivery], error: BaseException) -> None:
@@ -513,37 +533,87 @@ class Bus:
         content_type: str = "application/json",
         persistent: bool = True,
     ) -> None:
-        """Publish and wait for the broker's confirm; raise `Unroutable` if it comes back.
+        """Publish and wait for the broker's confirm; raise `Unroutable` if it comes back."""
+        message = Message(exchange, routing_key, body, reply_to, correlation_id, message_id, content_type, persistent)
+        if await self.publish_all([message]):
+            raise Unroutable(f"{exchange or '(default)'}/{routing_key}")
+
+    async def publish_all(self, messages: list["Message"]) -> list["Message"]:
+        """Publish the messages in this order, with one write, and wait for every confirm.
+        Returns the ones the broker returned as unroutable (all are `mandatory`: no queue
+        was bound for them). A basic.nack or a lost channel raises (a BrokerError): the
+        broker did not take a message, e.g. while it stops, and the caller must treat that
+        as a broker fault, never as "unroutable, drop it".
+
         Every message carries `user_id` = this connection's broker user, which the broker
         validates: receivers use it to tell the services' own messages from anyone else's.
-        Without a message_id, aiormq sets a random one (it matches a basic.return by it)."""
+
+        The frames go straight onto the AMQP channel, under its lock, as aiormq's own
+        basic_publish puts them: one call costs the client about half the CPU per message
+        of a publish each (measured here: 38 against 66 µs at 20 messages)."""
+        if not messages:
+            return []
+        amqp = await self._publisher()
+        confirmations = []
+        async with amqp.lock:  # delivery tags are the broker's count of this channel's publishes
+            if amqp.is_closed:
+                raise aiormq.exceptions.ChannelInvalidStateError(f"{amqp!r} closed")
+            first_tag = amqp.delivery_tag + 1
+            frames: list = []
+            for message in messages:
+                amqp.delivery_tag += 1
+                confirmations.append(self._expect_confirm(amqp, amqp.delivery_tag, message))
+                frames += self._frames(amqp, message)
+            try:
+                await amqp.write_queue.put(ChannelFrame.marshall(channel_number=amqp.number, frames=frames))
+            except BaseException:
+                # Not queued, so the broker never sees them: the tags are free again.
+                amqp.delivery_tag = first_tag - 1
+                for tag, confirmation in enumerate(confirmations, start=first_tag):
+                    amqp.confirmations.pop(tag, None)
+                    confirmation.cancel()
+                raise
+        outcomes = await asyncio.gather(*confirmations, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, PublishError):
+                raise outcome
+        return [message for message, outcome in zip(messages, outcomes) if isinstance(outcome, PublishError)]
+
+    def _frames(self, amqp: AMQPChannel, message: "Message") -> list:
         properties = aiormq.spec.Basic.Properties(
-            content_type=content_type,
-            delivery_mode=2 if persistent else 1,
-            reply_to=reply_to,
-            correlation_id=correlation_id,
-            message_id=message_id,
+            content_type=message.content_type,
+            delivery_mode=2 if message.persistent else 1,
+            reply_to=message.reply_to,
+            correlation_id=message.correlation_id,
+            message_id=message.message_id,
             user_id=self.user,
         )
         # A reply to direct reply-to is never routed through a queue, so RabbitMQ returns it
         # as NO_ROUTE under `mandatory` even when it was delivered (rabbitmq-server#6124);
         # without `mandatory` it is delivered, or dropped if the requester has gone.
-        mandatory = not (exchange == "" and routing_key.startswith(DIRECT_REPLY_TO))
-        amqp = await self._publisher()
-        try:
-            # wait=False: the frames are queued in order and the confirm is what we await;
-            # waiting for each frame's socket drain too would serialise concurrent publishes.
-            result = await amqp.basic_publish(
-                body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=mandatory,
-                wait=False,
-            )
-        except PublishError as exc:  # basic.return: no queue is bound for it
-            raise Unroutable(f"{exchange or '(default)'}/{routing_key}") from exc
-        if isinstance(result, DeliveredMessage):  # a basic.return, on a channel that does not raise
-            raise Unroutable(f"{exchange or '(default)'}/{routing_key}")
-        # A basic.nack (DeliveryError, a BrokerError) means the broker did not take the
-        # message, e.g. while it stops: the caller must treat it as a broker fault and
-        # retry, never as "unroutable, drop it".
+        mandatory = not (message.exchange == "" and message.routing_key.startswith(DIRECT_REPLY_TO))
+        return [
+            aiormq.spec.Basic.Publish(exchange=message.exchange, routing_key=message.routing_key, mandatory=mandatory),
+            ContentHeader(properties=properties, body_size=len(message.body)),
+            *amqp._split_body(message.body),
+        ]
+
+    @staticmethod
+    def _expect_confirm(amqp: AMQPChannel, tag: int, message: "Message") -> asyncio.Future:
+        """The future aiormq settles when the broker acks, nacks or returns publish `tag`;
+        a return is matched to its publish by message_id, so every publish has one."""
+        if message.message_id is None:
+            message.message_id = uuid.uuid4().hex
+        confirmation = amqp.create_future()
+        amqp.confirmations[tag] = confirmation
+        amqp.message_id_delivery_tag[message.message_id] = tag
+
+        def forget(_: asyncio.Future, message_id: str = message.message_id) -> None:
+            if amqp.message_id_delivery_tag.get(message_id) == tag:
+                del amqp.message_id_delivery_tag[message_id]
+
+        confirmation.add_done_callback(forget)
+        return confirmation
 
     # -- RPC (aio-pika's pattern: futures keyed by correlation_id) --------------------
 
