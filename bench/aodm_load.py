@@ -224,7 +224,7 @@ class SendTarget:
     async def stop(self) -> None:
         await self._channel.close()
 
-    async def _on_notification(self, message) -> None:  # an aiormq DeliveredMessage
+    def _on_notification(self, message) -> None:  # an aiormq DeliveredMessage
         now = time.monotonic()
         sent = self._waiting.pop(message.header.properties.message_id or "", None)
         if sent is not None:

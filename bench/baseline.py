@@ -206,7 +206,7 @@ class PipelineTarget:
     async def stop(self) -> None:
         await self._channel.close()
 
-    async def _on_notification(self, message) -> None:  # an aiormq DeliveredMessage
+    def _on_notification(self, message) -> None:  # an aiormq DeliveredMessage
         now = time.monotonic()
         entry = self._waiting.pop(message.body[:16], None)
         if entry is not None:

@@ -20,16 +20,18 @@ import aio_pika
 from bench.env import CpuMeter
 from bench.progress import Bar
 from bench.stats import RunResult, latency_series, rate_series, summary
+from shared.transport import direct
 
 
 async def consume_notifications(connection: aio_pika.abc.AbstractConnection, queues: list[str], callback) -> aio_pika.abc.AbstractChannel:
-    """No-ack consumers on a raw aiormq channel (no aio-pika message wrapper per delivery):
-    the load side's own cost, the same for aodm's and the baseline's notifications."""
+    """No-ack consumers on a raw aiormq channel (no aio-pika message wrapper per delivery,
+    `callback` called directly, not as a task): the load side's own cost, the same for
+    aodm's and the baseline's notifications."""
     channel = await connection.channel()
     amqp = await channel.get_underlay_channel()
     await amqp.basic_qos(prefetch_count=2000)
     for queue in queues:
-        await amqp.basic_consume(queue, callback, no_ack=True)
+        await amqp.basic_consume(queue, direct(callback), no_ack=True)
     return channel
 
 

@@ -11,7 +11,10 @@ of a publish or a delivery.
 """
 
 import asyncio
+import collections
 import logging
+import random
+import struct
 import uuid
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
@@ -26,6 +29,8 @@ from aio_pika.exceptions import MessageProcessError
 from aiormq.abc import AbstractChannel as AMQPChannel
 from aiormq.abc import ChannelFrame, DeliveredMessage
 from aiormq.exceptions import PublishError
+import pamqp.exceptions
+import pamqp.frame
 from pamqp.header import ContentHeader
 
 # What a broker fault looks like to callers: retry or reconnect, never treat as poison.
@@ -122,6 +127,83 @@ class _CoalescingTransportFactory(aiormq.connection.TCPTransportFactory):
         except OSError as exc:
             raise aiormq.exceptions.AMQPConnectionError(*exc.args) from exc
         return reader, _CoalescingWriter(transport, protocol, reader, loop)
+
+
+class _BufferedFrameReceiver(aiormq.connection.FrameReceiver):
+    """aiormq's frame reader, parsing every frame a socket read brought in one go, where
+    aiormq awaits three reads (and a lock) for each frame: a delivery is three frames, and
+    under load one read holds dozens of them."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        super().__init__(reader)
+        self._buffer = bytearray()
+        self._frames: collections.deque = collections.deque()
+
+    async def get_frame(self) -> Any:
+        while not self._frames:
+            try:
+                data = await self.reader.read(READ_SIZE)
+            except OSError as exc:  # ConnectionError among them
+                raise aiormq.exceptions.AMQPConnectionError(f"Server communication error: {exc!r}") from exc
+            if not data:
+                if self._buffer:
+                    raise aiormq.exceptions.AMQPConnectionError(
+                        f"Server connection unexpectedly closed with {len(self._buffer)} bytes of a frame read")
+                raise StopAsyncIteration
+            if not self.started and not self._buffer and data.startswith(b"AMQP"):
+                raise aiormq.exceptions.ProtocolSyntaxError("Unexpected AMQP protocol header")
+            self.started = True
+            self._buffer += data
+            self._parse()
+        return self._frames.popleft()
+
+    def _parse(self) -> None:
+        buffer, offset = self._buffer, 0
+        while len(buffer) - offset >= FRAME_OVERHEAD:
+            (size,) = _FRAME_SIZE.unpack_from(buffer, offset + 3)
+            end = offset + FRAME_OVERHEAD + size
+            if end > len(buffer):
+                break
+            try:
+                self._frames.append(pamqp.frame.unmarshal(bytes(buffer[offset:end])))
+            except pamqp.exceptions.PAMQPException as exc:
+                raise aiormq.exceptions.InvalidFrameError(str(exc)) from exc
+            offset = end
+        del buffer[:offset]
+
+
+class _Channel(aiormq.channel.Channel):
+    """aiormq's channel, handing a delivery straight to a consumer callback marked `direct`
+    (a plain function that only queues it) where aiormq runs every callback as a task."""
+
+    async def _on_deliver_frame(self, frame: Any) -> None:
+        consumer = self.consumers.get(frame.consumer_tag)
+        direct = getattr(consumer, "__wrapped__", None)  # aiormq wraps plain functions
+        if not getattr(direct, "direct", False):
+            return await super()._on_deliver_frame(frame)
+        header = await self._Channel__get_content_header()
+        message = await self._read_content(frame, header)
+        try:
+            direct(message)
+        except Exception:  # as aiormq does for a failed callback task: the channel goes on
+            logging.getLogger("aodm.transport").exception("consumer callback failed")
+
+
+def direct(callback: Callable[[DeliveredMessage], None]) -> Callable[[DeliveredMessage], None]:
+    """A consumer callback that only queues what it gets, for basic_consume: called directly."""
+
+    def deliver(message: DeliveredMessage) -> None:
+        callback(message)
+
+    deliver.direct = True  # type: ignore[attr-defined]
+    return deliver
+
+
+aiormq.connection.Channel = _Channel  # aiormq's Connection.channel makes its channels by this name
+READ_SIZE = 256 * 1024
+FRAME_OVERHEAD = 8  # type (1), channel (2), size (4) ... frame end (1)
+_FRAME_SIZE = struct.Struct(">I")
+aiormq.connection.FrameReceiver = _BufferedFrameReceiver  # aiormq makes one per connection by this name
 
 
 # aiormq queues at most 10 frames for its writer task, so a batch's publishes would take
@@ -354,16 +436,17 @@ class Consumer:
                 batch.append(Delivery(message))
         return batch
 
-    async def _on_message(self, message: DeliveredMessage) -> None:
-        # aiormq runs this as a task per delivery: one from a channel since replaced is void
-        # (the broker requeued it), and must not slip in after _on_reopen emptied the inbox.
+    def _on_message(self, message: DeliveredMessage) -> None:
+        # One from a channel since replaced is void (the broker requeued it), and must not
+        # slip in after _on_reopen emptied the inbox.
         if message.channel is self._amqp:
             self._inbox.put_nowait(message)
 
     async def _consume(self, exclusive: bool) -> None:
         # Set before consuming: deliveries can arrive before basic.consume-ok is handed back.
         self._amqp = amqp = await self._channel.get_underlay_channel()
-        self._tag = (await amqp.basic_consume(self._queue, self._on_message, exclusive=exclusive)).consumer_tag
+        self._tag = (await amqp.basic_consume(self._queue, direct(self._on_message),
+                                              exclusive=exclusive)).consumer_tag
 
     async def _start(self, queue: str, exclusive: bool) -> None:
         self._queue = queue
@@ -603,7 +686,7 @@ class Bus:
         """The future aiormq settles when the broker acks, nacks or returns publish `tag`;
         a return is matched to its publish by message_id, so every publish has one."""
         if message.message_id is None:
-            message.message_id = uuid.uuid4().hex
+            message.message_id = f"{random.getrandbits(128):032x}"  # as aiormq does: no syscall, unlike uuid4
         confirmation = amqp.create_future()
         amqp.confirmations[tag] = confirmation
         amqp.message_id_delivery_tag[message.message_id] = tag
@@ -626,11 +709,11 @@ class Bus:
             async with self._reply_lock:
                 amqp = await self._publisher()
                 if self._reply_channel is not amqp:
-                    await amqp.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
+                    await amqp.basic_consume(DIRECT_REPLY_TO, direct(self._on_reply), no_ack=True)
                     self._reply_channel = amqp
         return DIRECT_REPLY_TO
 
-    async def _on_reply(self, message: DeliveredMessage) -> None:
+    def _on_reply(self, message: DeliveredMessage) -> None:
         future = self._pending.pop(message.header.properties.correlation_id or "", None)
         if future is not None and not future.done():
             future.set_result(message.body)
