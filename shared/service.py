@@ -258,9 +258,7 @@ class Processor:
                 self._fail(outcome, exc)
         try:
             await self._run_sends([o for o in outcomes if o.code == "ok" and o.action.mode == "send"])
-            for outcome in outcomes:
-                if outcome.code == "ok" and outcome.action.mode == "dryrun":
-                    await self._with_database(self._run_read, outcome)
+            await self._run_reads([o for o in outcomes if o.code == "ok" and o.action.mode == "dryrun"])
         except Abandoned:
             self._abandoned = True
             log.info("left for redelivery", service=self.name, requests=len(outcomes))
@@ -372,6 +370,15 @@ class Processor:
         outcome.duplicate = True
         outcome.reply = bytes(row["stored_reply"])
         outcome.effects = outgoing.decode(row["stored_effects"]) if _may_be_unpublished(outcome) else outgoing.NONE
+
+    async def _run_reads(self, outcomes: list[Outcome]) -> None:
+        """After the batch's sends (a read sees what they wrote), side by side: reads change
+        nothing, so their order does not matter; the read pool's size bounds them."""
+        if len(outcomes) == 1:
+            return await self._with_database(self._run_read, outcomes[0])
+        done = await asyncio.gather(*(self._with_database(self._run_read, o) for o in outcomes), return_exceptions=True)
+        for error in (e for e in done if isinstance(e, BaseException)):
+            raise error
 
     async def _run_read(self, outcome: Outcome) -> None:
         """On the read-only pool: the database itself refuses any write a dryrun attempts."""
