@@ -92,3 +92,14 @@ async def test_smoke_leaves_no_vhost_or_database(smoke):
         assert await conn.fetchval("SELECT count(*) FROM pg_database WHERE datname = $1", world["database"]) == 0
     finally:
         await conn.close()
+
+
+@pytest.mark.timeout(120)
+def test_queue_layout_benchmark_prints_its_table():
+    run = subprocess.run([sys.executable, "-m", "bench.queues", "--messages", "500"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=110)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| ") and "×" in line]
+    assert [int(r[0]) for r in rows] == [1, 8, 64]
+    assert rows[0][3].strip() == "1.00×"
+    assert all(float(r[2]) > 0 and float(r[1].replace(",", "")) > 0 for r in rows)
