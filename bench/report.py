@@ -85,10 +85,13 @@ def pipeline_rows(results: dict) -> list[list[str]]:
         runs = [run_of(results, f"{w}_{load}") for w in ("aodm", "baseline_a", "baseline_b")]
         offered = " / ".join(num(r.get("offered_rate")) for r in runs)
         flags = ["overloaded" if r.get("overloaded") else "" for r in runs]
+        n = len(runs[0].get("extra", {}).get("rounds") or [1])
+        median = f" (the median of {n} interleaved rounds by p99)" if n > 1 else ""
         for p in ("p50", "p95", "p99"):
             vals = [r.get("latency_ms", {}).get(p) for r in runs]
             rows.append([
-                f"publish → notification {p}, ms @ {label}" + (f" (offered {offered})" if p == "p50" and load == "70" else ""),
+                f"publish → notification {p}, ms @ {label}" + (median if p == "p50" else "")
+                + (f" (offered {offered})" if p == "p50" and load == "70" else ""),
                 num(vals[0], 1) + (" ⚠" if flags[0] else ""), num(vals[1], 1) + (" ⚠" if flags[1] else ""),
                 ratio(vals[0], vals[1]), num(vals[2], 1) + (" ⚠" if flags[2] else ""), ratio(vals[0], vals[2]),
             ])
@@ -116,7 +119,9 @@ def read_rows(results: dict) -> list[list[str]]:
     rows = []
     for c in (1, 32):
         q, r = run_of(results, f"query_{c}"), run_of(results, f"rpc_{c}")
-        rows.append([f"round trips/s, {c} concurrent client{'s' if c > 1 else ''}",
+        n = len(q.get("extra", {}).get("rounds") or [1])
+        rows.append([f"round trips/s, {c} concurrent client{'s' if c > 1 else ''}"
+                     + (f" (median of {n} interleaved rounds)" if n > 1 else ""),
                      num(q.get("throughput")), num(r.get("throughput")), ratio(q.get("throughput"), r.get("throughput"))])
         for p in ("p50", "p99"):
             qv, rv = q.get("rtt_ms", {}).get(p), r.get("rtt_ms", {}).get(p)

@@ -316,49 +316,57 @@ class Bench:
         self.results["notes"] = self.notes
         return self.results
 
-    async def max_rounds(self) -> dict[str, float]:
-        """Closed-loop maximum of (a), (b) and aodm, interleaved over `rounds` rounds (the order
-        rotates), so a drift in the machine's other load hits all three alike. The median round
-        of each is its figure; every round is kept in the results."""
-        cfg = self.cfg
-        order = ["baseline_a", "baseline_b", "aodm"]
-        rounds: dict[str, list[dict]] = {who: [] for who in order}
+    async def interleaved(self, title: str, runs: dict, key) -> dict[str, dict]:
+        """Each of `runs` ({name: (baseline mode or None, () -> (target, measure options))})
+        once per round over `rounds` rounds, the order rotating, so a drift in the machine's
+        other load hits all alike. The median round of each, by `key`, is its figure (saved
+        under its name); every round is kept in the results."""
+        cfg, names = self.cfg, list(runs)
+        rounds: dict[str, list[dict]] = {name: [] for name in names}
         for r in range(cfg.rounds):
-            say(f"== maximum throughput, round {r + 1}/{cfg.rounds}")
-            for who in order[r % 3:] + order[: r % 3]:
-                name = f"{who}_max_r{r + 1}"
-                if who == "aodm":
-                    run = await self.measure(name, self.send_target(), inflight=cfg.inflight,
-                                             duration=cfg.max_seconds, warmup=cfg.max_warmup)
-                else:
-                    await self.baseline.start(who[-1], self.control)
-                    try:
-                        run = await self.measure(name, self.pipeline_target(), inflight=cfg.inflight,
-                                                 duration=cfg.max_seconds, warmup=cfg.max_warmup)
-                    finally:
-                        self.baseline.stop()
-                rounds[who].append(run)
-        best = {}
-        for who, runs in rounds.items():
-            ordered = sorted(runs, key=lambda run: run["throughput"])
-            median = dict(ordered[(len(ordered) - 1) // 2])
-            median["extra"] = {**median["extra"], "rounds": [run["throughput"] for run in runs]}
-            self.results["runs"][f"{who}_max"] = median
-            best[who] = median["throughput"]
-        return best
+            say(f"== {title}, round {r + 1}/{cfg.rounds}")
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                mode, make = runs[name]
+                if mode is not None:
+                    await self.baseline.start(mode, self.control)
+                try:
+                    target, options = make()
+                    rounds[name].append(await self.measure(f"{name}_r{r + 1}", target, **options))
+                finally:
+                    self.baseline.stop()
+        medians = {}
+        for name, done in rounds.items():
+            median = dict(sorted(done, key=key)[(len(done) - 1) // 2])
+            median["extra"] = {**median["extra"], "rounds": [key(run) for run in done]}
+            self.results["runs"][name] = medians[name] = median
+        return medians
 
-    async def fixed_loads(self, who: str, max_rate: float) -> None:
+    async def max_rounds(self) -> dict[str, float]:
+        """Closed-loop maximum of (a), (b) and aodm; the median round counts."""
         cfg = self.cfg
-        target = self.send_target if who == "aodm" else self.pipeline_target
-        if who != "aodm":
-            await self.baseline.start(who[-1], self.control)
-        try:
-            await self.measure(f"{who}_500", target(), rate=FIXED_RATE,
-                               duration=cfg.latency_seconds, warmup=cfg.latency_warmup)
-            await self.measure(f"{who}_70", target(), rate=0.7 * max_rate,
-                               duration=cfg.latency_seconds, warmup=cfg.latency_warmup)
-        finally:
-            self.baseline.stop()
+        closed = dict(inflight=cfg.inflight, duration=cfg.max_seconds, warmup=cfg.max_warmup)
+        runs = {
+            f"{who}_max": (mode, lambda target=target: (target(), closed))
+            for who, mode, target in (("baseline_a", "a", self.pipeline_target), ("baseline_b", "b", self.pipeline_target),
+                                      ("aodm", None, self.send_target))
+        }
+        medians = await self.interleaved("maximum throughput", runs, key=lambda run: run["throughput"])
+        return {name.removesuffix("_max"): run["throughput"] for name, run in medians.items()}
+
+    async def latency_rounds(self, best: dict[str, float]) -> None:
+        """Open loop at 500 msg/s and at 70 % of each one's own maximum; the median round by
+        p99 counts (a single stall of the shared machine decides a single run's p99)."""
+        cfg = self.cfg
+        for load, rate_of in (("500", lambda who: FIXED_RATE), ("70", lambda who: 0.7 * best[who])):
+            runs = {
+                f"{who}_{load}": (mode, lambda target=target, rate=rate_of(who): (
+                    target(), dict(rate=rate, duration=cfg.latency_seconds, warmup=cfg.latency_warmup)))
+                for who, mode, target in (("baseline_a", "a", self.pipeline_target),
+                                          ("baseline_b", "b", self.pipeline_target), ("aodm", None, self.send_target))
+            }
+            await self.interleaved(f"latency at {'500 msg/s' if load == '500' else '70% of own max'}", runs,
+                                   key=lambda run: run["latency_ms"].get("p99") or 0.0)
 
     async def standard(self, connections: list) -> None:
         cfg, args = self.cfg, self.args
@@ -366,29 +374,23 @@ class Bench:
         self.results["store"] = await aodm_load.bulk_store(self.settings.database_url, self.world, cfg.store)
 
         best = await self.max_rounds()
-        for who in ("baseline_a", "baseline_b", "aodm"):
-            say(f"== latency at fixed loads: {who}")
-            await self.fixed_loads(who, best[who])
+        await self.latency_rounds(best)
 
-        say("== QueryMessage vs raw RPC (50-message pages)")
         readers = [await Bus.connect(self.settings.amqp_url, name=f"bench-reader-{i}") for i in range(32)]
         connections += readers
-        await self.baseline.start("rpc", self.control)
-        try:
-            for c in (1, 32):
-                pick = aodm_load.page_picker(self.world, random.Random(5))
-
-                def pages(pick=pick) -> tuple[str, int]:
-                    session, from_ts = pick()
-                    return session.session_id, from_ts
-
-                await self.measure(f"rpc_{c}", baseline.RpcTarget(readers[:c], pages, cfg.timeout), inflight=c,
-                                   duration=cfg.query_seconds, warmup=cfg.query_warmup, kind="rpc")
-        finally:
-            self.baseline.stop()
         for c in (1, 32):
-            await self.measure(f"query_{c}", aodm_load.QueryTarget(self.world, readers[:c], cfg.timeout), inflight=c,
-                               duration=cfg.query_seconds, warmup=cfg.query_warmup, kind="rpc")
+            closed = dict(inflight=c, duration=cfg.query_seconds, warmup=cfg.query_warmup, kind="rpc")
+
+            def pages(pick=aodm_load.page_picker(self.world, random.Random(5))) -> tuple[str, int]:
+                session, from_ts = pick()
+                return session.session_id, from_ts
+
+            runs = {
+                f"rpc_{c}": ("rpc", lambda: (baseline.RpcTarget(readers[:c], pages, cfg.timeout), closed)),
+                f"query_{c}": (None, lambda: (aodm_load.QueryTarget(self.world, readers[:c], cfg.timeout), closed)),
+            }
+            await self.interleaved(f"QueryMessage vs raw RPC, 50-message pages, {c} client{'s' if c > 1 else ''}",
+                                   runs, key=lambda run: run["throughput"])
 
         await self.soak(best["aodm"])
         if args.profile:

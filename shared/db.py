@@ -25,8 +25,19 @@ DatabaseUnavailable: tuple[type[BaseException], ...] = (
     # A rotated password or a revoked login is an operator's fault, not the request's.
     asyncpg.InvalidPasswordError,
     asyncpg.InvalidAuthorizationSpecificationError,
+    # A connection a fault left in the middle of an operation ("cannot switch to state …;
+    # another operation is in progress"): replaced, see `replace_connections`.
+    asyncpg.InternalClientError,
     OSError,
 )
+
+
+async def replace_connections(*pools: asyncpg.Pool) -> None:
+    """After a database fault, every pooled connection is replaced on its next use: one the
+    fault left half-way through an operation would otherwise go back to the pool looking
+    idle (aodm's pools skip asyncpg's reset query, which would have caught it)."""
+    for pool in pools:
+        await pool.expire_connections()
 
 
 async def _create_database(dsn: str) -> None:
@@ -82,14 +93,15 @@ async def migrate(pool: asyncpg.Pool, schema: str, migrations: list[str]) -> Non
                 log.info("migration applied", schema=schema, version=version)
 
 
-async def retrying(operation, *, what: str):
-    """Run a database operation until the database answers: faults of the database are
-    waited out, never turned into a lost message."""
+async def retrying(operation, *, what: str, pool: asyncpg.Pool):
+    """Run a database operation on `pool` until the database answers: faults of the
+    database are waited out, never turned into a lost message."""
     backoff = 0.1
     while True:
         try:
             return await operation()
         except DatabaseUnavailable as exc:
+            await replace_connections(pool)
             log.warning("database unavailable, retrying", what=what, error=str(exc), backoff=backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)

@@ -37,7 +37,7 @@ import msgspec
 from shared import effects as outgoing
 from shared import envelope as envelopes
 from shared import faults, metrics, topology
-from shared.db import DatabaseUnavailable, DependencyUnavailable
+from shared.db import DatabaseUnavailable, DependencyUnavailable, replace_connections
 from shared.effects import Effects, Outgoing
 from shared.envelope import Envelope
 from shared.errors import AodmError, InternalError, InvalidArgument, MalformedRequest, UnknownAction
@@ -45,7 +45,7 @@ from shared.logs import log
 from shared.notifications import AnyNotification, RequestFailed, notification_id
 from shared.registry_api import Activity
 from shared.replies import err, ok
-from shared.transport import Bus, Delivery, Message, settle_when_confirmed
+from shared.transport import BrokerError, Bus, Delivery, Message, settle_when_confirmed
 
 metrics.describe("aodm_requests_total", "counter", "Requests handled, by service, action and outcome (ok or error code).")
 metrics.describe("aodm_request_duration_seconds", "histogram", "Time from delivery to the answer being ready (its transaction committed).")
@@ -243,10 +243,12 @@ class Processor:
         await (await self.begin(deliveries))
 
     async def begin(self, deliveries: list[Delivery]) -> "asyncio.Future[None]":
-        """Everything up to the commit. Returns the rest under way: publishing the effects and
-        replies, and once they are confirmed and every earlier batch is acknowledged, the
-        acks. A caller may begin the next batch meanwhile (the session worker does, with
-        another shard's requests): its publishes follow these, its acks follow these."""
+        """Everything up to the commit of the batch's sends. Returns the rest under way: its
+        reads (they begin once the sends have committed, and change nothing, so the next
+        batch need not wait for them), publishing the effects and replies, and once they are
+        confirmed and every earlier batch is acknowledged, the acks. A caller may begin the
+        next batch meanwhile (the session worker does): its publishes follow these, its acks
+        follow these."""
         started = time.perf_counter()
         outcomes = [Outcome(delivery) for delivery in deliveries]
         if self._abandoned:  # a later batch must not commit ahead of one left for redelivery
@@ -258,14 +260,23 @@ class Processor:
                 self._fail(outcome, exc)
         try:
             await self._run_sends([o for o in outcomes if o.code == "ok" and o.action.mode == "send"])
-            await self._run_reads([o for o in outcomes if o.code == "ok" and o.action.mode == "dryrun"])
         except Abandoned:
-            self._abandoned = True
-            log.info("left for redelivery", service=self.name, requests=len(outcomes))
-            return _done()  # not acked: closing the channel at shutdown hands them back to the queue
-        self._record(outcomes, time.perf_counter() - started)
-        self._answered = self._answer(outcomes)
+            return self._abandon(outcomes)
+        metrics.observe("aodm_batch_size", len(outcomes), service=self.name)
+        reads = [o for o in outcomes if o.code == "ok" and o.action.mode == "dryrun"]
+        answered = [o for o in outcomes if not (o.code == "ok" and o.action.mode == "dryrun")]
+        self._record(answered, len(outcomes), time.perf_counter() - started)
+        await self._dead_letter_poison(answered)
+        publishing = [self._answer(answered)] if answered else []
+        if reads:
+            publishing.append(asyncio.ensure_future(self._read_and_reply(reads, len(outcomes), started)))
+        self._answered = asyncio.ensure_future(self._settle(outcomes, publishing, after=self._answered))
         return self._answered
+
+    def _abandon(self, outcomes: list[Outcome]) -> "asyncio.Future[None]":
+        self._abandoned = True
+        log.info("left for redelivery", service=self.name, requests=len(outcomes))
+        return _done()  # not acked: closing the channel at shutdown hands them back to the queue
 
     # -- parsing (no database) ---------------------------------------------------------
 
@@ -291,9 +302,11 @@ class Processor:
             try:
                 return await run(arg)
             except (*DatabaseUnavailable, DatabaseStalled) as exc:
+                what = "dependency" if isinstance(exc, DependencyUnavailable) else "database"
+                if what == "database":
+                    await replace_connections(self.pool, self.read_pool)
                 if self.stopping.is_set():
                     raise Abandoned from exc
-                what = "dependency" if isinstance(exc, DependencyUnavailable) else "database"
                 log.warning(f"{what} unavailable, retrying", service=self.name, error=repr(exc), backoff=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -482,6 +495,7 @@ class Processor:
         log.error("poison request dead-lettered", service=self.name, action=outcome.action_name,
                   request_id=outcome.request_id, exc_info=error)
         outcome.poison = True
+        metrics.inc("aodm_dead_lettered_total", service=self.name)
         self._fail(outcome, InternalError(f"{type(error).__name__} while handling the request"))
 
     def _fail(self, outcome: Outcome, error: AodmError) -> None:
@@ -506,11 +520,10 @@ class Processor:
     # -- answering ---------------------------------------------------------------------
 
     def _answer(self, outcomes: list[Outcome]) -> "asyncio.Future[None]":
-        """Publish the batch's effects and replies now, then (a task) acknowledge it once the
-        broker has confirmed them all and every earlier batch is acknowledged: a `multiple`
-        ack must not cover deliveries whose effects are not confirmed yet. The publishes are
-        issued here, before the next batch can begin, so batches' messages leave in batch
-        order (and a handle's notifications in the order they were produced)."""
+        """Publish these requests' effects and replies now (a task), to be confirmed before
+        the batch is acknowledged. They are issued here, before the next batch can begin, so
+        batches' messages leave in batch order (and a handle's notifications in the order
+        they were produced)."""
         if any(o.effects and not o.duplicate for o in outcomes):
             faults.crash_point("crash-after-commit")
         effects = outgoing.merge([o.effects for o in outcomes], activity=self.activity is None)
@@ -519,26 +532,35 @@ class Processor:
                 metrics.inc("aodm_notifications_total", kind=type(note).__name__, service=self.name)
         if self.activity is not None:
             self.activity([seen for o in outcomes for seen in o.effects.activity])
-        # A reply goes to a requester's transient reply queue: persisting it buys nothing and
-        # costs the broker a disk write before it confirms.
-        replies = [
-            Message("", o.delivery.reply_to, o.reply, correlation_id=o.delivery.correlation_id or o.request_id,
-                    persistent=False)
-            for o in outcomes if o.delivery.reply_to and o.reply is not None
-        ]
         # Frames leave in this order and the broker routes a channel's publishes in order, so
         # a Spawn is in its shard before the caller can read the reply and write to the session.
-        publishing = asyncio.ensure_future(self._publish(effects + replies))
-        return asyncio.ensure_future(self._settle(outcomes, [publishing], after=self._answered))
+        return asyncio.ensure_future(self._publish(effects + _replies(outcomes)))
+
+    async def _read_and_reply(self, reads: list[Outcome], batch: int, started: float) -> None:
+        try:
+            await self._run_reads(reads)
+        except Abandoned as exc:  # stopping while the database is away: hand them back
+            self._abandon(reads)
+            raise ConnectionError("left for redelivery") from exc
+        self._record(reads, batch, time.perf_counter() - started)
+        await self._dead_letter_poison(reads)
+        await self._publish(_replies(reads))
 
     async def _settle(self, outcomes: list[Outcome], publishing: list[asyncio.Future], after: "asyncio.Future[None] | None") -> None:
-        """Poison to the dead letters, the rest acknowledged, once confirmed. On a broker
+        """Acknowledged once confirmed (poison is in the dead letters by then). On a broker
         fault they are handed back to their queues; redelivered, they are recognised as
         duplicates and their stored effects published again."""
-        poison = [o.delivery for o in outcomes if o.poison]
-        await settle_when_confirmed([o.delivery for o in outcomes], publishing, after, rejected=poison)
-        if poison:
-            metrics.inc("aodm_dead_lettered_total", len(poison), service=self.name)
+        await settle_when_confirmed([o.delivery for o in outcomes], publishing, after)
+
+    async def _dead_letter_poison(self, outcomes: list[Outcome]) -> None:
+        """Poison goes to the dead letters before its reply says `internal` (a single reject
+        covers nothing else, so it need not wait for the batch)."""
+        for outcome in outcomes:
+            if outcome.poison:
+                try:
+                    await outcome.delivery.reject(requeue=False)
+                except BrokerError:
+                    pass  # its channel is gone: the broker has it back, and it will fail again
 
     async def _publish(self, messages: list[Message]) -> None:
         unroutable = await self.bus.publish_all(messages)
@@ -549,9 +571,8 @@ class Processor:
             log.warning("unroutable publish dropped", service=self.name,
                         destination=f"{message.exchange or '(default)'}/{message.routing_key}")
 
-    def _record(self, outcomes: list[Outcome], elapsed: float) -> None:
+    def _record(self, outcomes: list[Outcome], batch: int, elapsed: float) -> None:
         """One log line per handled request; metrics never take an attacker's action name."""
-        metrics.observe("aodm_batch_size", len(outcomes), service=self.name)
         for outcome in outcomes:
             action = outcome.action_name if outcome.action_name in self.actions else "unknown"
             metrics.inc("aodm_requests_total", service=self.name, action=action, outcome=outcome.code)
@@ -565,7 +586,7 @@ class Processor:
                 caller=outcome.caller,
                 duplicate=outcome.duplicate,
                 redelivered=outcome.delivery.redelivered,
-                batch=len(outcomes),
+                batch=batch,
                 duration_ms=round(elapsed * 1000, 2),
             )
 
@@ -602,6 +623,16 @@ def _firsts(batch: list[Outcome]) -> tuple[list[Outcome], list[Outcome]]:
         else:
             firsts[outcome.env.id] = outcome
     return list(firsts.values()), copies
+
+
+def _replies(outcomes: list[Outcome]) -> list[Message]:
+    # A reply goes to a requester's transient reply queue: persisting it buys nothing and
+    # costs the broker a disk write before it confirms.
+    return [
+        Message("", o.delivery.reply_to, o.reply, correlation_id=o.delivery.correlation_id or o.request_id,
+                persistent=False)
+        for o in outcomes if o.delivery.reply_to and o.reply is not None
+    ]
 
 
 def _answer_copies(copies: list[tuple[Outcome, Outcome]]) -> None:

@@ -16,7 +16,7 @@ import logging
 import random
 import struct
 import uuid
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -280,6 +280,11 @@ class Delivery:
     def headers(self) -> dict[str, Any]:
         return dict(self._message.header.properties.headers or {})
 
+    @property
+    def settled(self) -> bool:
+        """Acknowledged or rejected (here: on this delivery's channel)."""
+        return self._settled
+
     def _unsettled(self) -> tuple[AMQPChannel, int]:
         if self._settled:
             raise MessageProcessError("delivery already acknowledged or rejected", self)
@@ -341,23 +346,18 @@ async def hand_back(deliveries: list[Delivery], error: BaseException) -> None:
 
 
 async def settle_when_confirmed(
-    deliveries: list[Delivery],
-    publishing: list["asyncio.Future[None]"],
-    after: "asyncio.Future[None] | None",
-    rejected: Collection[Delivery] = (),
+    deliveries: list[Delivery], publishing: list["asyncio.Future[None]"], after: "asyncio.Future[None] | None"
 ) -> None:
-    """Settle a batch once the broker has confirmed what answering it published, and once
-    the batch before it (`after`) is settled: a `multiple` ack must not cover deliveries
-    whose answers are not confirmed yet. `rejected` go to the dead letters, the rest are
-    acknowledged. On a broker fault they are handed back, and on a bug dead-lettered, before
-    any later batch settles."""
+    """Acknowledge a batch once the broker has confirmed what answering it published, and
+    once the batch before it (`after`) is settled: a `multiple` ack must not cover
+    deliveries whose answers are not confirmed yet. Deliveries settled already (rejected
+    into the dead letters) are left out. On a broker fault they are handed back, and on a
+    bug dead-lettered, before any later batch settles."""
     try:
         await asyncio.gather(*publishing)
         if after is not None:
             await asyncio.wait([after])  # it settles its own batch, whatever its outcome
-        for delivery in rejected:
-            await delivery.reject(requeue=False)
-        await ack_in_order([d for d in deliveries if d not in rejected])
+        await ack_in_order([d for d in deliveries if not d.settled])
     except BrokerError as exc:
         await hand_back(deliveries, exc)
         raise

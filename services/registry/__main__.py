@@ -75,7 +75,7 @@ async def start(rt: runtime.Runtime) -> None:
             log.warning("activity event from another broker user dropped", user_id=delivery.user_id)
             return await delivery.ack()
         try:
-            await db.retrying(lambda: sessions.record_activity(rt.pool, delivery.body), what="activity")
+            await db.retrying(lambda: sessions.record_activity(rt.pool, delivery.body), what="activity", pool=rt.pool)
         except msgspec.DecodeError as exc:  # internal traffic: log and drop
             log.warning("bad activity event dropped", error=str(exc))
         await delivery.ack()

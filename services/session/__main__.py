@@ -61,7 +61,7 @@ async def start(rt: runtime.Runtime) -> None:
             log.warning("spawn from another broker user dropped", user_id=delivery.user_id)
             return await delivery.ack()
         try:
-            await db.retrying(lambda: members.spawn(rt.pool, delivery.body), what="spawn")
+            await db.retrying(lambda: members.spawn(rt.pool, delivery.body), what="spawn", pool=rt.pool)
         except msgspec.DecodeError as exc:
             log.warning("bad spawn dropped", error=str(exc))
         await delivery.ack()
