@@ -104,10 +104,10 @@ class Action:
     mode: Literal["send", "dryrun"]
     needs_handle: bool = True  # From must be a handle, not the bare signer address
     batched: bool = False  # `handler` is a BatchHandler (send actions only)
-    # The handler keeps its own record of the requests it took, keyed by their Ids, and
-    # writes with one statement: a request stored before is answered from that record
-    # (setting ctx.stored_before) and a new one whose ctx.stale is set is refused with it.
-    # Such a run needs neither a transaction nor the requests table (send actions only).
+    # The handler keeps the record of the requests it took, keyed by their Ids, and writes
+    # with one statement: a request stored before is answered from that record (setting
+    # ctx.stored_before) and a new one whose ctx.stale is set is refused with it. Such a run
+    # needs no transaction, no lock and no stored reply (send actions only).
     own_record: bool = False
     decoder: msgspec.json.Decoder = field(init=False, repr=False, compare=False)
 
@@ -142,6 +142,13 @@ def requests_lookup(schema: str) -> str:
             RETURN QUERY SELECT r.id, r.reply, r.effects FROM {schema}.requests AS r WHERE r.id = ANY(ids);
         END $$;
     """
+
+
+def requests_replanned(schema: str) -> str:
+    """A later migration: the lookup is planned at each call. A plan cached while the table
+    was empty (a scan of the whole table) would otherwise stay as the table grows, unless an
+    ANALYZE happens to replace it."""
+    return f"ALTER FUNCTION {schema}.lock_requests(text[]) SET plan_cache_mode = force_custom_plan"
 
 
 _RANGE_ERROR = re.compile(r"Expected `[^`]+` (>=|<=|>|<|of length)|Invalid enum value|match pattern")

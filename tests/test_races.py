@@ -59,7 +59,8 @@ async def test_two_members_five_hundred_each_interleaved(make_client):
 
 async def test_a_message_another_worker_stores_first_is_answered_from_its_row(make_client, stack):
     """Two workers on one request (a shard changing hands): the one that commits second
-    meets the unique index, and answers from the row the first stored, using no seq."""
+    meets the record of the first (its request id), and answers from the row the first
+    stored, using no seq."""
     alice = await make_client("alice")
     bob = await make_client("bob")
     session, key = await open_pair(alice, bob)
@@ -75,6 +76,8 @@ async def test_a_message_another_worker_stores_first_is_answered_from_its_row(ma
             """INSERT INTO session.messages (session_id, seq, message_id, sender, sender_key, generation, ts, content)
                VALUES ($1, $2, $3, $4, $5, 1, $6, $7)""",
             session, seq, env.id, alice.handle, bytes(alice.identity.signing_key.verify_key), 1234, b"\0" * 40)
+        await other_worker.execute("INSERT INTO session.requests (id, session_id, seq) VALUES ($1, $2, $3)",
+                                   env.id, session, seq)
         reply = await alice.submit(env)  # blocks behind the other worker's transaction
         await asyncio.sleep(0.5)
         await transaction.commit()

@@ -2,7 +2,7 @@
 
 import asyncpg
 
-from shared.service import requests_lookup, requests_table
+from shared.service import requests_lookup, requests_replanned, requests_table
 
 SCHEMA = "registry"
 
@@ -35,6 +35,7 @@ MIGRATIONS = [
         ALTER COLUMN handle_hi TYPE text COLLATE "C";
     """,
     requests_lookup(SCHEMA),
+    requests_replanned(SCHEMA),
 ]
 
 

@@ -33,8 +33,9 @@ def _refused(asked: int | None, current: int) -> AodmError:
 async def send_messages(ctxs: list[Context], reqs: list[SendMessage]) -> list[Sent | AodmError]:
     """A run of SendMessages, possibly to many sessions, stored with one statement.
 
-    SendMessage keeps its own record (Action.own_record): a message's id is its request's
-    Id, so a request stored before is answered from its row, as the first time."""
+    SendMessage keeps its own record (Action.own_record): the statement that stores a
+    message records its request's Id with it, so a request stored before is answered from
+    its message's row, as the first time."""
     results: list[Sent | AodmError | None] = []
     batch = []
     for ctx, req in zip(ctxs, reqs):

@@ -3,7 +3,7 @@ by session_id first, so the schema can be distributed by session (see docs/scali
 
 import asyncpg
 
-from shared.service import requests_lookup, requests_table
+from shared.service import requests_lookup, requests_replanned, requests_table
 
 SCHEMA = "session"
 
@@ -48,19 +48,21 @@ MIGRATIONS = [
     CREATE INDEX messages_by_time ON session.messages (session_id, ts, seq);
     """,
     requests_lookup(SCHEMA),
-    # SendMessage keeps its own record: a message's id is its request's Id. The lookup is a
-    # function of its own so that it is planned at each call: a cached plan made while the
-    # table was empty would scan the whole table for ever after.
+    # SendMessage keeps its record in the same table, written by the statement that stores
+    # the message: the request id with the message it stored, which answers for it (no
+    # stored reply). The lookup is a function of its own so that it is planned at each call:
+    # a plan cached while the table was empty would scan the whole table ever after.
     """
-    CREATE UNIQUE INDEX messages_by_id ON session.messages (session_id, message_id);
-    CREATE FUNCTION session.stored_messages(session_ids text[], message_ids text[])
+    ALTER TABLE session.requests ADD COLUMN session_id text, ADD COLUMN seq bigint;
+    CREATE FUNCTION session.stored_messages(ids text[])
     RETURNS TABLE (message_id text, seq bigint, ts bigint, generation int)
     LANGUAGE sql STABLE SET plan_cache_mode = force_custom_plan AS $$
-        SELECT m.message_id, m.seq, m.ts, m.generation
-        FROM unnest(session_ids, message_ids) AS b(session_id, message_id)
-        JOIN session.messages AS m ON m.session_id = b.session_id AND m.message_id = b.message_id
+        SELECT r.id, m.seq, m.ts, m.generation
+        FROM session.requests AS r JOIN session.messages AS m ON m.session_id = r.session_id AND m.seq = r.seq
+        WHERE r.id = ANY(ids)
     $$;
     """,
+    requests_replanned(SCHEMA),
 ]
 
 
@@ -126,14 +128,18 @@ async def append_messages(
     session's next sequence numbers go in list order, with a timestamp that never goes
     backwards within the session (so (timestamp, seq) order is arrival order). By
     message_id: `stored_before`, the `current` generation, and seq, ts and generation of
-    the stored message (NULL when it was not taken). Two workers storing the same message at
-    once (a shard handover) meet the unique index: the later one's statement fails whole."""
+    the stored message (NULL when it was not taken). Each stored message is recorded in
+    session.requests under its request id, by the same statement; two workers storing the
+    same message at once (a shard handover) meet its primary key, and the later one's
+    statement fails whole. The record lives in that small table, pruned like the others,
+    rather than as a unique index over every message ever stored: probing and inserting at
+    random places of an index that size costs a disk read and a full-page WAL write each."""
     rows = await conn.fetch(
         """WITH batch AS (
                SELECT * FROM unnest($2::text[], $3::int[], $4::text[], $5::text[], $6::bytea[], $7::bytea[], $8::bool[])
                    WITH ORDINALITY AS b(session_id, generation, message_id, sender, sender_key, content, fresh, position)
            ), earlier AS (
-               SELECT * FROM session.stored_messages($2::text[], $4::text[])
+               SELECT * FROM session.stored_messages($4::text[])
            ), current AS (
                SELECT session_id, key_generation FROM session.sessions WHERE session_id = ANY($2::text[])
            ), accepted AS (
@@ -152,7 +158,9 @@ async def append_messages(
                SELECT a.session_id, v.base + row_number() OVER (PARTITION BY a.session_id ORDER BY a.position),
                       a.message_id, a.sender, a.sender_key, coalesce(a.generation, v.key_generation), v.last_timestamp, a.content
                FROM accepted AS a JOIN advanced AS v USING (session_id)
-               RETURNING message_id, seq, ts, generation
+               RETURNING session_id, message_id, seq, ts, generation
+           ), recorded AS (
+               INSERT INTO session.requests (id, session_id, seq) SELECT message_id, session_id, seq FROM stored
            )
            SELECT b.message_id, e.message_id IS NOT NULL AS stored_before, coalesce(c.key_generation, 0) AS current,
                   coalesce(e.seq, s.seq) AS seq, coalesce(e.ts, s.ts) AS ts, coalesce(e.generation, s.generation) AS generation
