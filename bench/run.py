@@ -10,6 +10,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -512,6 +513,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+async def _until_terminated(run):
+    """SIGTERM cancels the run like Ctrl-C, so its finally blocks stop the services and drop
+    the isolated world rather than leave them running."""
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    return await run
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     cfg = SMOKE if args.smoke else FULL
@@ -528,7 +536,11 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     bench = Bench(cfg, args)
-    results = asyncio.run(bench.run())
+    try:
+        results = asyncio.run(_until_terminated(bench.run()))
+    except asyncio.CancelledError:
+        say("terminated: services stopped, isolated vhost and database dropped")
+        return 128 + signal.SIGTERM
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(report.text(results))
