@@ -194,9 +194,24 @@ def tables(results: dict, names: list[str]) -> list[tuple[str, list[str], list[l
     return out
 
 
+# A 1-minute load average at the start above this (cores busy) means something else was
+# running when the benchmark began, which it cannot see afterwards: its figures are marked
+# provisional.
+BUSY_AT_START = 0.5
+
+
+def busy_at_start(results: dict) -> bool:
+    start = results.get("meta", {}).get("loadavg_start") or "0"
+    return float(start.split()[0]) > BUSY_AT_START
+
+
+def status(results: dict) -> str:
+    return "Provisional (the machine was busy when it started)" if busy_at_start(results) else "Measured"
+
+
 def text(results: dict) -> str:
     names = ["workers"] if results.get("mode") == "workers" else ["pipeline", "reads", "ops", "memory"]
-    parts = [f"aodm benchmark ({results.get('mode')}) — PROVISIONAL: measured while other work ran on the machine"]
+    parts = [f"aodm benchmark ({results.get('mode')}) — {status(results).upper()}"]
     parts.append(machine_line(results))
     for _, header, rows in tables(results, names):
         parts += ["", text_table(header, rows)]
@@ -247,8 +262,8 @@ def _replace_section(doc: str, name: str, body: str) -> str:
 def results_markdown(results: dict) -> str:
     m = results.get("meta", {})
     lines = [
-        f"**Provisional** — measured {m.get('started')} while other work ran on the machine "
-        f"(load average {m.get('loadavg_start')} at the start, {m.get('loadavg_end')} at the end).",
+        f"**{status(results)}** — {m.get('started')} (load average {m.get('loadavg_start')} at the start, "
+        f"{m.get('loadavg_end')} at the end, the benchmark's own load).",
         "",
         f"Command: `{m.get('command')}` ({results.get('mode')}, {m.get('elapsed_s', 0):.0f} s in all).",
         "",
@@ -314,7 +329,7 @@ def workers_markdown(results: dict) -> str:
         return "No --workers run yet."
     _, header, rows = found[0]
     return "\n".join([
-        f"**Provisional** — `{m.get('command')}`, {m.get('started')}, load average {m.get('loadavg_start')}.",
+        f"**{status(results)}** — `{m.get('command')}`, {m.get('started')}, load average {m.get('loadavg_start')} at the start.",
         "",
         md_table(header, rows),
     ])
@@ -343,7 +358,8 @@ def plot(path: Path, results: dict) -> bool:
         return False
     runs = results.get("runs", {})
     fig, axes = plt.subplots(2, 2, figsize=(14, 9))
-    fig.suptitle(f"aodm vs baseline — provisional ({results.get('mode')}, {results.get('meta', {}).get('started')})")
+    fig.suptitle(f"aodm vs baseline — {status(results).split(' (')[0].lower()} ({results.get('mode')}, "
+                 f"{results.get('meta', {}).get('started')})")
 
     ax = axes[0][0]
     for name, label in (("aodm_max", "aodm SendMessage"), ("baseline_a_max", "baseline (a) 1 txn/msg"),

@@ -69,10 +69,11 @@ def test_smoke_writes_the_table_the_doc_and_the_plot(smoke):
     run, results, out = smoke
     for header in ("aodm ÷ (a)", "aodm ÷ (b)", "aodm ÷ RPC", "flat ±10%"):
         assert header in run.stdout
-    assert "PROVISIONAL" in run.stdout
+    label = report.status(results)
+    assert label.upper() in run.stdout
     doc = (out / "performance.md").read_text()
     assert "<!-- bench:begin results -->" in doc and "<!-- bench:end results -->" in doc
-    assert "Provisional" in doc
+    assert f"**{label}** — " in doc
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -103,3 +104,11 @@ def test_queue_layout_benchmark_prints_its_table():
     assert [int(r[0]) for r in rows] == [1, 8, 64]
     assert rows[0][3].strip() == "1.00×"
     assert all(float(r[2]) > 0 and float(r[1].replace(",", "")) > 0 for r in rows)
+
+
+def test_a_run_begun_on_a_busy_machine_is_marked_provisional():
+    idle = {"meta": {"loadavg_start": "0.12 0.40 0.80"}}
+    busy = {"meta": {"loadavg_start": "1.29 1.43 0.86"}}
+    assert report.status(idle) == "Measured"
+    assert report.status(busy).startswith("Provisional")
+    assert report.results_markdown(busy).startswith("**Provisional")
