@@ -487,7 +487,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     "vhost and database with the services as real processes. Progress on stderr, tables on stdout.",
     )
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--full", action="store_true", help="the full run (default): 1M-message store, 10-minute soak; ~20-25 min")
+    size.add_argument("--full", action="store_true", help="the full run (default): 1M-message store, 10-minute soak; ~25-30 min")
     size.add_argument("--smoke", action="store_true", help="a seconds-long version of every stage (CI)")
     parser.add_argument("--workers", metavar="N,N,...", help="instead: compare session worker counts, e.g. 1,2,4")
     parser.add_argument("--out", default=str(ROOT / "docs"), help="where performance.md/.png and the profile go (default docs/)")
