@@ -27,6 +27,15 @@ async def fail_a_publish(bus: Bus) -> None:
         await bus.publish(f"aodm-test-missing-{secrets.token_hex(3)}", "x", b"lost")
 
 
+async def consume_until(bus, queue: str, handle, finished: asyncio.Event, **options) -> None:
+    """Consume the queue until the test says it has seen enough (20 s at most)."""
+    consumer = await bus.consume(queue, handle, **options)
+    try:
+        await asyncio.wait_for(finished.wait(), timeout=20)
+    finally:
+        await consumer.stop()
+
+
 async def test_a_publish_right_after_a_channel_error_waits_for_the_channel(bus):
     queue = f"aodm-test-{secrets.token_hex(3)}"
     await bus.declare_queue(queue)
@@ -60,11 +69,7 @@ async def test_a_batch_its_handler_could_not_answer_is_handed_back_in_order(bus)
         if len(done) >= len(bodies):
             finished.set()
 
-    consumer = await bus.consume(queue, handle, prefetch=20, batch=5)
-    try:
-        await asyncio.wait_for(finished.wait(), timeout=20)
-    finally:
-        await consumer.stop()
+    await consume_until(bus, queue, handle, finished, prefetch=20, batch=5)
     assert failed and set(failed) <= redelivered, "the failed batch did not come back"
     assert done == bodies, "each message handled once, in queue order"
     assert await bus.message_count(queue) == 0
@@ -90,10 +95,6 @@ async def test_a_single_delivery_its_handler_could_not_answer_is_not_left_unackn
         if len(done) == 10:
             finished.set()
 
-    consumer = await bus.consume(queue, handle, prefetch=10, concurrency=4)
-    try:
-        await asyncio.wait_for(finished.wait(), timeout=20)
-    finally:
-        await consumer.stop()
+    await consume_until(bus, queue, handle, finished, prefetch=10, concurrency=4)
     assert attempts[b"s3"] >= 2
     assert await bus.message_count(queue) == 0
