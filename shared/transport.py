@@ -181,6 +181,8 @@ class _Channel(aiormq.channel.Channel):
         direct = getattr(consumer, "__wrapped__", None)  # aiormq wraps plain functions
         if not getattr(direct, "direct", False):
             return await super()._on_deliver_frame(frame)
+        # aiormq's private Channel.__get_content_header, by its mangled name: the two
+        # steps of aiormq's own _on_deliver_frame before it makes the task.
         header = await self._Channel__get_content_header()
         message = await self._read_content(frame, header)
         try:
