@@ -5,17 +5,17 @@ many as a shard has waiting: group commit):
 
 1. each envelope is decoded and its signature and Id checked, its action and Data parsed;
 2. the `send`s run in one transaction that first locks every envelope Id and looks it up
-   in `<schema>.requests` — an Id already there is a duplicate and gets its stored reply
-   instead of a second effect — then runs the handlers in order (a `batched` action's
+   in `<schema>.requests` — an Id already there is a duplicate: it gets its stored reply,
+   and its stored effects go out again under the same ids, never a second change — then runs the handlers in order (a `batched` action's
    consecutive requests in one call, so it can write them with one statement) and stores
    each reply and its outgoing effects under its Id; each `dryrun` runs on a connection
    whose session is read-only (PostgreSQL refuses any write on it), so it cannot change
    state;
 3. after the commit the effects and then the replies are published, and once the broker
    has confirmed all of them the deliveries are acknowledged, batch after batch. A crash
-   anywhere before the ack redelivers the requests, and a redelivery republishes the
-   stored effects (notifications carry stable ids); a broker fault hands the batch back to
-   its queue to the same end.
+   anywhere before the ack redelivers the requests, and a redelivery (like a client's
+   resend) republishes the stored effects; a broker fault hands the batch back to its queue
+   to the same end.
 
 A request refused before its handler runs (stale, not a member…) just gets its error. One
 whose handler fails is taken out and the rest of the batch run again without it: a typed
@@ -206,8 +206,6 @@ class Outcome:
     duplicate: bool = False
     poison: bool = False
     failures: int = 0
-    tried: bool = False  # an attempt to store it has begun (and may have committed)
-    again: bool = False  # this attempt is not the first
 
     @property
     def request_id(self) -> str | None:
@@ -383,13 +381,15 @@ class Processor:
             raise _ClaimLost()
 
     def _replay(self, outcome: Outcome, row: asyncpg.Record) -> None:
-        """A request seen before is answered as the first time. Its effects are republished
-        only when they may not have been published: the broker redelivers it, or an attempt
-        of ours met a database fault that may have come after its commit. A client's replay
-        gets the reply and causes nothing."""
+        """A request seen before is answered as the first time, and its effects are
+        published again, whoever sent it again: nothing records whether the first ones were
+        confirmed, and neither sign of it can be trusted. The broker's `redelivered` flag is
+        a hint (AMQP 0-9-1: a client MUST NOT rely on it), and a client resends exactly when
+        its answer did not come, which is when the notifications may not have gone out
+        either. Republished effects keep their ids, so clients drop the copies."""
         outcome.duplicate = True
         outcome.reply = bytes(row["stored_reply"])
-        outcome.effects = outgoing.decode(row["stored_effects"]) if _may_be_unpublished(outcome) else outgoing.NONE
+        outcome.effects = outgoing.decode(row["stored_effects"])
 
     async def _run_reads(self, outcomes: list[Outcome]) -> None:
         """After the batch's sends (a read sees what they wrote), side by side: reads change
@@ -441,10 +441,7 @@ class Processor:
                 self._fail(outcome, result)
                 continue
             outcome.reply, outcome.effects = ok(outcome.env.id, result), ctx.effects
-            if ctx.stored_before:
-                outcome.duplicate = True
-                if not _may_be_unpublished(outcome):
-                    outcome.effects = outgoing.NONE
+            outcome.duplicate = ctx.stored_before  # its effects go out again (see _replay)
 
     async def _context(self, conn: asyncpg.Connection, outcome: Outcome) -> Context:
         env = outcome.env
@@ -624,7 +621,6 @@ def _firsts(batch: list[Outcome]) -> tuple[list[Outcome], list[Outcome]]:
     copies = []
     for outcome in batch:
         outcome.reply, outcome.effects, outcome.duplicate = None, outgoing.NONE, False
-        outcome.again, outcome.tried = outcome.tried, True
         if outcome.env.id in firsts:
             copies.append((outcome, firsts[outcome.env.id]))
         else:
@@ -645,12 +641,6 @@ def _replies(outcomes: list[Outcome]) -> list[Message]:
 def _answer_copies(copies: list[tuple[Outcome, Outcome]]) -> None:
     for copy, first in copies:
         copy.code, copy.reply, copy.caller, copy.duplicate = first.code, first.reply, first.caller, True
-
-
-def _may_be_unpublished(outcome: Outcome) -> bool:
-    """A request found stored: were its effects perhaps never published? Yes when the broker
-    redelivers it, or when this is our own attempt again (after a fault, or a neighbour's)."""
-    return outcome.delivery.redelivered or outcome.again
 
 
 def _runs(outcomes: list[Outcome], batched: bool) -> list[list[Outcome]]:
