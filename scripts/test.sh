@@ -8,8 +8,9 @@
 # with pytest's code ("no tests collected" counts as a failure):
 #   - .venv (python3 -m venv) with `pip install -e '.[test,fast,bench]'`, redone only when
 #     pyproject.toml changed (stamp file in .venv);
-#   - RabbitMQ up, with rabbitmq_management, rabbitmq_prometheus and
-#     rabbitmq_consistent_hash_exchange enabled and the management API answering;
+#   - RabbitMQ up, with rabbitmq_management, rabbitmq_prometheus,
+#     rabbitmq_sharding (x-modulus-hash) and rabbitmq_consistent_hash_exchange enabled and
+#     the management API answering;
 #   - PostgreSQL up and accepting the configured user;
 #   - Node.js and npm, and `npm ci` in tools/asyncapi and examples/node when their
 #     package-lock.json changed (the AsyncAPI validator and the Node.js example client).

@@ -565,8 +565,31 @@ class Bus:
 
     # -- topology ---------------------------------------------------------------------
 
-    async def declare_exchange(self, name: str, kind: str, *, arguments: dict | None = None) -> None:
+    async def declare_exchange(
+        self, name: str, kind: str, *, arguments: dict | None = None, replacing: bool = False
+    ) -> None:
+        """`replacing`: an exchange of this name but of another type (an older version's) is
+        deleted first, with its bindings, which the caller declares again."""
+        if replacing:
+            await self._delete_if_other_kind(name, kind, arguments)
         await self._channel.declare_exchange(name, kind, durable=True, arguments=arguments)
+
+    async def _delete_if_other_kind(self, name: str, kind: str, arguments: dict | None) -> None:
+        # On throwaway channels: a declare that does not match closes its channel.
+        connection = (await self._channel.get_underlay_channel()).connection
+        probe = await connection.channel()
+        try:
+            await probe.exchange_declare(name, exchange_type=kind, durable=True, arguments=arguments)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            logging.getLogger("aodm.transport").warning("replacing exchange %s: %s", name, exc)
+            probe = await connection.channel()
+            await probe.exchange_delete(name)
+        except aiormq.exceptions.ConnectionCommandInvalid as exc:  # "unknown exchange type"
+            raise RuntimeError(f"the broker refused exchange {name!r} of type {kind!r} ({exc}): "
+                               f"enable the plugin that provides it (docs/operations.md)") from exc
+        finally:
+            if not probe.is_closed:
+                await probe.close()
 
     async def declare_queue(self, name: str, *, arguments: dict | None = None) -> None:
         await self._channel.declare_queue(name, durable=True, arguments=arguments)

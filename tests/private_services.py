@@ -50,7 +50,7 @@ async def _run(args: list[str], *, env: dict | None = None, timeout: float = 120
 
 
 class PrivateRabbit:
-    """A single RabbitMQ node (consistent-hash plugin only, no management listener)."""
+    """A single RabbitMQ node (the hash exchange plugins only, no management listener)."""
 
     BIN = ("/usr/lib/rabbitmq/bin",)
 
@@ -66,7 +66,7 @@ class PrivateRabbit:
         cookie = home / ".erlang.cookie"
         cookie.write_text(secrets.token_hex(16))
         cookie.chmod(0o400)
-        (root / "enabled_plugins").write_text("[rabbitmq_consistent_hash_exchange].\n")
+        (root / "enabled_plugins").write_text("[rabbitmq_consistent_hash_exchange,rabbitmq_sharding].\n")
         (root / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n")
         (root / "rabbitmq-env.conf").write_text("")
         self.env = {

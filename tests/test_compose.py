@@ -14,7 +14,7 @@ from shared import config
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_SERVICES = ["registry", "session", "notifier"]
-PLUGINS = {"rabbitmq_management", "rabbitmq_prometheus", "rabbitmq_consistent_hash_exchange"}
+PLUGINS = {"rabbitmq_management", "rabbitmq_prometheus", "rabbitmq_sharding", "rabbitmq_consistent_hash_exchange"}
 HTTP_PORT = "AODM_HTTP_PORT"
 
 
