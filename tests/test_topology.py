@@ -94,20 +94,19 @@ async def test_a_session_keeps_its_shard_across_a_broker_restart():
     numbers its buckets in the order the bindings were added, and a restart adds them again
     in another order. A session split over two shards loses its order."""
     sessions = [secrets.token_urlsafe(32) for _ in range(300)]
-    async with private_rabbit() as rabbit:
-        bus = await Bus.connect(rabbit.url, name="aodm-test-topology")
+
+    async def where(url: str) -> dict[str, int]:
+        bus = await Bus.connect(url, name="aodm-test-topology")
         try:
-            await topology.declare_all(bus, SHARDS)
-            before = await shards_of(bus, sessions)
+            await topology.declare_all(bus, SHARDS)  # as every service does when it starts
+            return await shards_of(bus, sessions)
         finally:
             await bus.close()
+
+    async with private_rabbit() as rabbit:
+        before = await where(rabbit.url)
         await rabbit.stop_app()
         await rabbit.start_app()
-        bus = await Bus.connect(rabbit.url, name="aodm-test-topology")
-        try:
-            await topology.declare_all(bus, SHARDS)
-            after = await shards_of(bus, sessions)
-        finally:
-            await bus.close()
+        after = await where(rabbit.url)
     moved = [s for s in sessions if before[s] != after[s]]
     assert not moved, f"{len(moved)} of {len(sessions)} sessions moved to another shard"
