@@ -5,12 +5,12 @@ many as a shard has waiting: group commit):
 
 1. each envelope is decoded and its signature and Id checked, its action and Data parsed;
 2. the `send`s run in one transaction that first locks every envelope Id and looks it up
-   in `<schema>.requests` — an Id already there is a duplicate: it gets its stored reply,
-   and its stored effects go out again under the same ids, never a second change — then runs the handlers in order (a `batched` action's
-   consecutive requests in one call, so it can write them with one statement) and stores
-   each reply and its outgoing effects under its Id; each `dryrun` runs on a connection
-   whose session is read-only (PostgreSQL refuses any write on it), so it cannot change
-   state;
+   in `<schema>.requests` — an Id already there is a duplicate: it changes nothing, gets
+   its stored reply, and its stored effects go out again under the same ids — then runs
+   the handlers in order (a `batched` action's consecutive requests in one call, so it
+   can write them with one statement) and stores each reply and its outgoing effects
+   under its Id; each `dryrun` runs on a connection whose session is read-only
+   (PostgreSQL refuses any write on it), so it cannot change state;
 3. after the commit the effects and then the replies are published, and once the broker
    has confirmed all of them the deliveries are acknowledged, batch after batch. A crash
    anywhere before the ack redelivers the requests, and a redelivery (like a client's
