@@ -358,7 +358,7 @@ def plot(path: Path, results: dict) -> bool:
         return False
     runs = results.get("runs", {})
     fig, axes = plt.subplots(2, 2, figsize=(14, 9))
-    fig.suptitle(f"aodm vs baseline — {status(results).split(' (')[0].lower()} ({results.get('mode')}, "
+    fig.suptitle(f"aodm vs baseline — {'provisional' if busy_at_start(results) else 'measured'} ({results.get('mode')}, "
                  f"{results.get('meta', {}).get('started')})")
 
     ax = axes[0][0]
