@@ -63,6 +63,67 @@ MIGRATIONS = [
     $$;
     """,
     requests_replanned(SCHEMA),
+    # SendMessage's one statement, as a function whose plan is made once per connection
+    # (generic) rather than at every call: at a steady load most batches hold one to a few
+    # messages, and planning this statement at each call took as much CPU as running it
+    # (measured: 460 → 260 µs of PostgreSQL CPU per one-message call, 630 → 380 at four;
+    # docs/performance.md). A plan made once must not depend on how big the tables were
+    # when it was made (it may be made on empty ones): with seq scans off, every table is
+    # reached through its primary key, which is the right plan at any size.
+    """
+    CREATE FUNCTION session.append_messages(
+        now bigint, session_ids text[], generations int[], message_ids text[], senders text[],
+        sender_keys bytea[], contents bytea[], fresh bool[]
+    ) RETURNS TABLE (message_id text, stored_before bool, current int, seq bigint, ts bigint, generation int)
+    LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $fn$
+    #variable_conflict use_column
+    BEGIN
+        -- A message stored before (the same request again) is left as it is. A new one is
+        -- taken when it is fresh, its session has a key and the generation named (none: the
+        -- current one) exists; each session's next sequence numbers go in list order, with
+        -- a timestamp that never goes backwards within the session (so (timestamp, seq)
+        -- order is arrival order). Each stored message is recorded in session.requests
+        -- under its request id by the same statement: two workers storing the same message
+        -- at once (a shard handover) meet its primary key, and the later one's statement
+        -- fails whole. The record lives in that small table, pruned like the others, rather
+        -- than as a unique index over every message ever stored: probing and inserting at
+        -- random places of an index that size costs a disk read and a full-page WAL write.
+        RETURN QUERY
+        WITH batch AS (
+            SELECT * FROM unnest(session_ids, generations, message_ids, senders, sender_keys, contents, fresh)
+                WITH ORDINALITY AS b(session_id, generation, message_id, sender, sender_key, content, fresh, position)
+        ), earlier AS (
+            SELECT r.id AS message_id, m.seq, m.ts, m.generation
+            FROM session.requests AS r JOIN session.messages AS m ON m.session_id = r.session_id AND m.seq = r.seq
+            WHERE r.id = ANY(message_ids)
+        ), current AS (
+            SELECT s.session_id, s.key_generation FROM session.sessions AS s WHERE s.session_id = ANY(session_ids)
+        ), accepted AS (
+            SELECT b.* FROM batch AS b JOIN current AS c USING (session_id)
+            WHERE b.fresh AND b.message_id NOT IN (SELECT e.message_id FROM earlier AS e)
+              AND c.key_generation >= 1 AND (b.generation IS NULL OR b.generation BETWEEN 1 AND c.key_generation)
+        ), counts AS (
+            SELECT a.session_id, count(*) AS n FROM accepted AS a GROUP BY a.session_id
+        ), advanced AS (
+            UPDATE session.sessions AS s
+            SET message_seq = s.message_seq + c.n, last_timestamp = greatest(s.last_timestamp, now)
+            FROM counts AS c WHERE s.session_id = c.session_id
+            RETURNING s.session_id, s.message_seq - c.n AS base, s.last_timestamp, s.key_generation
+        ), stored AS (
+            INSERT INTO session.messages (session_id, seq, message_id, sender, sender_key, generation, ts, content)
+            SELECT a.session_id, v.base + row_number() OVER (PARTITION BY a.session_id ORDER BY a.position),
+                   a.message_id, a.sender, a.sender_key, coalesce(a.generation, v.key_generation), v.last_timestamp, a.content
+            FROM accepted AS a JOIN advanced AS v USING (session_id)
+            RETURNING session_id, message_id, seq, ts, generation
+        ), recorded AS (
+            INSERT INTO session.requests (id, session_id, seq) SELECT s.message_id, s.session_id, s.seq FROM stored AS s
+        )
+        SELECT b.message_id, e.message_id IS NOT NULL, coalesce(c.key_generation, 0),
+               coalesce(e.seq, s.seq), coalesce(e.ts, s.ts), coalesce(e.generation, s.generation)
+        FROM batch AS b LEFT JOIN current AS c USING (session_id)
+             LEFT JOIN earlier AS e USING (message_id) LEFT JOIN stored AS s USING (message_id);
+    END $fn$;
+    """,
 ]
 
 
@@ -122,51 +183,11 @@ async def append_messages(
     conn: asyncpg.Connection, now: int, messages: list[tuple[str, int | None, str, str, bytes, bytes, bool]]
 ) -> dict[str, asyncpg.Record]:
     """Store a batch of (session_id, generation, message_id, sender, sender_key, content,
-    fresh) in one statement, atomic without a transaction around it. A message stored
-    before (the same request again) is left as it is. A new one is taken when it is fresh,
-    its session has a key and the generation named (none: the current one) exists; each
-    session's next sequence numbers go in list order, with a timestamp that never goes
-    backwards within the session (so (timestamp, seq) order is arrival order). By
-    message_id: `stored_before`, the `current` generation, and seq, ts and generation of
-    the stored message (NULL when it was not taken). Each stored message is recorded in
-    session.requests under its request id, by the same statement; two workers storing the
-    same message at once (a shard handover) meet its primary key, and the later one's
-    statement fails whole. The record lives in that small table, pruned like the others,
-    rather than as a unique index over every message ever stored: probing and inserting at
-    random places of an index that size costs a disk read and a full-page WAL write each."""
+    fresh) in one statement (session.append_messages, above), atomic without a transaction
+    around it. By message_id: `stored_before`, the `current` generation, and seq, ts and
+    generation of the stored message (NULL when it was not taken)."""
     rows = await conn.fetch(
-        """WITH batch AS (
-               SELECT * FROM unnest($2::text[], $3::int[], $4::text[], $5::text[], $6::bytea[], $7::bytea[], $8::bool[])
-                   WITH ORDINALITY AS b(session_id, generation, message_id, sender, sender_key, content, fresh, position)
-           ), earlier AS (
-               SELECT * FROM session.stored_messages($4::text[])
-           ), current AS (
-               SELECT session_id, key_generation FROM session.sessions WHERE session_id = ANY($2::text[])
-           ), accepted AS (
-               SELECT b.* FROM batch AS b JOIN current AS c USING (session_id)
-               WHERE b.fresh AND b.message_id NOT IN (SELECT message_id FROM earlier)
-                 AND c.key_generation >= 1 AND (b.generation IS NULL OR b.generation BETWEEN 1 AND c.key_generation)
-           ), counts AS (
-               SELECT session_id, count(*) AS n FROM accepted GROUP BY session_id
-           ), advanced AS (
-               UPDATE session.sessions AS s
-               SET message_seq = s.message_seq + c.n, last_timestamp = greatest(s.last_timestamp, $1)
-               FROM counts AS c WHERE s.session_id = c.session_id
-               RETURNING s.session_id, s.message_seq - c.n AS base, s.last_timestamp, s.key_generation
-           ), stored AS (
-               INSERT INTO session.messages (session_id, seq, message_id, sender, sender_key, generation, ts, content)
-               SELECT a.session_id, v.base + row_number() OVER (PARTITION BY a.session_id ORDER BY a.position),
-                      a.message_id, a.sender, a.sender_key, coalesce(a.generation, v.key_generation), v.last_timestamp, a.content
-               FROM accepted AS a JOIN advanced AS v USING (session_id)
-               RETURNING session_id, message_id, seq, ts, generation
-           ), recorded AS (
-               INSERT INTO session.requests (id, session_id, seq) SELECT message_id, session_id, seq FROM stored
-           )
-           SELECT b.message_id, e.message_id IS NOT NULL AS stored_before, coalesce(c.key_generation, 0) AS current,
-                  coalesce(e.seq, s.seq) AS seq, coalesce(e.ts, s.ts) AS ts, coalesce(e.generation, s.generation) AS generation
-           FROM batch AS b LEFT JOIN current AS c USING (session_id)
-                LEFT JOIN earlier AS e USING (message_id) LEFT JOIN stored AS s USING (message_id)""",
-        now, *map(list, zip(*messages)),
+        "SELECT * FROM session.append_messages($1, $2, $3, $4, $5, $6, $7, $8)", now, *map(list, zip(*messages))
     )
     return {row["message_id"]: row for row in rows}
 

@@ -1,0 +1,64 @@
+"""The session store's SendMessage statement against a real PostgreSQL, in a database of its own.
+
+Its plan is made once per connection (docs/performance.md): these tests hold it to a plan
+that reaches every table by key, however small the tables were when it was made."""
+
+import secrets
+
+import asyncpg
+import pytest
+
+from services.session import store
+from shared import db
+from tests.isolation import drop_database, new_database
+
+TABLES = ("sessions", "messages", "requests")
+
+
+@pytest.fixture
+async def database():
+    name, dsn = await new_database("aodm_test_store")
+    pool = await db.connect(dsn, size=1)
+    try:
+        await db.migrate(pool, store.SCHEMA, store.MIGRATIONS)
+    finally:
+        await pool.close()
+    conn = await asyncpg.connect(dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+        await drop_database(name)
+
+
+def _messages(session_ids: list[str]) -> list[tuple]:
+    return [(s, None, secrets.token_hex(16), "alice", b"k" * 32, secrets.token_bytes(64), True) for s in session_ids]
+
+
+async def _seq_scans(conn: asyncpg.Connection) -> dict[str, int]:
+    await conn.execute("SELECT pg_stat_force_next_flush()")  # this backend's counts, before they are read
+    rows = await conn.fetch("SELECT relname, seq_scan FROM pg_stat_user_tables WHERE schemaname = 'session'")
+    return {row["relname"]: row["seq_scan"] for row in rows if row["relname"] in TABLES}
+
+
+async def test_the_plan_made_on_empty_tables_still_reaches_rows_by_key(database):
+    conn = database
+    # The plan is made here, while every table is empty (no such session: nothing is stored).
+    assert (await store.append_messages(conn, 1, _messages(["nobody"])))  # answered, as not taken
+    await conn.executemany(
+        "INSERT INTO session.sessions (session_id, created_at, key_generation) VALUES ($1, 0, 1)",
+        [(f"s{i}",) for i in range(3000)],
+    )
+    for start in range(0, 3000, 500):  # messages and their records, through the statement itself
+        await store.append_messages(conn, 2, _messages([f"s{i}" for i in range(start, start + 500)]))
+    before = await _seq_scans(conn)
+
+    one = _messages(["s7"])
+    many = _messages([f"s{i}" for i in range(100, 150)])
+    stored = await store.append_messages(conn, 3, one) | await store.append_messages(conn, 3, many)
+    again = await store.append_messages(conn, 4, one)  # the same request: found, not stored twice
+
+    assert await _seq_scans(conn) == before
+    assert all(row["seq"] == 2 and not row["stored_before"] for row in stored.values())
+    assert [(row["stored_before"], row["seq"]) for row in again.values()] == [(True, 2)]
+    assert await conn.fetchval("SELECT count(*) FROM session.messages") == 3000 + 51
