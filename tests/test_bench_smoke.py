@@ -95,15 +95,27 @@ async def test_smoke_leaves_no_vhost_or_database(smoke):
         await conn.close()
 
 
-@pytest.mark.timeout(120)
-def test_queue_layout_benchmark_prints_its_table():
-    run = subprocess.run([sys.executable, "-m", "bench.queues", "--messages", "500"], cwd=ROOT,
+def _table_rows(module: str, messages: int) -> list[list[str]]:
+    """Run a stand-alone measurement (python -m bench.<module>); the rows of the table it prints."""
+    run = subprocess.run([sys.executable, "-m", f"bench.{module}", "--messages", str(messages)], cwd=ROOT,
                          capture_output=True, text=True, timeout=110)
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| ") and "×" in line]
+    return [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| ") and "×" in line]
+
+
+@pytest.mark.timeout(120)
+def test_queue_layout_benchmark_prints_its_table():
+    rows = _table_rows("queues", 500)
     assert [int(r[0]) for r in rows] == [1, 8, 64]
     assert rows[0][3].strip() == "1.00×"
     assert all(float(r[2]) > 0 and float(r[1].replace(",", "")) > 0 for r in rows)
+
+
+@pytest.mark.timeout(120)
+def test_statement_benchmark_prints_its_table():
+    rows = _table_rows("statement", 200)
+    assert [int(r[0]) for r in rows] == [1, 4, 20, 100]
+    assert all(float(cell) > 0 for r in rows for cell in (r[1], r[2], r[4], r[5]))
 
 
 def test_a_run_begun_on_a_busy_machine_is_marked_provisional():

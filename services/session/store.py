@@ -70,6 +70,7 @@ MIGRATIONS = [
     # docs/performance.md). A plan made once must not depend on how big the tables were
     # when it was made (it may be made on empty ones): with seq scans off, every table is
     # reached through its primary key, which is the right plan at any size.
+    # (session.stored_messages stays: workers of the previous version call it until they are replaced.)
     """
     CREATE FUNCTION session.append_messages(
         now bigint, session_ids text[], generations int[], message_ids text[], senders text[],
