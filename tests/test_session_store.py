@@ -1,6 +1,6 @@
 """The session store's SendMessage statement against a real PostgreSQL, in a database of its own.
 
-Its plan is made once per connection (docs/performance.md): these tests hold it to a plan
+Its plan is made once per connection (docs/performance.md): this test holds it to a plan
 that reaches every table by key, however small the tables were when it was made."""
 
 import secrets

@@ -66,8 +66,8 @@ MIGRATIONS = [
     # SendMessage's one statement, as a function whose plan is made once per connection
     # (generic) rather than at every call: at a steady load most batches hold one to a few
     # messages, and planning this statement at each call took as much CPU as running it
-    # (measured: 460 → 260 µs of PostgreSQL CPU per one-message call, 630 → 380 at four;
-    # docs/performance.md). A plan made once must not depend on how big the tables were
+    # (`python -m bench.statement`: 592 → 245 µs of PostgreSQL CPU per one-message call,
+    # 730 → 360 at four; docs/performance.md). A plan made once must not depend on how big the tables were
     # when it was made (it may be made on empty ones): with seq scans off, every table is
     # reached through its primary key, which is the right plan at any size.
     # (session.stored_messages stays: workers of the previous version call it until they are replaced.)
