@@ -272,9 +272,11 @@ class Processor:
         answered = [o for o in outcomes if not (o.code == "ok" and o.action.mode == "dryrun")]
         self._record(answered, len(outcomes), time.perf_counter() - started)
         await self._dead_letter_poison(answered)
-        publishing = [self._answer(answered)] if answered else []
+        publishing: list[Awaitable[None]] = [self._answer(answered)] if answered else []
         if reads:
-            publishing.append(asyncio.ensure_future(self._read_and_reply(reads, len(outcomes), started)))
+            replying = self._read_and_reply(reads, len(outcomes), started)
+            # Reads alone (a lone QueryMessage, say) run in the settling task itself.
+            publishing.append(asyncio.ensure_future(replying) if publishing else replying)
         self._answered = asyncio.ensure_future(self._settle(outcomes, publishing, after=self._answered))
         return self._answered
 
@@ -546,11 +548,13 @@ class Processor:
         except Abandoned as exc:  # stopping while the database is away: hand them back
             self._abandon(reads)
             raise ConnectionError("left for redelivery") from exc
-        self._record(reads, batch, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self._count(reads, elapsed)
         await self._dead_letter_poison(reads)
         await self._publish(_replies(reads))
+        self._log(reads, batch, elapsed)  # after the replies, which need not wait for it
 
-    async def _settle(self, outcomes: list[Outcome], publishing: list[asyncio.Future], after: "asyncio.Future[None] | None") -> None:
+    async def _settle(self, outcomes: list[Outcome], publishing: list[Awaitable[None]], after: "asyncio.Future[None] | None") -> None:
         """Acknowledged once confirmed (poison is in the dead letters by then). On a broker
         fault they are handed back to their queues; redelivered, they are recognised as
         duplicates and their stored effects published again."""
@@ -576,11 +580,19 @@ class Processor:
                         destination=f"{message.exchange or '(default)'}/{message.routing_key}")
 
     def _record(self, outcomes: list[Outcome], batch: int, elapsed: float) -> None:
-        """One log line per handled request; metrics never take an attacker's action name."""
+        self._count(outcomes, elapsed)
+        self._log(outcomes, batch, elapsed)
+
+    def _count(self, outcomes: list[Outcome], elapsed: float) -> None:
+        """Metrics never take an attacker's action name."""
         for outcome in outcomes:
             action = outcome.action_name if outcome.action_name in self.actions else "unknown"
             metrics.inc("aodm_requests_total", service=self.name, action=action, outcome=outcome.code)
             metrics.observe("aodm_request_duration_seconds", elapsed, service=self.name, action=action)
+
+    def _log(self, outcomes: list[Outcome], batch: int, elapsed: float) -> None:
+        """One log line per handled request."""
+        for outcome in outcomes:
             log.info(
                 "handled",
                 service=self.name,

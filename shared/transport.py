@@ -348,7 +348,7 @@ async def hand_back(deliveries: list[Delivery], error: BaseException) -> None:
 
 
 async def settle_when_confirmed(
-    deliveries: list[Delivery], publishing: list["asyncio.Future[None]"], after: "asyncio.Future[None] | None"
+    deliveries: list[Delivery], publishing: list[Awaitable[None]], after: "asyncio.Future[None] | None"
 ) -> None:
     """Acknowledge a batch once the broker has confirmed what answering it published, and
     once the batch before it (`after`) is settled: a `multiple` ack must not cover
@@ -356,7 +356,10 @@ async def settle_when_confirmed(
     into the dead letters) are left out. On a broker fault they are handed back, and on a
     bug dead-lettered, before any later batch settles."""
     try:
-        await asyncio.gather(*publishing)
+        if len(publishing) == 1:
+            await publishing[0]  # a coroutine runs in this task: no gather, no task of its own
+        else:
+            await asyncio.gather(*publishing)
         if after is not None:
             await asyncio.wait([after])  # it settles its own batch, whatever its outcome
         await ack_in_order([d for d in deliveries if not d.settled])

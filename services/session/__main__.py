@@ -52,7 +52,9 @@ async def start(rt: runtime.Runtime) -> None:
             await spawn(delivery)
         if run:
             answering.append(await processor.begin(run))
-        return asyncio.gather(*answering) if answering else None
+        if len(answering) > 1:
+            return asyncio.gather(*answering)
+        return answering[0] if answering else None
 
     async def spawn(delivery: Delivery) -> None:
         # A Spawn counts only when the broker vouches (user_id, which it validates) that the
