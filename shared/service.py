@@ -263,18 +263,22 @@ class Processor:
                 self._parse(outcome)
             except AodmError as exc:
                 self._fail(outcome, exc)
+        # Reads alone have their signatures checked while the database runs them (see
+        # _run_reads); anything else is checked before anything runs.
+        reads_alone = not _sends(outcomes)
+        self._verify([o for o in outcomes if not (reads_alone and _is_read(o))])
         try:
-            await self._run_sends([o for o in outcomes if o.code == "ok" and o.action.mode == "send"])
+            await self._run_sends(_sends(outcomes))
         except Abandoned:
             return self._abandon(outcomes)
         metrics.observe("aodm_batch_size", len(outcomes), service=self.name)
-        reads = [o for o in outcomes if o.code == "ok" and o.action.mode == "dryrun"]
-        answered = [o for o in outcomes if not (o.code == "ok" and o.action.mode == "dryrun")]
+        reads = [o for o in outcomes if _is_read(o)]
+        answered = [o for o in outcomes if not _is_read(o)]
         self._record(answered, len(outcomes), time.perf_counter() - started)
         await self._dead_letter_poison(answered)
         publishing: list[Awaitable[None]] = [self._answer(answered)] if answered else []
         if reads:
-            replying = self._read_and_reply(reads, len(outcomes), started)
+            replying = self._read_and_reply(reads, len(outcomes), started, verify=reads_alone)
             # Reads alone (a lone QueryMessage, say) run in the settling task itself.
             publishing.append(asyncio.ensure_future(replying) if publishing else replying)
         self._answered = asyncio.ensure_future(self._settle(outcomes, publishing, after=self._answered))
@@ -288,10 +292,10 @@ class Processor:
     # -- parsing (no database) ---------------------------------------------------------
 
     def _parse(self, outcome: Outcome) -> None:
+        """Everything but the signature (see _verify)."""
         delivery = outcome.delivery
         env = envelopes.decode(delivery.body)
         outcome.env = env
-        envelopes.verify(env)
         if delivery.routing_key != env.target:
             raise MalformedRequest(f"Target {env.target!r} does not match the routing key {delivery.routing_key!r}")
         outcome.action_name = env.action
@@ -299,6 +303,16 @@ class Processor:
         if outcome.action is None:
             raise UnknownAction(f"{self.name} has no action {env.action!r}")
         outcome.request = decode_data(outcome.action, env.data)
+
+    def _verify(self, outcomes: list[Outcome]) -> None:
+        self._refuse(_bad_signatures(outcomes))
+
+    def _refuse(self, refused: list[tuple[Outcome, AodmError]]) -> None:
+        """A bad signature or Id is the answer, whatever else was wrong or was done: nothing
+        is taken, and no caller recognised, on a claim nobody proved."""
+        for outcome, error in refused:
+            outcome.caller, outcome.caller_is_handle = None, False
+            self._fail(outcome, error)
 
     # -- running handlers --------------------------------------------------------------
 
@@ -542,12 +556,18 @@ class Processor:
         # a Spawn is in its shard before the caller can read the reply and write to the session.
         return asyncio.ensure_future(self._publish(effects + _replies(outcomes)))
 
-    async def _read_and_reply(self, reads: list[Outcome], batch: int, started: float) -> None:
+    async def _read_and_reply(self, reads: list[Outcome], batch: int, started: float, *, verify: bool) -> None:
+        """With `verify`, the signatures are checked while the database runs the reads: the
+        check no longer adds to the round trip. A read that fails it is answered with that
+        error, whatever it read; it changed nothing (dryruns run on read-only sessions)."""
+        check = _SignatureCheck(reads) if verify else None
         try:
             await self._run_reads(reads)
         except Abandoned as exc:  # stopping while the database is away: hand them back
             self._abandon(reads)
             raise ConnectionError("left for redelivery") from exc
+        if check is not None:
+            self._refuse(check.refused())  # after the reads, which would otherwise answer over it
         elapsed = time.perf_counter() - started
         self._count(reads, elapsed)
         await self._dead_letter_poison(reads)
@@ -611,6 +631,45 @@ def _done() -> "asyncio.Future[None]":
     future = asyncio.get_running_loop().create_future()
     future.set_result(None)
     return future
+
+
+def _is_read(outcome: Outcome) -> bool:
+    return outcome.code == "ok" and outcome.action.mode == "dryrun"
+
+
+def _sends(outcomes: list[Outcome]) -> list[Outcome]:
+    return [o for o in outcomes if o.code == "ok" and o.action.mode == "send"]
+
+
+class _SignatureCheck:
+    """Checks signatures at the event loop's next turn: when the task that made it waits for
+    the database. Asked before that turn came, it checks them there and then."""
+
+    def __init__(self, outcomes: list[Outcome]) -> None:
+        self._outcomes = outcomes
+        self._refused: list[tuple[Outcome, AodmError]] | None = None
+        self._turn = asyncio.get_running_loop().call_soon(self._check)
+
+    def _check(self) -> None:
+        if self._refused is None:
+            self._refused = _bad_signatures(self._outcomes)
+
+    def refused(self) -> list[tuple[Outcome, AodmError]]:
+        self._turn.cancel()
+        self._check()
+        return self._refused
+
+
+def _bad_signatures(outcomes: list[Outcome]) -> list[tuple[Outcome, AodmError]]:
+    refused = []
+    for outcome in outcomes:
+        if outcome.env is None:
+            continue  # not even an envelope: its error stands
+        try:
+            envelopes.verify(outcome.env)
+        except AodmError as exc:
+            refused.append((outcome, exc))
+    return refused
 
 
 def _segments(outcomes: list[Outcome]) -> list[list[Outcome]]:
