@@ -274,9 +274,10 @@ class Processor:
         metrics.observe("aodm_batch_size", len(outcomes), service=self.name)
         reads = [o for o in outcomes if _is_read(o)]
         answered = [o for o in outcomes if not _is_read(o)]
-        self._record(answered, len(outcomes), time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self._count(answered, elapsed)
         await self._dead_letter_poison(answered)
-        publishing: list[Awaitable[None]] = [self._answer(answered)] if answered else []
+        publishing: list[Awaitable[None]] = [self._answer(answered, len(outcomes), elapsed)] if answered else []
         if reads:
             replying = self._read_and_reply(reads, len(outcomes), started, verify=reads_alone)
             # Reads alone (a lone QueryMessage, say) run in the settling task itself.
@@ -539,11 +540,11 @@ class Processor:
 
     # -- answering ---------------------------------------------------------------------
 
-    def _answer(self, outcomes: list[Outcome]) -> "asyncio.Future[None]":
+    def _answer(self, outcomes: list[Outcome], batch: int, elapsed: float) -> "asyncio.Future[None]":
         """Publish these requests' effects and replies now (a task), to be confirmed before
-        the batch is acknowledged. They are issued here, before the next batch can begin, so
-        batches' messages leave in batch order (and a handle's notifications in the order
-        they were produced)."""
+        the batch is acknowledged, then log them. They are issued here, before the next
+        batch can begin, so batches' messages leave in batch order (and a handle's
+        notifications in the order they were produced)."""
         if any(o.effects and not o.duplicate for o in outcomes):
             faults.crash_point("crash-after-commit")
         effects = outgoing.merge([o.effects for o in outcomes], activity=self.activity is None)
@@ -554,7 +555,13 @@ class Processor:
             self.activity([seen for o in outcomes for seen in o.effects.activity])
         # Frames leave in this order and the broker routes a channel's publishes in order, so
         # a Spawn is in its shard before the caller can read the reply and write to the session.
-        return asyncio.ensure_future(self._publish(effects + _replies(outcomes)))
+        return asyncio.ensure_future(self._publish_and_log(effects + _replies(outcomes), outcomes, batch, elapsed))
+
+    async def _publish_and_log(self, messages: list[Message], outcomes: list[Outcome], batch: int, elapsed: float) -> None:
+        try:
+            await self._publish(messages)
+        finally:
+            self._log(outcomes, batch, elapsed)  # after the answers, which need not wait for it
 
     async def _read_and_reply(self, reads: list[Outcome], batch: int, started: float, *, verify: bool) -> None:
         """With `verify`, the signatures are checked while the database runs the reads: the
@@ -598,10 +605,6 @@ class Processor:
             # A reply whose client has gone, or an event nobody is bound for: nothing to retry.
             log.warning("unroutable publish dropped", service=self.name,
                         destination=f"{message.exchange or '(default)'}/{message.routing_key}")
-
-    def _record(self, outcomes: list[Outcome], batch: int, elapsed: float) -> None:
-        self._count(outcomes, elapsed)
-        self._log(outcomes, batch, elapsed)
 
     def _count(self, outcomes: list[Outcome], elapsed: float) -> None:
         """Metrics never take an attacker's action name."""

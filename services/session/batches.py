@@ -47,6 +47,9 @@ class Combiner:
                 answering = None
             for _, answered in taken:
                 _follow(answering, answered)
+            # One turn of the loop before the next batch: this one's publishing starts now,
+            # not after the next one has been parsed, verified and sent to the database.
+            await asyncio.sleep(0)
 
 
 def _follow(answering: "asyncio.Future | None", answered: asyncio.Future) -> None:
