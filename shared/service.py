@@ -264,7 +264,7 @@ class Processor:
             except AodmError as exc:
                 self._fail(outcome, exc)
         # Reads alone have their signatures checked while the database runs them (see
-        # _run_reads); anything else is checked before anything runs.
+        # _read_and_reply); anything else is checked before anything runs.
         reads_alone = not _sends(outcomes)
         self._verify([o for o in outcomes if not (reads_alone and _is_read(o))])
         try:
