@@ -85,10 +85,15 @@ def table(rows: list[dict]) -> str:
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for queues in LAYOUTS:
         p, t = by[(queues, "persistent")], by[(queues, "transient")]
-        lines.append(f"| {queues:,} | {p['rate']:,.0f} | {p['broker_us']:.0f} | {p['broker_us'] / one_p:.2f}× "
-                     f"| {t['rate']:,.0f} | {t['broker_us']:.0f} | {t['broker_us'] / one_t:.2f}× "
+        lines.append(f"| {queues:,} | {p['rate']:,.0f} | {p['broker_us']:.0f} | {_ratio(p['broker_us'], one_p)} "
+                     f"| {t['rate']:,.0f} | {t['broker_us']:.0f} | {_ratio(t['broker_us'], one_t)} "
                      f"| {p['broker_us'] - t['broker_us']:.0f} |")
     return "\n".join(lines)
+
+
+def _ratio(us: float, base: float) -> str:
+    # CPU time comes in 10 ms clock ticks: a short run in one queue can read zero.
+    return f"{us / base:.2f}×" if base > 0 else "–"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from bench import report
+from bench.queues import LAYOUTS, table
 from bench.env import DATABASE_BASE, management
 from tests.processes import ROOT
 
@@ -105,7 +106,8 @@ def _table_rows(module: str, messages: int) -> list[list[str]]:
 
 @pytest.mark.timeout(120)
 def test_queue_layout_benchmark_prints_its_table():
-    rows = _table_rows("queues", 500)
+    # Enough messages that one queue's run spans many 10 ms CPU clock ticks of the broker.
+    rows = _table_rows("queues", 3000)
     assert [int(r[0].replace(",", "")) for r in rows] == [1, 8, 64, 1000]
     assert rows[0][3].strip() == rows[0][6].strip() == "1.00×"
     assert all(float(r[i].replace(",", "")) > 0 for r in rows for i in (1, 2, 4, 5))
@@ -124,3 +126,11 @@ def test_a_run_begun_on_a_busy_machine_is_marked_provisional():
     assert report.status(idle) == "Measured"
     assert report.status(busy).startswith("Provisional")
     assert report.results_markdown(busy).startswith("**Provisional")
+
+
+def test_queue_layout_table_survives_a_run_too_short_for_one_clock_tick():
+    rows = [{"queues": q, "kind": k, "rate": 1000.0, "broker_us": 0.0 if q == 1 else 80.0}
+            for q in LAYOUTS for k in ("persistent", "transient")]
+    lines = table(rows).splitlines()
+    assert lines[2].split("|")[4].strip() == "–"  # no ratio to a zero
+    assert lines[3].split("|")[3].strip() == "80"
