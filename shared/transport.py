@@ -400,7 +400,6 @@ class Consumer:
         self._stopping = False
         self._queue = ""
         self._amqp: AMQPChannel | None = None  # the AMQP channel consumed on, under _channel
-        self._tag: str | None = None
         self._exclusive = False
         # An exclusive subscription the broker dropped (connection or channel lost) that is
         # not taken back here: its owner must take it again, or learn that another has it.
@@ -450,8 +449,7 @@ class Consumer:
     async def _consume(self, exclusive: bool) -> None:
         # Set before consuming: deliveries can arrive before basic.consume-ok is handed back.
         self._amqp = amqp = await self._channel.get_underlay_channel()
-        self._tag = (await amqp.basic_consume(self._queue, direct(self._on_message),
-                                              exclusive=exclusive)).consumer_tag
+        await amqp.basic_consume(self._queue, direct(self._on_message), exclusive=exclusive)
 
     async def _start(self, queue: str, exclusive: bool) -> None:
         self._queue = queue
@@ -486,17 +484,16 @@ class Consumer:
             self.lost = True
 
     async def stop(self) -> None:
-        """Graceful: take no more, finish the messages being handled and their answers under
-        way, then close the channel, which hands every prefetched but unstarted message back
-        to the queue."""
+        """Graceful: start nothing more, finish what is in hand and its answers under way,
+        then close the channel. The subscription stays until that close, which makes the
+        broker requeue everything it delivered here unacknowledged (in queue order) and free
+        the queue in one step: whoever consumes next, an exclusive consumer above all, gets
+        those messages before any behind them. A basic.cancel first would free the queue
+        while they were still out here, and a shard's next owner would handle later ones
+        first."""
         self._stopping = True
         for _ in self._tasks:
             self._inbox.put_nowait(None)
-        if self._tag and self._amqp is not None and not self._amqp.is_closed:
-            try:
-                await self._amqp.basic_cancel(self._tag)
-            except BrokerError:
-                pass
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._settling:
             await asyncio.wait(self._settling, timeout=SETTLE_TIMEOUT)

@@ -6,7 +6,7 @@ import secrets
 
 import pytest
 
-from shared.transport import BrokerError, Bus, Delivery, ack_in_order
+from shared.transport import BrokerError, Bus, Consumer, Delivery, ExclusiveConsumerTaken, ack_in_order
 from tests.isolation import drop_vhost, new_vhost
 
 
@@ -98,3 +98,67 @@ async def test_a_single_delivery_its_handler_could_not_answer_is_not_left_unackn
     await consume_until(bus, queue, handle, finished, prefetch=10, concurrency=4)
     assert attempts[b"s3"] >= 2
     assert await bus.message_count(queue) == 0
+
+
+async def test_an_exclusive_consumer_that_stops_hands_its_queue_over_in_queue_order(bus):
+    """A shard hand-over. The owner stops while answers to what it handled are still under
+    way (as the session worker's are) and its prefetch holds messages it never started; a
+    rival polls for the queue meanwhile. Whatever the rival gets, it must get after every
+    message the owner received was handled or handed back: each message once, in queue
+    order, across the two consumers."""
+    queue = f"aodm-test-{secrets.token_hex(3)}"
+    await bus.declare_queue(queue)
+    bodies = [f"m{i:03d}".encode() for i in range(400)]
+    for body in bodies:
+        await bus.publish("", queue, body, persistent=False)
+    handled: list[bytes] = []
+    owner_started = asyncio.Event()
+    finished = asyncio.Event()
+    waiting: asyncio.Queue = asyncio.Queue()
+
+    async def work_in_order() -> None:
+        """Like the session worker's Combiner: the consumer hands batches in and goes on;
+        they are handled here one at a time, and acknowledged once handled."""
+        while True:
+            batch, done = await waiting.get()
+            await asyncio.sleep(0.01)  # a transaction
+            handled.extend(d.body for d in batch)
+            if len(handled) >= 40:
+                owner_started.set()
+            if len(set(handled)) >= len(bodies):
+                finished.set()
+            await ack_in_order(batch)
+            done.set_result(None)
+
+    async def owner(batch: list[Delivery]) -> "asyncio.Future[None]":
+        done = asyncio.get_running_loop().create_future()
+        waiting.put_nowait((batch, done))
+        return done
+
+    async def rival(batch: list[Delivery]) -> None:
+        handled.extend(d.body for d in batch)
+        await ack_in_order(batch)
+        if len(set(handled)) >= len(bodies):
+            finished.set()
+
+    worker = asyncio.create_task(work_in_order())
+    first = await bus.consume(queue, owner, prefetch=100, exclusive=True, batch=10)
+    await asyncio.wait_for(owner_started.wait(), timeout=10)
+
+    async def take_over() -> Consumer:
+        while True:
+            try:
+                return await bus.consume(queue, rival, prefetch=100, exclusive=True, batch=10)
+            except ExclusiveConsumerTaken:
+                await asyncio.sleep(0.005)
+
+    taking = asyncio.create_task(take_over())
+    await asyncio.sleep(0.05)  # the rival is polling before the owner lets go
+    await first.stop()
+    second = await asyncio.wait_for(taking, timeout=10)
+    try:
+        await asyncio.wait_for(finished.wait(), timeout=20)
+    finally:
+        worker.cancel()
+        await second.stop()
+    assert handled == bodies, "a message the new owner took overtook one the old owner had received"
