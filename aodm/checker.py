@@ -66,6 +66,7 @@ class Options:
     senders_per_session: int = 2  # 1: only the first member sends; 2: both do
     messages: int = 100  # per sender
     rate: float | None = None  # messages per second, all senders together
+    burst: int = 0  # each sender's first N messages go out at once (a backlog), the rest at `rate`
     duration: float = 60.0  # no new message is published after this many seconds
     settle: float = 30.0  # then at most this long for missing replies, and for read-back
     window: int = 16  # unanswered messages per sender
@@ -253,9 +254,11 @@ async def _send_all(pair: _Pair, who: int, run: str, opts: Options, progress: Pr
         if who == 0 and opts.rotate_every and i and i % opts.rotate_every == 0:
             await asyncio.gather(*waiting)  # rotate once everything before it is answered
             await _rotate(pair, opts, give_up)
-        if interval:
+        if interval and i >= opts.burst:
             await asyncio.sleep(max(0.0, next_at - _now()))
             next_at += interval
+        elif interval:
+            next_at = _now() + interval
         await window.acquire()
         if _now() >= send_until:
             window.release()
@@ -370,6 +373,7 @@ async def run_check(
     senders_per_session: int = 2,
     messages: int = 100,
     rate: float | None = None,
+    burst: int = 0,
     duration: float = 60.0,
     settle: float = 30.0,
     window: int = 16,
@@ -382,9 +386,10 @@ async def run_check(
 ) -> Report:
     """Drive the load, read it all back, judge. Bounded: about duration + 2 × settle.
     `sending` (optional) is set when the load starts: the moment to inject faults."""
-    if senders_per_session not in (1, 2) or min(sessions, messages, window) < 1:
-        raise ValueError("sessions, messages and window must be positive; senders_per_session 1 or 2")
-    opts = Options(sessions, senders_per_session, messages, rate, duration, settle, window, resend_after,
+    if senders_per_session not in (1, 2) or min(sessions, messages, window) < 1 or burst < 0:
+        raise ValueError("sessions, messages and window must be positive, burst not negative; "
+                         "senders_per_session 1 or 2")
+    opts = Options(sessions, senders_per_session, messages, rate, burst, duration, settle, window, resend_after,
                    rotate_every, tag, tag_every)
     started, run = _now(), secrets.token_hex(3)
     send_until = started + duration
@@ -444,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="1: one member sends; 2: both send at once (2)")
     parser.add_argument("--messages", type=int, default=100, help="messages per sender (100)")
     parser.add_argument("--rate", type=float, default=None, help="messages per second, all senders together (no limit)")
+    parser.add_argument("--burst", type=int, default=0,
+                        help="each sender publishes its first N messages at once, then goes on at --rate: a "
+                        "backlog in every shard (raise --window to match) (0)")
     parser.add_argument("--duration", type=float, default=60.0, help="stop publishing new messages after S seconds (60)")
     parser.add_argument("--settle", type=float, default=30.0,
                         help="then wait at most S seconds for replies, and again for read-back (30)")
@@ -462,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = asyncio.run(run_check(
             args.amqp_url, sessions=args.sessions, senders_per_session=args.senders_per_session,
-            messages=args.messages, rate=args.rate, duration=args.duration, settle=args.settle,
+            messages=args.messages, rate=args.rate, burst=args.burst, duration=args.duration, settle=args.settle,
             window=args.window, resend_after=args.resend_after, rotate_every=args.rotate_every,
             tag=args.tag, tag_every=args.tag_every, progress=not args.no_progress,
         ))

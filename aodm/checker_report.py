@@ -82,6 +82,7 @@ class Report:
     unexpected: int = 0  # stored but never sent, refused, undecryptable or from the wrong sender
     recovered: int = 0  # unconfirmed but stored (allowed: the reply was what got lost)
     order_violations: int = 0  # a sender's messages out of publish order in Seq
+    order_checked: int = 0  # stored messages compared with the same sender's one before them in Seq
     seq_mismatches: int = 0  # the Ok reply's Seq is not the stored one
     generation_gaps: int = 0  # key generations not 1..n with the checker's keys
     notifications_expected: int = 0  # confirmed messages (one NewMessage each to the peer)
@@ -118,7 +119,7 @@ class Report:
         line = (
             f"confirmed {self.confirmed}/{self.attempted}, stored {self.stored}, lost {self.lost}, "
             f"duplicated {self.duplicated}, unexpected {self.unexpected}, order violations "
-            f"{self.order_violations}, generation gaps {self.generation_gaps}, notifications missing "
+            f"{self.order_violations} (of {self.order_checked} checked), generation gaps {self.generation_gaps}, notifications missing "
             f"{self.notifications_missing}/{self.notifications_expected}"
         )
         rows = [
@@ -134,21 +135,23 @@ class Report:
         return "\n".join(rows)
 
 
-def _order_violations(messages: list[Stored], index_of: dict[str, int]) -> int:
+def _order_violations(messages: list[Stored], index_of: dict[str, int]) -> tuple[int, int]:
     """Per sender, walking the session in Seq order: how often a message follows one of the
-    same sender's that was published after it (each break in the order counts once)."""
+    same sender's that was published after it (each break in the order counts once), and
+    how many messages were compared with the sender's one before them."""
     last: dict[str, int] = {}
     seen: set[str] = set()
-    violations = 0
+    violations = compared = 0
     for message in sorted(messages, key=lambda m: m.seq):
         if message.text not in index_of or message.text in seen:
             continue  # unexpected ones and duplicates are counted elsewhere
         seen.add(message.text)
         index = index_of[message.text]
-        if message.sender in last and index < last[message.sender]:
-            violations += 1
+        if message.sender in last:
+            compared += 1
+            violations += index < last[message.sender]
         last[message.sender] = index
-    return violations
+    return violations, compared
 
 
 def judge(sent: list[Sent], stored: list[Stored], keys: list[Keys], notes: list[Note], *,
@@ -193,8 +196,9 @@ def judge(sent: list[Sent], stored: list[Stored], keys: list[Keys], notes: list[
     index_of = {s.text: s.index for s in sent}
     for k in keys:
         in_session = [m for m in stored if m.session == k.session]
-        violations = _order_violations(in_session, index_of)
+        violations, compared = _order_violations(in_session, index_of)
         report.order_violations += violations
+        report.order_checked += compared
         report.generation_gaps += k.gaps()
         report.per_session.append({
             "session": k.session, "stored": len(in_session), "order_violations": violations,

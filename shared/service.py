@@ -72,6 +72,9 @@ class Context:
     # found it stored before (then it answers as the first time).
     stale: AodmError | None = None
     stored_before: bool = False
+    # The lease the request was delivered under (Delivery.lease): a handler that writes with
+    # one statement of its own checks it there, and answers FENCED for what it may not take.
+    lease: Any = None
 
     def emit(self, exchange: str, routing_key: str, message: object) -> None:
         self.effects.messages.append(Outgoing(exchange, routing_key, _encoder.encode(message)))
@@ -95,6 +98,12 @@ Handler = Callable[[Context, Any], Awaitable[object]]
 BatchHandler = Callable[[list[Context], list[Any]], Awaitable[list[object]]]
 # Resolves who is calling: returns (caller, scope) or raises Unauthorized/Forbidden/NotFound.
 Authenticate = Callable[[asyncpg.Connection, Envelope, "Action"], Awaitable[tuple[str, Any]]]
+
+
+# Fence: holds a batch's leases until its transaction ends, and returns those a newer owner
+# of their queue holds now. Their requests are left to that owner: no answer, no ack.
+Fence = Callable[[asyncpg.Connection, list[Any]], Awaitable[set[Any]]]
+FENCED = "fenced"  # a handler's answer, and the outcome's code, for a request left that way
 
 
 @dataclass(frozen=True)
@@ -226,6 +235,7 @@ class Processor:
         handler_timeout: float = 10.0,
         stopping: asyncio.Event | None = None,
         activity: Callable[[list[Activity]], None] | None = None,
+        fence: Fence | None = None,
     ) -> None:
         self.name = name
         self.schema = schema
@@ -237,6 +247,7 @@ class Processor:
         self.handler_timeout = handler_timeout
         self.stopping = stopping or asyncio.Event()  # set: database faults abandon instead of waiting
         self.activity = activity  # takes the batches' activity instead of a report per batch
+        self.fence = fence
         self._answered: asyncio.Future[None] | None = None  # the latest batch's publishing and acks
         self._abandoned = False  # stopping while the database was away: everything is left
         metrics.inc("aodm_dead_lettered_total", 0, service=name)  # a series from the start, so rates see the first
@@ -357,7 +368,8 @@ class Processor:
 
     async def _send_batch(self, batch: list[Outcome], batched: bool) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
-            stored = await self._lock_and_look_up(conn, [o.env.id for o in batch])
+            batch = await self._hold_leases(conn, batch)
+            stored = await self._lock_and_look_up(conn, [o.env.id for o in batch]) if batch else {}
             firsts, copies = _firsts(batch)
             fresh = []
             for outcome in firsts:
@@ -378,6 +390,25 @@ class Processor:
             for run in _runs(firsts, batched):
                 await self._invoke(conn, run)
         _answer_copies(copies)
+
+    async def _hold_leases(self, conn: asyncpg.Connection, batch: list[Outcome]) -> list[Outcome]:
+        """The batch's requests whose queue this worker still holds; the others are left."""
+        leases = list({o.delivery.lease for o in batch if o.delivery.lease is not None})
+        if self.fence is None or not leases:
+            return batch
+        lost = await self.fence(conn, leases)
+        self._leave([o for o in batch if o.delivery.lease in lost])
+        return [o for o in batch if o.code == "ok"]
+
+    def _leave(self, outcomes: list[Outcome]) -> None:
+        """Another worker has taken these requests' queue since they were delivered here: the
+        broker has given them back, to be handled there in their place in the queue."""
+        if not outcomes:
+            return
+        for outcome in outcomes:
+            outcome.code, outcome.reply, outcome.effects = FENCED, None, outgoing.NONE
+        log.warning("left for the queue's new owner", service=self.name, requests=len(outcomes),
+                    first_request_id=outcomes[0].request_id)
 
     async def _lock_and_look_up(self, conn: asyncpg.Connection, ids: list[str]) -> dict[str, asyncpg.Record]:
         """A concurrent transaction holding one of these ids finishes first (see requests_lookup)."""
@@ -453,7 +484,10 @@ class Processor:
             raise self._failure(ready, exc) from exc
         except Exception as exc:
             raise self._failure(ready, exc) from exc
+        self._leave([outcome for (outcome, _), result in zip(ready, results, strict=True) if result is FENCED])
         for (outcome, ctx), result in zip(ready, results, strict=True):
+            if result is FENCED:
+                continue
             if isinstance(result, AodmError):
                 self._fail(outcome, result)
                 continue
@@ -479,7 +513,8 @@ class Processor:
         except Exception as exc:
             raise _RequestFailed(outcome, exc) from exc
         outcome.caller, outcome.caller_is_handle = caller, caller != env.owner
-        return Context(conn=conn, envelope=env, caller=caller, scope=scope, now=envelopes.now_ms(), stale=stale)
+        return Context(conn=conn, envelope=env, caller=caller, scope=scope, now=envelopes.now_ms(), stale=stale,
+                       lease=outcome.delivery.lease)
 
     @staticmethod
     def _failure(ready: list[tuple[Outcome, Context]], error: BaseException) -> Exception:
@@ -585,7 +620,7 @@ class Processor:
         """Acknowledged once confirmed (poison is in the dead letters by then). On a broker
         fault they are handed back to their queues; redelivered, they are recognised as
         duplicates and their stored effects published again."""
-        await settle_when_confirmed([o.delivery for o in outcomes], publishing, after)
+        await settle_when_confirmed([o.delivery for o in outcomes if o.code != FENCED], publishing, after)
 
     async def _dead_letter_poison(self, outcomes: list[Outcome]) -> None:
         """Poison goes to the dead letters before its reply says `internal` (a single reject

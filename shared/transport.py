@@ -242,11 +242,14 @@ class Delivery:
     """One incoming message, with the few properties the services read. It remembers the
     AMQP channel it came on: its delivery tag means nothing on any other channel."""
 
-    __slots__ = ("_message", "_settled")
+    __slots__ = ("_message", "_settled", "lease")
 
     def __init__(self, message: DeliveredMessage) -> None:
         self._message = message
         self._settled = False
+        # What the consumer's owner holds the queue under, if anything (a session shard's
+        # lease, which the writes for this delivery must still hold: see shards.py).
+        self.lease: Any = None
 
     @property
     def body(self) -> bytes:

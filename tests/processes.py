@@ -43,6 +43,15 @@ class ServiceProcess:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=timeout)
 
+    def freeze(self) -> None:
+        """SIGSTOP: the process holds what it has, answers nothing, sends no heartbeat."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -1,6 +1,8 @@
 """The checker itself: its verdicts on made-up histories (it must see every kind of
 problem, or a green fault test means nothing), and one small run through the real stack."""
 
+import asyncio
+
 import pytest
 
 from aodm.checker import main, run_check
@@ -50,6 +52,15 @@ def test_each_kind_of_problem_is_seen():
     assert not report.ok and len(report.problems()) == 6, report.problems()
 
 
+def test_per_sender_order_is_checked_for_each_sender_apart():
+    """Two senders interleaved in Seq order; bob's 2 before his 1 is one break in four
+    comparisons (each stored message after its sender's first)."""
+    a, b = [sent(i) for i in range(3)], [sent(i, sender="bob") for i in range(3)]
+    report = verdict(a + b, [stored(1, a[0]), stored(2, b[0]), stored(3, a[1]), stored(4, b[2]),
+                             stored(5, a[2]), stored(6, b[1])])
+    assert (report.order_violations, report.order_checked) == (1, 4), report.summary()
+
+
 def test_unanswered_but_stored_is_allowed():
     pending = sent(0, PENDING)
     report = verdict([sent(1), pending], [stored(1, pending), stored(2, sent(1))])
@@ -85,3 +96,15 @@ async def test_small_run_through_the_stack(stack):
     assert report.ok, report.summary()
     assert report.confirmed == report.attempted == 60 and report.stored >= 60
     assert all(s["generations"] == 3 for s in report.per_session)
+    assert report.order_checked == 60 - 2 * 2  # every message but each sender's first
+
+
+async def test_a_burst_is_published_before_the_rate_applies(stack):
+    """10 a sender at once, then 2 more at 1 message/s over the 4 senders: the burst
+    alone would take 10 s at that rate."""
+    started = asyncio.get_running_loop().time()
+    report = await run_check(stack.amqp_url, sessions=2, messages=12, burst=10, rate=1.0, window=32,
+                             duration=30, settle=15)
+    elapsed = asyncio.get_running_loop().time() - started
+    assert report.ok and report.confirmed == 48, report.summary()
+    assert elapsed < 25, f"the burst waited for the rate: {elapsed:.1f}s"

@@ -12,7 +12,7 @@ from services.session import store
 from shared import db
 from tests.isolation import drop_database, new_database
 
-TABLES = ("sessions", "messages", "requests")
+TABLES = ("sessions", "messages", "requests", "shard_leases")
 
 
 @pytest.fixture
@@ -31,8 +31,9 @@ async def database():
         await drop_database(name)
 
 
-def _messages(session_ids: list[str]) -> list[tuple]:
-    return [(s, None, secrets.token_hex(16), "alice", b"k" * 32, secrets.token_bytes(64), True) for s in session_ids]
+def _messages(session_ids: list[str], shard: int = 0, epoch: int = 1) -> list[tuple]:
+    return [(s, None, secrets.token_hex(16), "alice", b"k" * 32, secrets.token_bytes(64), True, shard, epoch)
+            for s in session_ids]
 
 
 async def _seq_scans(conn: asyncpg.Connection) -> dict[str, int]:
@@ -43,6 +44,7 @@ async def _seq_scans(conn: asyncpg.Connection) -> dict[str, int]:
 
 async def test_the_plan_made_on_empty_tables_still_reaches_rows_by_key(database):
     conn = database
+    assert await store.take_shard(conn, 0, "test") == 1
     # The plan is made here, while every table is empty (no such session: nothing is stored).
     assert (await store.append_messages(conn, 1, _messages(["nobody"])))  # answered, as not taken
     await conn.executemany(

@@ -14,7 +14,7 @@ from shared.transport import Delivery
 from services.session import keys, members, messages, store
 from services.session.activity import ActivityFeed
 from services.session.batches import Combiner
-from services.session.shards import BATCH_SIZE, ShardOwner
+from services.session.shards import BATCH_SIZE, ShardOwner, fence
 
 COMBINED_BATCH = 4 * BATCH_SIZE  # deliveries of all held shards run as one batch
 
@@ -32,7 +32,7 @@ async def start(rt: runtime.Runtime) -> None:
     feed = ActivityFeed(rt.bus)
     processor = Processor(
         name="session", schema=store.SCHEMA, pool=rt.pool, read_pool=rt.read_pool, bus=rt.bus, actions=ACTIONS, authenticate=directory.authenticate,
-        handler_timeout=rt.settings.handler_timeout_s, stopping=rt.stop, activity=feed.add,
+        handler_timeout=rt.settings.handler_timeout_s, stopping=rt.stop, activity=feed.add, fence=fence,
     )
 
     async def run_batch(deliveries: list[Delivery]) -> "asyncio.Future | None":

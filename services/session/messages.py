@@ -5,7 +5,7 @@ import re
 from shared.encoding import b64decode, b64encode
 from shared.errors import AodmError, InvalidArgument, NoSessionKey, NotFound
 from shared.notifications import NewMessage
-from shared.service import Context
+from shared.service import FENCED, Context
 from shared.session_api import MAX_PAGE, MessagePage, QueryMessage, SendMessage, Sent, StoredMessage
 
 from services.session import store
@@ -30,12 +30,13 @@ def _refused(asked: int | None, current: int) -> AodmError:
     return NotFound(f"no key generation {asked}; the current one is {current}")
 
 
-async def send_messages(ctxs: list[Context], reqs: list[SendMessage]) -> list[Sent | AodmError]:
+async def send_messages(ctxs: list[Context], reqs: list[SendMessage]) -> list[Sent | AodmError | str]:
     """A run of SendMessages, possibly to many sessions, stored with one statement.
 
     SendMessage keeps its own record (Action.own_record): the statement that stores a
     message records its request's Id with it, so a request stored before is answered from
-    its message's row, as the first time."""
+    its message's row, as the first time. The statement also checks each message's shard
+    lease: one whose shard another worker has taken since is left to it (FENCED)."""
     results: list[Sent | AodmError | None] = []
     batch = []
     for ctx, req in zip(ctxs, reqs):
@@ -45,8 +46,9 @@ async def send_messages(ctxs: list[Context], reqs: list[SendMessage]) -> list[Se
             results.append(exc)
             continue
         members: Members = ctx.scope
+        shard, epoch = (ctx.lease.shard, ctx.lease.epoch) if ctx.lease is not None else (None, None)
         batch.append((ctx.envelope.target, req.generation, ctx.envelope.id, ctx.caller, members.sign_keys[ctx.caller],
-                      content, ctx.stale is None))
+                      content, ctx.stale is None, shard, epoch))
         results.append(None)
     stored = await store.append_messages(ctxs[0].conn, max(ctx.now for ctx in ctxs), batch) if batch else {}
     for i, (ctx, req) in enumerate(zip(ctxs, reqs)):
@@ -54,7 +56,9 @@ async def send_messages(ctxs: list[Context], reqs: list[SendMessage]) -> list[Se
             continue
         row = stored[ctx.envelope.id]
         ctx.stored_before = row["stored_before"]
-        if row["seq"] is not None:
+        if row["fenced"]:
+            results[i] = FENCED
+        elif row["seq"] is not None:
             results[i] = _sent(ctx, req, row)
         else:
             results[i] = ctx.stale or _refused(req.generation, row["current"])

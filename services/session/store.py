@@ -6,6 +6,9 @@ import asyncpg
 from shared.service import requests_lookup, requests_replanned, requests_table
 
 SCHEMA = "session"
+# The advisory lock class of the shard leases (the lock's second key is the shard).
+LEASE_LOCK = "hashtext('session.shard_leases')"
+LEASE_WAIT_S = 5.0  # how long a take waits for the old owner's writes before ending them
 
 MIGRATIONS = [
     requests_table(SCHEMA)
@@ -125,6 +128,95 @@ MIGRATIONS = [
              LEFT JOIN earlier AS e USING (message_id) LEFT JOIN stored AS s USING (message_id);
     END $fn$;
     """,
+    # Shard leases: the fence that keeps a worker which lost a shard (frozen, cut off from
+    # the broker, or too slow to finish before another took it) from writing for it ever
+    # again. Taking a shard raises its epoch under the shard's advisory lock, held
+    # exclusively; every write of a shard's requests holds that lock shared and names the
+    # epoch it was delivered under, and writes nothing when the epoch has moved. So a take
+    # waits for the writes under way, and none of the old owner's commits after it.
+    # (append_messages gains its lease arguments as an overload: workers of the previous
+    # version call the old one until they are replaced.)
+    f"""
+    CREATE TABLE session.shard_leases (
+        shard int PRIMARY KEY,
+        epoch bigint NOT NULL,
+        owner text NOT NULL,
+        taken_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE FUNCTION session.take_shard(shard int, owner text) RETURNS bigint
+    LANGUAGE plpgsql AS $fn$
+    #variable_conflict use_column
+    DECLARE taken bigint;
+    BEGIN
+        PERFORM pg_advisory_xact_lock({LEASE_LOCK}, take_shard.shard);
+        INSERT INTO session.shard_leases AS l (shard, epoch, owner) VALUES (take_shard.shard, 1, take_shard.owner)
+        ON CONFLICT (shard) DO UPDATE SET epoch = l.epoch + 1, owner = excluded.owner, taken_at = now()
+        RETURNING l.epoch INTO taken;
+        RETURN taken;
+    END $fn$;
+    CREATE FUNCTION session.lost_leases(shards int[], epochs bigint[]) RETURNS TABLE (shard int, epoch bigint)
+    LANGUAGE plpgsql SET enable_seqscan = off AS $fn$
+    #variable_conflict use_column
+    BEGIN
+        -- Shared, in a fixed order: the owner's writes run side by side; a take waits for them.
+        PERFORM pg_advisory_xact_lock_shared({LEASE_LOCK}, held.shard)
+        FROM (SELECT DISTINCT s AS shard FROM unnest(shards) AS s WHERE s IS NOT NULL ORDER BY 1) AS held;
+        -- A statement of its own, so it sees a take that this one waited for.
+        RETURN QUERY
+        SELECT DISTINCT h.shard, h.epoch FROM unnest(shards, epochs) AS h(shard, epoch)
+        JOIN session.shard_leases AS l ON l.shard = h.shard WHERE l.epoch <> h.epoch;
+    END $fn$;
+    """
+    + """
+    CREATE FUNCTION session.append_messages(
+        now bigint, session_ids text[], generations int[], message_ids text[], senders text[],
+        sender_keys bytea[], contents bytea[], fresh bool[], shards int[], epochs bigint[]
+    ) RETURNS TABLE (message_id text, stored_before bool, current int, seq bigint, ts bigint, generation int, fenced bool)
+    LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $fn$
+    #variable_conflict use_column
+    BEGIN
+        -- As the version before, but a message whose shard another worker has taken since it
+        -- was delivered (its epoch moved) is neither stored nor looked up: `fenced`.
+        PERFORM * FROM session.lost_leases(shards, epochs);  -- the leases, held until the commit
+        RETURN QUERY
+        WITH batch AS (
+            SELECT b.*, coalesce(l.epoch <> b.epoch, false) AS fenced
+            FROM unnest(session_ids, generations, message_ids, senders, sender_keys, contents, fresh, shards, epochs)
+                WITH ORDINALITY AS b(session_id, generation, message_id, sender, sender_key, content, fresh, shard, epoch, position)
+            LEFT JOIN session.shard_leases AS l ON l.shard = b.shard
+        ), earlier AS (
+            SELECT r.id AS message_id, m.seq, m.ts, m.generation
+            FROM session.requests AS r JOIN session.messages AS m ON m.session_id = r.session_id AND m.seq = r.seq
+            WHERE r.id = ANY(message_ids)
+        ), current AS (
+            SELECT s.session_id, s.key_generation FROM session.sessions AS s WHERE s.session_id = ANY(session_ids)
+        ), accepted AS (
+            SELECT b.* FROM batch AS b JOIN current AS c USING (session_id)
+            WHERE b.fresh AND NOT b.fenced AND b.message_id NOT IN (SELECT e.message_id FROM earlier AS e)
+              AND c.key_generation >= 1 AND (b.generation IS NULL OR b.generation BETWEEN 1 AND c.key_generation)
+        ), counts AS (
+            SELECT a.session_id, count(*) AS n FROM accepted AS a GROUP BY a.session_id
+        ), advanced AS (
+            UPDATE session.sessions AS s
+            SET message_seq = s.message_seq + c.n, last_timestamp = greatest(s.last_timestamp, now)
+            FROM counts AS c WHERE s.session_id = c.session_id
+            RETURNING s.session_id, s.message_seq - c.n AS base, s.last_timestamp, s.key_generation
+        ), stored AS (
+            INSERT INTO session.messages (session_id, seq, message_id, sender, sender_key, generation, ts, content)
+            SELECT a.session_id, v.base + row_number() OVER (PARTITION BY a.session_id ORDER BY a.position),
+                   a.message_id, a.sender, a.sender_key, coalesce(a.generation, v.key_generation), v.last_timestamp, a.content
+            FROM accepted AS a JOIN advanced AS v USING (session_id)
+            RETURNING session_id, message_id, seq, ts, generation
+        ), recorded AS (
+            INSERT INTO session.requests (id, session_id, seq) SELECT s.message_id, s.session_id, s.seq FROM stored AS s
+        )
+        SELECT b.message_id, e.message_id IS NOT NULL AND NOT b.fenced, coalesce(c.key_generation, 0),
+               coalesce(e.seq, s.seq), coalesce(e.ts, s.ts), coalesce(e.generation, s.generation), b.fenced
+        FROM batch AS b LEFT JOIN current AS c USING (session_id)
+             LEFT JOIN earlier AS e ON e.message_id = b.message_id AND NOT b.fenced
+             LEFT JOIN stored AS s ON s.message_id = b.message_id;
+    END $fn$;
+    """,
 ]
 
 
@@ -181,16 +273,48 @@ async def key_batch(conn: asyncpg.Connection, session_id: str, generation: int) 
 
 
 async def append_messages(
-    conn: asyncpg.Connection, now: int, messages: list[tuple[str, int | None, str, str, bytes, bytes, bool]]
+    conn: asyncpg.Connection, now: int,
+    messages: list[tuple[str, int | None, str, str, bytes, bytes, bool, int | None, int | None]],
 ) -> dict[str, asyncpg.Record]:
     """Store a batch of (session_id, generation, message_id, sender, sender_key, content,
-    fresh) in one statement (session.append_messages, above), atomic without a transaction
-    around it. By message_id: `stored_before`, the `current` generation, and seq, ts and
-    generation of the stored message (NULL when it was not taken)."""
+    fresh, shard, epoch) in one statement (session.append_messages, above), atomic without
+    a transaction around it. By message_id: `stored_before`, the `current` generation, seq,
+    ts and generation of the stored message (NULL when it was not taken), and `fenced`."""
     rows = await conn.fetch(
-        "SELECT * FROM session.append_messages($1, $2, $3, $4, $5, $6, $7, $8)", now, *map(list, zip(*messages))
+        "SELECT * FROM session.append_messages($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)", now, *map(list, zip(*messages))
     )
     return {row["message_id"]: row for row in rows}
+
+
+async def take_shard(conn: asyncpg.Connection, shard: int, owner: str, *, wait_s: float = LEASE_WAIT_S) -> int:
+    """The shard's next epoch, once no write under an earlier one is under way. A write
+    that holds the shard longer than `wait_s` belongs to an owner that lost it while in the
+    middle of a transaction (frozen, say): its connection is ended, which rolls it back."""
+    while True:
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = {int(wait_s * 1000)}")
+                return await conn.fetchval("SELECT session.take_shard($1, $2)", shard, owner)
+        except asyncpg.LockNotAvailableError:
+            await conn.fetchval(_END_HOLDERS, shard)
+
+
+# The backends holding the shard's lease lock shared (advisory locks with two int4 keys show
+# the first as classid, an oid, and the second as objid, with objsubid 2).
+_END_HOLDERS = f"""
+    SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks AS l
+    WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted AND l.mode = 'ShareLock'
+      AND l.classid::bigint = ({LEASE_LOCK}::bigint & 4294967295) AND l.objid::bigint = $1
+      AND l.pid <> pg_backend_pid()
+"""
+
+
+async def lost_leases(conn: asyncpg.Connection, leases: list[tuple[int, int]]) -> set[tuple[int, int]]:
+    """Within a transaction: hold these (shard, epoch) leases until it ends, and name those
+    whose shard has moved on to a later epoch (another worker holds it now)."""
+    shards, epochs = zip(*leases)
+    rows = await conn.fetch("SELECT shard, epoch FROM session.lost_leases($1, $2)", list(shards), list(epochs))
+    return {(row["shard"], row["epoch"]) for row in rows}
 
 
 _PAGE = """
