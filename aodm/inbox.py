@@ -7,8 +7,11 @@ The inbox declares nothing: the notifier creates the queue when the handle regis
 handle's own broker user may only read it (docs/security.md)."""
 
 import asyncio
+import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+
+import msgspec
 
 from shared import topology
 from shared.notifications import AnyNotification, notification_decoder
@@ -29,6 +32,7 @@ class Inbox:
         self._wait = wait  # how long a missing queue may take to appear (right after Register)
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
         self._consumer = None
+        self.dropped = 0  # messages in the queue that were no notification (dropped, not returned)
 
     async def __aenter__(self) -> "Inbox":
         name = topology.inbox_queue(self._handle)
@@ -67,12 +71,17 @@ class Inbox:
         """The next notification not seen before (acknowledged when returned)."""
         while True:
             delivery = await asyncio.wait_for(self._queue.get(), timeout)
-            note = notification_decoder.decode(delivery.body)
+            try:
+                note = notification_decoder.decode(delivery.body)
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+                note = None  # not a notification (anyone who can write to the queue may have put it there)
+                self.dropped += 1
+                logging.getLogger("aodm.inbox").warning("dropped a message that is no notification: %s", exc)
             try:
                 await delivery.ack()
             except BrokerError:
                 continue  # from a channel lost since: the broker delivers it again
-            if self._fresh(note):
+            if note is not None and self._fresh(note):
                 return note
 
     async def __aiter__(self) -> AsyncIterator[AnyNotification]:

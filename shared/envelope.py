@@ -12,6 +12,7 @@ import msgspec
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from shared import strict_json
 from shared.encoding import b64decode, b64encode
 from shared.errors import InvalidSignature, MalformedRequest, PayloadTooLarge, StaleRequest
 
@@ -138,6 +139,17 @@ def encode(env: Envelope) -> bytes:
     return _encoder.encode(env)
 
 
+_ENVELOPE_KEYS = strict_json.top_level_keys(Envelope)
+_TAG_KEYS = strict_json.top_level_keys(Tag)
+
+
+def _duplicates(body: bytes, tags: int) -> bool:
+    """Each Tag holds its two keys, the envelope its nine: more literals than that, or an
+    escape that could spell one, and the body is parsed again to be sure."""
+    expected = {**_ENVELOPE_KEYS, **{key: tags for key in _TAG_KEYS}}
+    return strict_json.may_hold_duplicates(body, expected) and bool(strict_json.duplicate_keys(body))
+
+
 def decode(body: bytes) -> Envelope:
     """Parse and bound-check an envelope. Signature checks are `verify`'s job."""
     if len(body) > MAX_BODY_BYTES:
@@ -146,6 +158,8 @@ def decode(body: bytes) -> Envelope:
         env = _decoder.decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 inside a string is the latter
         raise MalformedRequest(f"envelope: {exc}") from exc
+    if _duplicates(body, len(env.tags)):
+        raise MalformedRequest(f"envelope: a key appears twice: {', '.join(strict_json.duplicate_keys(body))}")
     if len(env.data.encode()) > MAX_DATA_BYTES:
         raise PayloadTooLarge(f"Data is over the cap of {MAX_DATA_BYTES} bytes")
     if len(env.tags) > MAX_TAGS:

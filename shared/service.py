@@ -36,7 +36,7 @@ import msgspec
 
 from shared import effects as outgoing
 from shared import envelope as envelopes
-from shared import faults, metrics, topology
+from shared import faults, metrics, strict_json, topology
 from shared.db import DatabaseUnavailable, DependencyUnavailable, replace_connections
 from shared.effects import Effects, Outgoing
 from shared.envelope import Envelope
@@ -119,9 +119,11 @@ class Action:
     # needs no transaction, no lock and no stored reply (send actions only).
     own_record: bool = False
     decoder: msgspec.json.Decoder = field(init=False, repr=False, compare=False)
+    keys: dict[str, int] = field(init=False, repr=False, compare=False)  # Data's keys, for strict_json
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "decoder", msgspec.json.Decoder(self.request))
+        object.__setattr__(self, "keys", strict_json.top_level_keys(self.request))
 
 
 def requests_table(schema: str) -> str:
@@ -165,13 +167,16 @@ _RANGE_ERROR = re.compile(r"Expected `[^`]+` (>=|<=|>|<|of length)|Invalid enum 
 
 def decode_data(action: Action, data: str) -> msgspec.Struct:
     try:
-        return action.decoder.decode(data)
+        request = action.decoder.decode(data)
     except msgspec.ValidationError as exc:
         if _RANGE_ERROR.search(str(exc)):
             raise InvalidArgument(f"Data: {exc}") from exc
         raise MalformedRequest(f"Data: {exc}") from exc
     except (msgspec.DecodeError, UnicodeError) as exc:
         raise MalformedRequest(f"Data is not JSON: {exc}") from exc
+    if duplicates := strict_json.flat_duplicates(data, action.keys):
+        raise MalformedRequest(f"Data: a key appears twice: {', '.join(duplicates)}")
+    return request
 
 
 class Abandoned(Exception):
@@ -274,14 +279,13 @@ class Processor:
                 self._parse(outcome)
             except AodmError as exc:
                 self._fail(outcome, exc)
-        # Reads alone have their signatures checked while the database runs them (see
-        # _read_and_reply); anything else is checked before anything runs.
-        reads_alone = not _sends(outcomes)
-        self._verify([o for o in outcomes if not (reads_alone and _is_read(o))])
+        # Before anything reaches the database: a forged request costs its verification only.
+        self._verify(outcomes)
         try:
             await self._run_sends(_sends(outcomes))
         except Abandoned:
             return self._abandon(outcomes)
+        _no_effects_for_replays(outcomes)
         metrics.observe("aodm_batch_size", len(outcomes), service=self.name)
         reads = [o for o in outcomes if _is_read(o)]
         answered = [o for o in outcomes if not _is_read(o)]
@@ -290,7 +294,7 @@ class Processor:
         await self._dead_letter_poison(answered)
         publishing: list[Awaitable[None]] = [self._answer(answered, len(outcomes), elapsed)] if answered else []
         if reads:
-            replying = self._read_and_reply(reads, len(outcomes), started, verify=reads_alone)
+            replying = self._read_and_reply(reads, len(outcomes), started)
             # Reads alone (a lone QueryMessage, say) run in the settling task itself.
             publishing.append(asyncio.ensure_future(replying) if publishing else replying)
         self._answered = asyncio.ensure_future(self._settle(outcomes, publishing, after=self._answered))
@@ -306,6 +310,8 @@ class Processor:
     def _parse(self, outcome: Outcome) -> None:
         """Everything but the signature (see _verify)."""
         delivery = outcome.delivery
+        if delivery.reply_to is not None and not topology.may_reply_to(delivery.reply_to):
+            raise MalformedRequest("reply_to must be amq.rabbitmq.reply-to or a server-named amq.gen- queue")
         env = envelopes.decode(delivery.body)
         outcome.env = env
         if delivery.routing_key != env.target:
@@ -429,12 +435,8 @@ class Processor:
             raise _ClaimLost()
 
     def _replay(self, outcome: Outcome, row: asyncpg.Record) -> None:
-        """A request seen before is answered as the first time, and its effects are
-        published again, whoever sent it again: nothing records whether the first ones were
-        confirmed, and neither sign of it can be trusted. The broker's `redelivered` flag is
-        a hint (AMQP 0-9-1: a client MUST NOT rely on it), and a client resends exactly when
-        its answer did not come, which is when the notifications may not have gone out
-        either. Republished effects keep their ids, so clients drop the copies."""
+        """A request seen before is answered as the first time; whether its stored effects
+        go out again is `_no_effects_for_replays`'s call."""
         outcome.duplicate = True
         outcome.reply = bytes(row["stored_reply"])
         outcome.effects = outgoing.decode(row["stored_effects"])
@@ -598,18 +600,12 @@ class Processor:
         finally:
             self._log(outcomes, batch, elapsed)  # after the answers, which need not wait for it
 
-    async def _read_and_reply(self, reads: list[Outcome], batch: int, started: float, *, verify: bool) -> None:
-        """With `verify`, the signatures are checked while the database runs the reads: the
-        check no longer adds to the round trip. A read that fails it is answered with that
-        error, whatever it read; it changed nothing (dryruns run on read-only sessions)."""
-        check = _SignatureCheck(reads) if verify else None
+    async def _read_and_reply(self, reads: list[Outcome], batch: int, started: float) -> None:
         try:
             await self._run_reads(reads)
         except Abandoned as exc:  # stopping while the database is away: hand them back
             self._abandon(reads)
             raise ConnectionError("left for redelivery") from exc
-        if check is not None:
-            self._refuse(check.refused())  # after the reads, which would otherwise answer over it
         elapsed = time.perf_counter() - started
         self._count(reads, elapsed)
         await self._dead_letter_poison(reads)
@@ -679,25 +675,6 @@ def _sends(outcomes: list[Outcome]) -> list[Outcome]:
     return [o for o in outcomes if o.code == "ok" and o.action.mode == "send"]
 
 
-class _SignatureCheck:
-    """Checks signatures at the event loop's next turn: when the task that made it waits for
-    the database. Asked before that turn came, it checks them there and then."""
-
-    def __init__(self, outcomes: list[Outcome]) -> None:
-        self._outcomes = outcomes
-        self._refused: list[tuple[Outcome, AodmError]] | None = None
-        self._turn = asyncio.get_running_loop().call_soon(self._check)
-
-    def _check(self) -> None:
-        if self._refused is None:
-            self._refused = _bad_signatures(self._outcomes)
-
-    def refused(self) -> list[tuple[Outcome, AodmError]]:
-        self._turn.cancel()
-        self._check()
-        return self._refused
-
-
 def _bad_signatures(outcomes: list[Outcome]) -> list[tuple[Outcome, AodmError]]:
     refused = []
     for outcome in outcomes:
@@ -723,6 +700,20 @@ def _segments(outcomes: list[Outcome]) -> list[list[Outcome]]:
     return segments
 
 
+def _no_effects_for_replays(outcomes: list[Outcome]) -> None:
+    """A request found stored publishes its effects again only when the broker redelivers
+    it. The services acknowledge a request once its effects are confirmed, so a request
+    whose effects may not have gone out is still unacknowledged, and the broker hands that
+    very delivery back flagged `redelivered` (after a crash, a lost channel or a hand-back).
+    A new publish of a stored envelope (a client's resend, anyone's replay) is never flagged:
+    it gets the first reply, and nobody's queue gets anything more. Per Id: a resend can
+    share a batch with the redelivered original, ahead of it."""
+    redelivered = {o.request_id for o in outcomes if o.delivery.redelivered}
+    for outcome in outcomes:
+        if outcome.duplicate and outcome.request_id not in redelivered:
+            outcome.effects = outgoing.NONE
+
+
 def _firsts(batch: list[Outcome]) -> tuple[list[Outcome], list[Outcome]]:
     """The first of each envelope, and the copies behind them (a client resent it while the
     first was still waiting in the same batch)."""
@@ -738,12 +729,13 @@ def _firsts(batch: list[Outcome]) -> tuple[list[Outcome], list[Outcome]]:
 
 
 def _replies(outcomes: list[Outcome]) -> list[Message]:
-    # A reply goes to a requester's transient reply queue: persisting it buys nothing and
-    # costs the broker a disk write before it confirms.
+    """Only where the requester itself receives (topology.may_reply_to): a request naming
+    any other queue is refused, and its refusal goes nowhere. Transient (persisting a reply
+    buys nothing and costs the broker a disk write before it confirms) and not vouched for."""
     return [
         Message("", o.delivery.reply_to, o.reply, correlation_id=o.delivery.correlation_id or o.request_id,
-                persistent=False)
-        for o in outcomes if o.delivery.reply_to and o.reply is not None
+                persistent=False, vouched=False)
+        for o in outcomes if o.delivery.reply_to and o.reply is not None and topology.may_reply_to(o.delivery.reply_to)
     ]
 
 

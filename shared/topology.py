@@ -4,6 +4,8 @@ Names read well on the management UI: `aodm.<owner>.<what>`, so a session shard,
 handle's inbox and the dead letters are told apart at a glance.
 """
 
+import re
+
 from shared.transport import Bus
 
 # Clients publish every request here with routing key = Target.
@@ -35,6 +37,16 @@ WORKERS_QUEUE = "aodm.session.workers"
 DEAD_LETTER_QUEUE = "aodm.dead-letters"
 
 _DEAD = {"x-dead-letter-exchange": DEAD_LETTERS}
+
+# Where a reply may go: RabbitMQ's direct reply-to, which the broker rewrites to name the
+# requester's own channel and a random key, or a server-named queue (`amq.gen-`, made by the
+# broker for the connection that declared it). Never a named queue: one naming a service's
+# or a handle's queue would have the services write there for whoever asked.
+_REPLY_TO = re.compile(r"amq\.rabbitmq\.reply-to(\.[A-Za-z0-9+/=._-]{1,200})?|amq\.gen-[A-Za-z0-9_-]{1,64}")
+
+
+def may_reply_to(reply_to: str) -> bool:
+    return _REPLY_TO.fullmatch(reply_to) is not None
 
 
 def shard_queue(shard: int) -> str:

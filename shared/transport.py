@@ -58,6 +58,10 @@ class Message:
     message_id: str | None = None
     content_type: str = "application/json"
     persistent: bool = True
+    # Stamped with the publisher's broker user (user_id, which the broker checks), the mark
+    # internal consumers trust. A reply goes without it: whatever queue it reached, it could
+    # not pass for the services' own message.
+    vouched: bool = True
 
 
 class Unroutable(Exception):
@@ -697,7 +701,7 @@ class Bus:
             reply_to=message.reply_to,
             correlation_id=message.correlation_id,
             message_id=message.message_id,
-            user_id=self.user,
+            user_id=self.user if message.vouched else None,
         )
         # A reply to direct reply-to is never routed through a queue, so RabbitMQ returns it
         # as NO_ROUTE under `mandatory` even when it was delivered (rabbitmq-server#6124);

@@ -6,6 +6,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import asyncpg
 import msgspec
 import pytest
 from nacl.signing import SigningKey
@@ -17,7 +18,7 @@ from shared import envelope, topology
 from shared.encoding import b64decode, b64encode
 from shared.envelope import MAX_BODY_BYTES, MAX_DATA_BYTES, MAX_TAGS, Envelope, Tag
 from shared.errors import NoSessionKey
-from shared.notifications import AnyNotification, NewMessage, RequestFailed, notification_decoder
+from shared.notifications import AnyNotification, NewMessage, RequestFailed, SessionEstablished, notification_decoder
 from shared.registry_api import REGISTRY_TARGET, EstablishSession, HandleInfo, Register
 from shared.replies import Err, Ok, reply_decoder
 from shared.session_api import MessagePage, QueryMessage, SendMessage, Sent
@@ -148,6 +149,16 @@ def claimed_id(raw: bytes) -> str:
     return msgspec.json.decode(raw)["Id"]
 
 
+def doubled_key(data: str, *, escaped: bool = False) -> str:
+    """Data with its first key twice (a decoy value first); QueryMessage's empty Data gets Limit."""
+    fields = msgspec.json.decode(data) or {"Limit": 5}
+    key, value = next(iter(fields.items()))
+    decoy = msgspec.json.encode("decoy" if isinstance(value, str) else 1).decode()
+    first = "\\u00" + format(ord(key[0]), "02x") + key[1:] if escaped else key
+    rest = msgspec.json.encode(fields).decode()[1:]
+    return f'{{"{first}":{decoy},' + rest
+
+
 M, P, S, U, A = "malformed_request", "payload_too_large", "invalid_signature", "unknown_action", "stale_request"
 
 # (name, build, code, reply echoes the envelope's Id)
@@ -270,6 +281,13 @@ CASES: list[Case] = [
     ("data_null", lambda r: body(signed(r, data="null")), M, True),
     ("data_unknown_field", lambda r: body(signed(r, data=r.data[:-1] + (',' if r.data != "{}" else '') + '"Sneaky":1}')), M, True),
     ("data_invalid_utf8_escape", lambda r: body(signed(r, data='{"Handle":"\\ud800"}')), M, True),
+    # a key twice: the last one would win, and another parser may read the first
+    ("duplicate_envelope_field", lambda r: b'{"Target":"decoy",' + body(signed(r))[1:], M, False),
+    ("duplicate_envelope_field_same_value", lambda r: body(signed(r))[:-1] + b',"Data":' + msgspec.json.encode(r.data) + b"}", M, False),
+    ("duplicate_envelope_field_escaped", lambda r: b'{"\\u0054arget":"decoy",' + body(signed(r))[1:], M, False),
+    ("duplicate_tag_field", lambda r: body(signed(r)).replace(b'{"name":"Action"', b'{"name":"Decoy","name":"Action"'), M, False),
+    ("duplicate_data_key", lambda r: body(signed(r, data=doubled_key(r.data))), M, True),
+    ("duplicate_data_key_escaped", lambda r: body(signed(r, data=doubled_key(r.data, escaped=True))), M, True),
 ]
 
 
@@ -331,6 +349,25 @@ async def test_body_reordered_and_respelled_is_accepted(world, service):
     ) + b"\n}"
     reply = await call(world.alice, r.target, respelled)
     assert isinstance(reply, Ok), reply
+
+
+@pytest.mark.parametrize("service, table", [("registry", "registry.handles"), ("session", "session.messages")])
+async def test_a_forged_read_is_refused_before_any_database_work(world, stack, service, table):
+    """The table the read would query is locked: a read that reached the database would
+    wait. The forged one is answered at once; the genuine one (the control) waits."""
+    r = valid_request(world, service)
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        async with conn.transaction():
+            await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            forged = await asyncio.wait_for(call(world.alice, r.target, body(signed(r, signer=SigningKey.generate()))), 5)
+            assert isinstance(forged, Err) and forged.code == S, forged
+            genuine = asyncio.ensure_future(call(world.alice, r.target, body(signed(r))))
+            await asyncio.sleep(1.0)
+            assert not genuine.done(), "the genuine read did not wait for the lock: the test proves nothing"
+        assert isinstance(await asyncio.wait_for(genuine, 10), Ok)
+    finally:
+        await conn.close()
 
 
 async def test_nul_characters_are_refused(world):
@@ -429,37 +466,46 @@ async def test_replayed_send_message_is_stored_once(world):
     assert (await world.alice.send_text(world.session, "two")).seq == sent.seq + 1
 
 
-async def test_replayed_send_notifies_under_one_id(world):
-    """A replay publishes the notification again (its first may not have gone out: the
-    client resends when no answer came), always as the same notification: Bob's raw queue
-    gets one copy per send, all with one Id, and the deduplicating Inbox hands it over once."""
-    env = world.alice.sign(world.session, "SendMessage", SendMessage(crypto.encrypt(crypto.new_session_key(), "hi")))
-    for _ in range(3):
-        reply = reply_decoder.decode(await world.alice.bus.call(topology.REQUESTS, world.session, body(env), timeout=15))
-        assert isinstance(reply, Ok)
-    barrier = await world.alice.send_text(world.session, "barrier")
+async def raw_notes(client: Client, until_message: str) -> list[AnyNotification]:
+    """Everything in the client's queue up to the NewMessage of `until_message`, left there."""
     notes: asyncio.Queue[AnyNotification] = asyncio.Queue()
 
     async def collect(delivery):  # not acknowledged: closing the consumer puts them back
         await notes.put(notification_decoder.decode(delivery.body))
 
-    consumer = await world.bob.bus.consume(topology.inbox_queue(world.bob.handle), collect, prefetch=50)
+    consumer = await client.bus.consume(topology.inbox_queue(client.handle), collect, prefetch=100)
     try:
         seen = []
         while True:
             seen.append(await asyncio.wait_for(notes.get(), 10))
-            if isinstance(seen[-1], NewMessage) and seen[-1].message_id == barrier.message_id:
-                break
+            if isinstance(seen[-1], NewMessage) and seen[-1].message_id == until_message:
+                return seen
     finally:
         await consumer.close()
-    copies = [n for n in seen if isinstance(n, NewMessage) and n.message_id == env.id]
-    assert len(copies) == 3 and len({n.id for n in copies}) == 1, seen
-    handed = []
-    async with Inbox(world.bob.bus, world.bob.handle) as inbox:
-        while barrier.message_id not in handed:
-            note = await inbox.next(timeout=10)
-            handed += [note.message_id] if isinstance(note, NewMessage) else []
-    assert handed == [env.id, barrier.message_id]
+
+
+async def test_a_replayed_send_adds_nothing_to_the_peers_queue(world):
+    """Anyone holding a stored envelope may publish it again: each gets the first reply,
+    and Bob's queue gets the notification once (only a broker redelivery republishes it)."""
+    env = world.alice.sign(world.session, "SendMessage", SendMessage(crypto.encrypt(crypto.new_session_key(), "hi")))
+    replies = [reply_decoder.decode(await world.alice.bus.call(topology.REQUESTS, world.session, body(env), timeout=15))
+               for _ in range(5)]
+    assert all(isinstance(r, Ok) for r in replies) and len({bytes(r.result) for r in replies}) == 1
+    barrier = await world.alice.send_text(world.session, "barrier")
+    seen = await raw_notes(world.bob, barrier.message_id)
+    assert [n.message_id for n in seen if isinstance(n, NewMessage)] == [env.id, barrier.message_id], seen
+
+
+async def test_a_replayed_establish_session_adds_nothing_to_the_peers_queue(make_client):
+    alice, bob = await make_client("alice"), await make_client("bob")
+    env = alice.sign(REGISTRY_TARGET, "EstablishSession", EstablishSession(bob.handle))
+    for _ in range(5):
+        assert isinstance(await call(alice, REGISTRY_TARGET, body(env)), Ok)
+    session = (await alice.establish_session(bob.handle)).session_id
+    await alice.rotate_session_key(session, bob.handle)
+    barrier = await alice.send_text(session, "barrier")
+    seen = await raw_notes(bob, barrier.message_id)
+    assert sum(isinstance(n, SessionEstablished) for n in seen) == 1, seen
 
 
 async def test_a_stored_message_replayed_once_stale_gets_its_first_reply(world, monkeypatch):
@@ -598,3 +644,61 @@ async def test_no_reply_to_success_is_silent_but_effective(world):
         type=MessagePage,
     )
     assert [m.message_id for m in page.messages] == [env.id]
+
+
+# -- where replies may go ------------------------------------------------------------------
+
+
+async def trap(client: Client) -> str:
+    """A named queue of the test's: a reply_to naming it must get nothing."""
+    name = f"aodm-test-trap-{secrets.token_hex(4)}"
+    await client.bus.declare_queue(name)
+    return name
+
+
+@pytest.mark.parametrize("reply_to", ["trap", "inbox", "notifier", "shard", "registry"])
+async def test_a_reply_to_naming_a_queue_gets_nothing_and_runs_nothing(world, reply_to):
+    queue = {"trap": await trap(world.alice), "inbox": topology.inbox_queue(world.bob.handle),
+             "notifier": topology.NOTIFIER_QUEUE, "shard": topology.shard_queue(0),
+             "registry": topology.REGISTRY_QUEUE}[reply_to]
+    env = world.alice.sign(world.session, "SendMessage", SendMessage(crypto.encrypt(crypto.new_session_key(), "x"), 1))
+    await world.alice.bus.publish(topology.REQUESTS, world.session, body(env), reply_to=queue, correlation_id="c")
+    barrier = await world.alice.send_text(world.session, "barrier")  # same shard, behind it
+    page = await world.alice.query_messages(world.session)
+    assert [m.message_id for m in page.messages] == [barrier.message_id], "the request was run"
+    if reply_to == "trap":
+        assert await world.alice.bus.message_count(queue) == 0
+    if reply_to == "inbox":
+        seen = await raw_notes(world.bob, barrier.message_id)
+        assert [n.message_id for n in seen if isinstance(n, NewMessage)] == [barrier.message_id], seen
+
+
+async def test_a_reply_goes_to_the_requesters_server_named_queue_without_the_services_user_id(world):
+    got: asyncio.Queue = asyncio.Queue()
+    channel = await world.alice.bus._consumer_connection()
+    amqp = await (await channel.channel()).get_underlay_channel()
+    declared = await amqp.queue_declare("", exclusive=True, auto_delete=True)
+    await amqp.basic_consume(declared.queue, got.put_nowait, no_ack=True)
+    r = valid_request(world, "session")
+    await world.alice.bus.publish(topology.REQUESTS, r.target, body(signed(r)), reply_to=declared.queue, correlation_id="c1")
+    message = await asyncio.wait_for(got.get(), 10)
+    assert isinstance(reply_decoder.decode(message.body), Ok)
+    assert message.header.properties.correlation_id == "c1"
+    assert message.header.properties.user_id is None, "a reply must not carry the services' broker user"
+
+
+async def test_the_inbox_drops_and_counts_what_is_no_notification(world):
+    """Whatever lands in a handle's queue, the Inbox hands on only notifications, and a
+    message it cannot read neither stops it nor comes back."""
+    queue = topology.inbox_queue(world.bob.handle)
+    for junk in (b"not json", b"null", b"[]", b'{"Kind":"Nonsense","Id":"x"}', secrets.token_bytes(64)):
+        await world.alice.bus.publish("", queue, junk)
+    sent = await world.alice.send_text(world.session, "after the junk")
+    async with Inbox(world.bob.bus, world.bob.handle) as inbox:
+        while not isinstance(note := await inbox.next(timeout=10), NewMessage):
+            pass  # the session's own notifications, from before the junk
+        assert note.message_id == sent.message_id
+        assert inbox.dropped == 5
+    async with Inbox(world.bob.bus, world.bob.handle) as inbox:  # nothing came back
+        with pytest.raises(TimeoutError):
+            await inbox.next(timeout=1)

@@ -24,11 +24,11 @@ from aodm.client import Client, with_credentials
 from aodm.crypto import Identity
 from aodm.inbox import Inbox, InboxUnavailable
 from services.registry.credentials import PUBLIC_PERMISSIONS, permissions_for, vhost_of
-from shared import topology
+from shared import envelope, topology
 from shared.encoding import b64encode
-from shared.errors import NoSessionKey, NotFound
+from shared.errors import InvalidArgument, NoSessionKey, NotFound
 from shared.notifications import Fanout, HandleRegistered, NewMessage, SessionEstablished
-from shared.registry_api import Activity, ActivityReport
+from shared.registry_api import REGISTRY_TARGET, Activity, ActivityReport
 from shared.session_api import Member, Spawn
 from shared.transport import AccessRefused, BrokerError, Bus, LoginRefused, QueueMissing, url_user
 from tests.conftest import MANAGEMENT, isolated_settings, running_services
@@ -145,6 +145,22 @@ async def test_register_issues_the_handle_its_own_broker_user(system, person):
     assert granted["read"] == rf"^aodm\.inbox\.{alice.handle}$"
     user = json.loads(api("GET", f"/users/{q(alice.broker_user)}"))
     assert user["tags"] in ([], ""), "an issued user must not log in to the management API"
+
+
+async def test_a_low_order_box_key_is_refused_before_any_broker_user_is_issued(system):
+    """All zeros cannot be sealed to: refused up front, with no broker user left behind."""
+    client = await Client.connect(system.public_url, Identity.generate())
+    try:
+        name = f"zero-{secrets.token_hex(4)}"
+        data = msgspec.json.encode({"Handle": name, "BoxKey": b64encode(bytes(32))}).decode()
+        env = envelope.sign(client.identity.signing_key, target=REGISTRY_TARGET, from_=None, action="Register",
+                            data=data, anchor=b64encode(secrets.token_bytes(16)))
+        with pytest.raises(InvalidArgument):
+            await client.send_envelope(env)
+    finally:
+        await client.close()
+    users = [u["name"] for u in json.loads(api("GET", "/users"))]
+    assert system.prefix + name not in users
 
 
 async def test_issuance_is_off_without_an_admin_url(make_client):

@@ -1,7 +1,7 @@
 """Per-sender order while shards change owner with a backlog waiting (docs/reliability.md).
 
 Four shards, a burst from every sender and then a steady load, while the shards are moved
-again and again between two and three session workers: a worker joining (the others hand
+eight times between two and three session workers: a worker joining (the others hand
 shards over), SIGTERM, kill -9, a worker's broker connection closed by the broker, and a
 worker frozen past its heartbeat. Before each move every worker is frozen for a moment, so
 that each shard holds more than a worker prefetches when it changes owner. The checker
@@ -24,13 +24,13 @@ from tests.test_faults import assert_clean, checked, isolated, services
 pytestmark = pytest.mark.slow
 
 SHARDS = 4
-PREFETCH = 256  # what a shard consumer prefetches: AODM_PREFETCH, at least 2 × its batch of 100
 FREEZE_S = 5.0  # every worker frozen before a move: the backlog that waits for the next owner
 HEARTBEAT_S = 3  # the session workers' broker heartbeat, so that a freeze can outlast it
+# What a shard consumer prefetches: AODM_PREFETCH (at least 2 × its batch of 100). The
+# overtaking this test was written for showed with 64 too, less often.
 WORKER = {"AODM_PREFETCH": "256"}
-# 24 sessions: random session ids leave a shard without any far less often than 16 would.
-LOAD = dict(sessions=24, senders_per_session=2, burst=150, rate=400.0, messages=800, window=2000,
-            duration=75.0, settle=90.0, resend_after=30.0)
+LOAD = dict(sessions=16, senders_per_session=2, burst=200, rate=400.0, messages=1500, window=2000,
+            duration=95.0, settle=90.0, resend_after=30.0)  # the senders go on past the last move
 
 
 async def backlog(settings) -> list[int]:
@@ -123,19 +123,19 @@ async def test_per_sender_order_holds_while_shards_move_under_backlog(tmp_path):
                 await move("kill -9", kill_one)
                 await move("a worker joins again", join)
                 await move("the broker closes a worker's connection", drop_a_connection)
+                await move("a worker joins a third time", join)
                 await move("a worker frozen past its heartbeat", outlast_the_heartbeat)
                 await move("SIGTERM again", terminate_one)
 
             report = await checked(settings, "handover-under-backlog", shards_move, **LOAD)
             print("moves:", moves)
             print("waiting in each shard at each move:", waiting)
-            assert len(moves) == 7, moves
+            assert len(moves) == 8, moves
             assert_clean(report)
             assert report.order_checked > 0.9 * report.confirmed
-            # The backlog was there: at each move more waited than the workers had prefetched, in
-            # most shards beyond what their own consumer had taken.
-            assert all(sum(w) > SHARDS * PREFETCH for w in waiting), waiting
-            assert all(sum(n > 0 for n in w) >= SHARDS // 2 for w in waiting), waiting
+            # The backlog was there: at each move, in most shards (random session ids may leave one
+            # with little), 100 or more waited beyond the full prefetch of the frozen owner.
+            assert all(sum(n >= 100 for n in w) >= SHARDS // 2 for w in waiting), waiting
             left = [line for line in stack.logs("session") if line.get("event") == "left for the queue's new owner"]
             print("requests a worker that had lost its shard left to the new owner:",
                   sum(line["requests"] for line in left))

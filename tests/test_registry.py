@@ -240,6 +240,30 @@ async def test_register_bad_box_key_is_malformed(make_client, box_key):
     assert await client.get_handles() == []
 
 
+# Curve25519's points of low order (and their non-canonical spellings): every shared secret
+# with one is all zeros.
+LOW_ORDER = [bytes.fromhex(h) for h in (
+    "00" * 32,
+    "01" + "00" * 31,
+    "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+    "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+    "ec" + "ff" * 30 + "7f",
+    "ed" + "ff" * 30 + "7f",
+    "ee" + "ff" * 30 + "7f",
+)]
+
+
+@pytest.mark.parametrize("point", LOW_ORDER, ids=[p.hex()[:8] for p in LOW_ORDER])
+async def test_register_with_a_low_order_box_key_is_refused_and_leaves_nothing(make_client, point):
+    client = await make_client(register=False)
+    name = fresh("loworder")
+    with pytest.raises(InvalidArgument, match="low-order"):
+        await register_raw(client, name, b64encode(point))
+    with pytest.raises(NotFound):
+        await client.query_handle(name)
+    assert await client.get_handles() == []
+
+
 async def test_register_box_key_of_the_wrong_type_is_malformed(make_client):
     client = await make_client(register=False)
     with pytest.raises(MalformedRequest):

@@ -17,6 +17,12 @@ import amqp from 'amqplib';
 import sodium from 'libsodium-wrappers';
 
 /** Resolves once libsodium is initialised; await it before any crypto. */
+/** A notification as docs/protocol.md §12 has it: an object with a string Id and Kind. */
+function isNotification(note) {
+  return note !== null && typeof note === 'object' && !Array.isArray(note)
+    && typeof note.Id === 'string' && typeof note.Kind === 'string';
+}
+
 export const ready = sodium.ready;
 
 // ------------------------------------------------------------------ §2 base64url
@@ -592,6 +598,7 @@ export class Client {
   ) {
     const queue = inboxQueue(handle);
     const seen = new Set();
+    const inbox = { dropped: 0, cancel: async () => {} };
     const deadline = Date.now() + wait;
     for (;;) {
       const channel = await this.connection.createChannel();
@@ -604,7 +611,13 @@ export class Client {
           try {
             note = JSON.parse(message.content.toString('utf8'));
           } catch {
-            return channel.ack(message); // not a notification: nothing to do with it
+            note = null;
+          }
+          if (!isNotification(note)) {
+            // Not a notification (anyone who can write to the queue may have put it there):
+            // dropped and counted, never handed on, never left to come back.
+            inbox.dropped += 1;
+            return channel.ack(message);
           }
           if (!seen.has(note.Id)) {
             try {
@@ -617,7 +630,8 @@ export class Client {
           }
           channel.ack(message);
         });
-        return { cancel: async () => { await channel.cancel(consumerTag).catch(() => {}); await channel.close().catch(() => {}); } };
+        inbox.cancel = async () => { await channel.cancel(consumerTag).catch(() => {}); await channel.close().catch(() => {}); };
+        return inbox;
       } catch (error) {
         await channel.close().catch(() => {});
         if (error.code !== 404 || Date.now() >= deadline) throw error;

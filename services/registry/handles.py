@@ -1,8 +1,10 @@
 """Handle actions: Register, QueryHandle, GetHandles, IssueBrokerCredentials."""
 
+from nacl.bindings import crypto_scalarmult
+
 from shared import topology
 from shared.encoding import b64decode, b64encode
-from shared.errors import AlreadyExists, NotFound
+from shared.errors import AlreadyExists, InvalidArgument, NotFound
 from shared.notifications import HandleRegistered
 from shared.registry_api import (
     BrokerCredentials,
@@ -18,6 +20,20 @@ from shared.registry_api import (
 from shared.service import Context
 
 from services.registry import credentials, store
+
+
+_PROBE = bytes(range(1, 33))  # any scalar: clamped, it clears the small-order part of a point
+
+
+def box_key(text: str) -> bytes:
+    """A usable X25519 public key. One of low order (all zeros, say) makes every shared
+    secret all zeros: libsodium refuses to seal anything to it, and nobody could."""
+    key = b64decode(text, field="BoxKey", length=32)
+    try:
+        crypto_scalarmult(_PROBE, key)
+    except RuntimeError as exc:  # libsodium's "the result is all zeros"
+        raise InvalidArgument("BoxKey is a low-order X25519 point: nothing can be sealed to it") from exc
+    return key
 
 
 def _info(row) -> HandleInfo:
@@ -42,12 +58,12 @@ async def register(ctx: Context, req: Register, issuer: credentials.Issuer | Non
     """The envelope's signature by Owner is the proof of possession of the signing key."""
     name = check_handle(req.handle)
     sign_key = b64decode(ctx.envelope.owner, field="Owner", length=32)
-    box_key = b64decode(req.box_key, field="BoxKey", length=32)
-    if not await store.insert_handle(ctx.conn, name, sign_key, box_key, ctx.now):
+    key = box_key(req.box_key)  # before anything is written or issued
+    if not await store.insert_handle(ctx.conn, name, sign_key, key, ctx.now):
         raise AlreadyExists(f"handle {name!r} is taken")
     ctx.emit(topology.INTERNAL, topology.NOTIFIER_ROUTING_KEY, HandleRegistered(name))
     # Only after the insert succeeded: a taken name must never reset its owner's password.
-    issued = await _broker_credentials(issuer, name, box_key)
+    issued = await _broker_credentials(issuer, name, key)
     return Registered(
         handle=name, sign_key=ctx.envelope.owner, box_key=req.box_key, created_at=ctx.now,
         broker_user=issued.broker_user, sealed_broker_password=issued.sealed_broker_password,

@@ -1,0 +1,54 @@
+"""Duplicate keys (shared/strict_json.py), without a broker: the counting filter must never
+let a duplicate through, and the exact check must name it."""
+
+import json
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shared import strict_json
+from shared.envelope import Envelope, Tag
+
+KEYS = {"Handle": 1, "Limit": 1}
+
+
+@pytest.mark.parametrize("text, duplicates", [
+    ('{"Handle":"a","Limit":1}', []),
+    ('{"Handle":"a","Handle":"b"}', ["Handle"]),
+    ('{"Handle":"a","\\u0048andle":"b"}', ["Handle"]),  # the same key, spelled with an escape
+    ('{"Handle":"Handle"}', []),  # a value that reads like a key
+    ('{"Handle":"\\"Handle\\""}', []),
+    ('{"Keys":[{"Handle":"a","Handle":"b"}]}', ["Handle"]),  # nested
+])
+def test_flat_duplicates(text, duplicates):
+    assert strict_json.flat_duplicates(text, KEYS) == duplicates
+    assert strict_json.flat_duplicates(text.encode(), KEYS) == duplicates
+
+
+def test_the_filter_spares_the_parse_only_where_no_duplicate_can_be():
+    assert not strict_json.may_hold_duplicates('{"Handle":"a","Limit":1}', KEYS)
+    assert strict_json.may_hold_duplicates('{"Handle":"a","Handle":"a"}', KEYS)
+    assert strict_json.may_hold_duplicates('{"Handle":"\\u0061"}', KEYS)  # any \\u: parse
+    assert strict_json.may_hold_duplicates(b'{"Handle":"Handle"}', KEYS)  # a look-alike: parse, finds none
+    assert strict_json.duplicate_keys(b'{"Handle":"Handle"}') == []
+
+
+def test_the_struct_names_are_the_wire_names():
+    assert set(strict_json.top_level_keys(Envelope)) == {
+        "Id", "Target", "From", "Owner", "Anchor", "Timestamp", "Tags", "Data", "Signature"}
+    assert strict_json.top_level_keys(Tag) == {"name": 1, "value": 1}
+
+
+@given(st.dictionaries(st.sampled_from(["Handle", "Limit"]), st.text(max_size=5), min_size=1),
+       st.sampled_from(["Handle", "Limit"]), st.booleans())
+def test_a_doubled_key_is_always_found(fields, extra, escaped):
+    """Whatever the values, a key added twice is reported, counted or parsed."""
+    spelled = "\\u00" + format(ord(extra[0]), "02x") + extra[1:] if escaped else extra
+    text = '{"' + spelled + '":0,' + json.dumps(fields)[1:]
+    if extra in fields:
+        assert strict_json.flat_duplicates(text, KEYS) == [extra]
+    else:
+        assert strict_json.flat_duplicates(text, KEYS) == []
+        assert msgspec.json.decode(text)[extra] == 0
