@@ -25,9 +25,10 @@ keeps its place in its shard and is never dead-lettered for them).
 """
 
 import asyncio
+import contextlib
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -54,6 +55,10 @@ metrics.describe("aodm_notifications_total", "counter", "Notifications published
 metrics.describe("aodm_batch_size", "histogram", "Requests handled per transaction.", buckets=(1, 2, 5, 10, 20, 50, 100, 200, 400))
 
 MAX_ATTEMPTS = 3  # a request that fails this often in a row is poison: dead-lettered
+# Reads a worker holds at once (each up to a page: session_api.MAX_PAGE_BYTES of content),
+# and of those, one signer's: its further reads wait their turn while others' pass them.
+READS_IN_FLIGHT = 16
+READS_PER_SIGNER = 2
 _encoder = msgspec.json.Encoder()
 
 
@@ -253,6 +258,8 @@ class Processor:
         self.stopping = stopping or asyncio.Event()  # set: database faults abandon instead of waiting
         self.activity = activity  # takes the batches' activity instead of a report per batch
         self.fence = fence
+        self._in_flight = asyncio.Semaphore(READS_IN_FLIGHT)
+        self._turns = _Turns(READS_PER_SIGNER)
         self._answered: asyncio.Future[None] | None = None  # the latest batch's publishing and acks
         self._abandoned = False  # stopping while the database was away: everything is left
         metrics.inc("aodm_dead_lettered_total", 0, service=name)  # a series from the start, so rates see the first
@@ -441,15 +448,6 @@ class Processor:
         outcome.reply = bytes(row["stored_reply"])
         outcome.effects = outgoing.decode(row["stored_effects"])
 
-    async def _run_reads(self, outcomes: list[Outcome]) -> None:
-        """After the batch's sends (a read sees what they wrote), side by side: reads change
-        nothing, so their order does not matter; the read pool's size bounds them."""
-        if len(outcomes) == 1:
-            return await self._with_database(self._run_read, outcomes[0])
-        done = await asyncio.gather(*(self._with_database(self._run_read, o) for o in outcomes), return_exceptions=True)
-        for error in (e for e in done if isinstance(e, BaseException)):
-            raise error
-
     async def _run_read(self, outcome: Outcome) -> None:
         """On the read-only pool: the database itself refuses any write a dryrun attempts."""
         while outcome.code == "ok":
@@ -601,16 +599,29 @@ class Processor:
             self._log(outcomes, batch, elapsed)  # after the answers, which need not wait for it
 
     async def _read_and_reply(self, reads: list[Outcome], batch: int, started: float) -> None:
-        try:
-            await self._run_reads(reads)
-        except Abandoned as exc:  # stopping while the database is away: hand them back
-            self._abandon(reads)
-            raise ConnectionError("left for redelivery") from exc
-        elapsed = time.perf_counter() - started
-        self._count(reads, elapsed)
-        await self._dead_letter_poison(reads)
-        await self._publish(_replies(reads))
-        self._log(reads, batch, elapsed)  # after the replies, which need not wait for it
+        """After the batch's sends (a read sees what they wrote), side by side: reads change
+        nothing, so their order does not matter."""
+        if len(reads) == 1:
+            return await self._read_one(reads[0], batch, started)
+        done = await asyncio.gather(*(self._read_one(o, batch, started) for o in reads), return_exceptions=True)
+        for error in (e for e in done if isinstance(e, BaseException)):
+            raise error
+
+    async def _read_one(self, read: Outcome, batch: int, started: float) -> None:
+        """A read waits for its signer's turn, then for a place among the reads in flight,
+        which it keeps until its reply is confirmed: a worker holds READS_IN_FLIGHT pages at
+        most, and a signer's flood of heavy reads takes READS_PER_SIGNER of those places."""
+        async with self._turns.take(read.env.owner), self._in_flight:
+            try:
+                await self._with_database(self._run_read, read)
+            except Abandoned as exc:  # stopping while the database is away: hand it back
+                self._abandon([read])
+                raise ConnectionError("left for redelivery") from exc
+            elapsed = time.perf_counter() - started
+            self._count([read], elapsed)
+            await self._dead_letter_poison([read])
+            await self._publish(_replies([read]))
+        self._log([read], batch, elapsed)  # after the reply, which need not wait for it
 
     async def _settle(self, outcomes: list[Outcome], publishing: list[Awaitable[None]], after: "asyncio.Future[None] | None") -> None:
         """Acknowledged once confirmed (poison is in the dead letters by then). On a broker
@@ -698,6 +709,27 @@ def _segments(outcomes: list[Outcome]) -> list[list[Outcome]]:
         else:
             segments.append([outcome])
     return segments
+
+
+class _Turns:
+    """At most `per_key` holders of each key at once; a key's other callers wait for it,
+    in order, without holding anything else up."""
+
+    def __init__(self, per_key: int) -> None:
+        self._per_key = per_key
+        self._keys: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}  # key -> (turns, [holders + waiters])
+
+    @contextlib.asynccontextmanager
+    async def take(self, key: str) -> AsyncIterator[None]:
+        turns, users = self._keys.setdefault(key, (asyncio.Semaphore(self._per_key), [0]))
+        users[0] += 1
+        try:
+            async with turns:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._keys[key]  # nothing kept for a key nobody holds or waits for
 
 
 def _no_effects_for_replays(outcomes: list[Outcome]) -> None:

@@ -7,6 +7,9 @@ import msgspec
 MAX_GENERATION = 2**31 - 1
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
+# A page also ends once its messages' Content reaches this many bytes (it always holds one):
+# a reply stays under about 0.8 MB, whatever the Limit, and NextCursor goes on from there.
+MAX_PAGE_BYTES = 512 * 1024
 SEALED_KEY_BYTES = 32 + 48  # a 32-byte SecretBox key in a SealedBox (ephemeral pk + MAC)
 
 Generation = Annotated[int, msgspec.Meta(ge=1, le=MAX_GENERATION)]

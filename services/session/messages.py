@@ -6,7 +6,7 @@ from shared.encoding import b64decode, b64encode
 from shared.errors import AodmError, InvalidArgument, NoSessionKey, NotFound
 from shared.notifications import NewMessage
 from shared.service import FENCED, Context
-from shared.session_api import MAX_PAGE, MessagePage, QueryMessage, SendMessage, Sent, StoredMessage
+from shared.session_api import MAX_PAGE, MAX_PAGE_BYTES, MessagePage, QueryMessage, SendMessage, Sent, StoredMessage
 
 from services.session import store
 from services.session.members import Members
@@ -103,8 +103,10 @@ async def query_message(ctx: Context, req: QueryMessage) -> MessagePage:
         raise InvalidArgument("From is after Until")
     descending = req.order == "desc"
     after = _cursor(req.cursor, descending)
-    rows = await store.message_page(ctx.conn, ctx.envelope.target, lo, hi, after, req.limit + 1, descending)
-    more = len(rows) > req.limit
+    rows = await store.message_page(ctx.conn, ctx.envelope.target, lo, hi, after, req.limit + 1, descending,
+                                    MAX_PAGE_BYTES)
+    # More: a message past the limit, or candidates the byte bound left out.
+    more = len(rows) > req.limit or (bool(rows) and rows[0]["fetched"] > len(rows))
     rows = rows[: req.limit]
     messages = [
         StoredMessage(

@@ -317,17 +317,30 @@ async def lost_leases(conn: asyncpg.Connection, leases: list[tuple[int, int]]) -
     return {(row["shard"], row["epoch"]) for row in rows}
 
 
+# A page of at most $6 messages, cut once the content before a message reaches $7 bytes
+# (so never empty). The sizes are read from the rows' headers (octet_length of a stored value
+# does not fetch it), over the $6 candidates only; `fetched` says how many there were.
 _PAGE = """
-    SELECT seq, message_id, sender, sender_key, generation, ts, content FROM session.messages
-    WHERE session_id = $1 AND ts >= $2 AND ts <= $3 AND (ts, seq) {cmp} ($4, $5)
-    ORDER BY ts {dir}, seq {dir} LIMIT $6
+    SELECT seq, message_id, sender, sender_key, generation, ts, content, fetched FROM (
+        SELECT candidates.*, count(*) OVER () AS fetched,
+               sum(octet_length(content)) OVER (ORDER BY ts {dir}, seq {dir} ROWS UNBOUNDED PRECEDING)
+                   - octet_length(content) AS before
+        FROM (
+            SELECT seq, message_id, sender, sender_key, generation, ts, content FROM session.messages
+            WHERE session_id = $1 AND ts >= $2 AND ts <= $3 AND (ts, seq) {cmp} ($4, $5)
+            ORDER BY ts {dir}, seq {dir} LIMIT $6
+        ) AS candidates
+    ) AS sized
+    WHERE before < $7
+    ORDER BY ts {dir}, seq {dir}
 """
 _PAGE_ASC = _PAGE.format(cmp=">", dir="ASC")
 _PAGE_DESC = _PAGE.format(cmp="<", dir="DESC")
 
 
 async def message_page(
-    conn: asyncpg.Connection, session_id: str, lo: int, hi: int, after: tuple[int, int], limit: int, descending: bool
+    conn: asyncpg.Connection, session_id: str, lo: int, hi: int, after: tuple[int, int], limit: int, descending: bool,
+    max_bytes: int,
 ) -> list[asyncpg.Record]:
     """Keyset paging on (ts, seq): stable under concurrent inserts, no gap, no duplicate."""
-    return await conn.fetch(_PAGE_DESC if descending else _PAGE_ASC, session_id, lo, hi, *after, limit)
+    return await conn.fetch(_PAGE_DESC if descending else _PAGE_ASC, session_id, lo, hi, *after, limit, max_bytes)
