@@ -28,6 +28,12 @@ SESSIONS = 1000
 CONTENT = secrets.token_bytes(700)  # about what a 1 KiB SendMessage envelope carries
 
 
+# The version the services call (the one before it stays for workers not yet replaced), and
+# the lease its messages are written under: all on shard 0, taken once.
+CURRENT = "session.append_messages(bigint, text[], int[], text[], text[], bytea[], bytea[], bool[], int[], bigint[])"
+EPOCH = 1
+
+
 async def prepare(dsn: str) -> None:
     pool = await db.connect(dsn, size=1)
     try:
@@ -38,10 +44,12 @@ async def prepare(dsn: str) -> None:
         )
         # The comparison: the same function without its SET clauses (plan choice left to
         # PostgreSQL, seq scans allowed), under another name.
-        definition = await pool.fetchval("SELECT pg_get_functiondef('session.append_messages'::regproc)")
+        definition = await pool.fetchval(f"SELECT pg_get_functiondef('{CURRENT}'::regprocedure)")
         replanned = re.sub(r"(?m)^ SET .*\n", "", definition).replace(
             "session.append_messages(", "session.append_messages_replanned(", 1)
         await pool.execute(replanned)
+        async with pool.acquire() as conn:
+            assert await store.take_shard(conn, 0, "bench") == EPOCH
         await pool.execute("ANALYZE")
     finally:
         await pool.close()
@@ -56,13 +64,13 @@ async def calls(conn: asyncpg.Connection, function: str, batch: int, count: int,
                 min_cpu: float = MIN_CPU_S) -> tuple[float, float]:
     """(backend CPU µs, wall µs) per call, over `count` calls or more (see MIN_CPU_S)."""
     backend = conn.get_server_pid()
-    statement = f"SELECT * FROM session.{function}($1, $2, $3, $4, $5, $6, $7, $8)"
+    statement = f"SELECT * FROM session.{function}($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
     cpu, started, k = cpu_seconds(backend), time.perf_counter(), 0
     while k < count or cpu_seconds(backend) - cpu < min_cpu:
         sessions = [f"s{(k * batch + j) % SESSIONS}" for j in range(batch)]
         rows = await conn.fetch(statement, int(time.time() * 1000), sessions, [None] * batch,
                                 [secrets.token_hex(16) for _ in range(batch)], ["alice"] * batch,
-                                [b"k" * 32] * batch, [CONTENT] * batch, [True] * batch)
+                                [b"k" * 32] * batch, [CONTENT] * batch, [True] * batch, [0] * batch, [EPOCH] * batch)
         assert len(rows) == batch and all(row["seq"] for row in rows)  # every one stored
         k += 1
     return (cpu_seconds(backend) - cpu) / k * 1e6, (time.perf_counter() - started) / k * 1e6

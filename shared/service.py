@@ -223,6 +223,10 @@ class Outcome:
     effects: Effects = outgoing.NONE
     code: str = "ok"
     duplicate: bool = False
+    # Found stored on its first try: taken before this delivery came (a replay, a resend or
+    # a redelivery), not by an earlier try of this very handling (a run retried one by one).
+    stored_earlier: bool = False
+    tried: bool = False  # a handler has run for it (its statement may have committed)
     poison: bool = False
     failures: int = 0
 
@@ -444,7 +448,7 @@ class Processor:
     def _replay(self, outcome: Outcome, row: asyncpg.Record) -> None:
         """A request seen before is answered as the first time; whether its stored effects
         go out again is `_no_effects_for_replays`'s call."""
-        outcome.duplicate = True
+        outcome.duplicate = outcome.stored_earlier = True  # an earlier try of ours was rolled back
         outcome.reply = bytes(row["stored_reply"])
         outcome.effects = outgoing.decode(row["stored_effects"])
 
@@ -469,6 +473,9 @@ class Processor:
         if not ready:
             return
         action = run[0].action
+        first_try = [not outcome.tried for outcome, _ in ready]
+        for outcome, _ in ready:
+            outcome.tried = True
         try:
             async with asyncio.timeout(self.handler_timeout):  # no extra task, unlike wait_for
                 results = await self._call(action, ready)
@@ -485,14 +492,15 @@ class Processor:
         except Exception as exc:
             raise self._failure(ready, exc) from exc
         self._leave([outcome for (outcome, _), result in zip(ready, results, strict=True) if result is FENCED])
-        for (outcome, ctx), result in zip(ready, results, strict=True):
+        for (outcome, ctx), result, first in zip(ready, results, first_try, strict=True):
             if result is FENCED:
                 continue
             if isinstance(result, AodmError):
                 self._fail(outcome, result)
                 continue
             outcome.reply, outcome.effects = ok(outcome.env.id, result), ctx.effects
-            outcome.duplicate = ctx.stored_before  # its effects go out again (see _replay)
+            outcome.duplicate = ctx.stored_before
+            outcome.stored_earlier = ctx.stored_before and first
 
     async def _context(self, conn: asyncpg.Connection, outcome: Outcome) -> Context:
         env = outcome.env
@@ -742,7 +750,7 @@ def _no_effects_for_replays(outcomes: list[Outcome]) -> None:
     share a batch with the redelivered original, ahead of it."""
     redelivered = {o.request_id for o in outcomes if o.delivery.redelivered}
     for outcome in outcomes:
-        if outcome.duplicate and outcome.request_id not in redelivered:
+        if outcome.stored_earlier and outcome.request_id not in redelivered:
             outcome.effects = outgoing.NONE
 
 
@@ -752,7 +760,7 @@ def _firsts(batch: list[Outcome]) -> tuple[list[Outcome], list[Outcome]]:
     firsts: dict[str, Outcome] = {}
     copies = []
     for outcome in batch:
-        outcome.reply, outcome.effects, outcome.duplicate = None, outgoing.NONE, False
+        outcome.reply, outcome.effects, outcome.duplicate, outcome.stored_earlier = None, outgoing.NONE, False, False
         if outcome.env.id in firsts:
             copies.append((outcome, firsts[outcome.env.id]))
         else:

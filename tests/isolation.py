@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import asyncpg
 
-from shared import config
+from shared import config, db
 
 AMQP_BASE = os.environ.get("AODM_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 DATABASE_BASE = os.environ.get("AODM_TEST_DATABASE_URL", "postgresql://root@127.0.0.1:5432/postgres")
@@ -78,3 +78,18 @@ async def isolated_settings(prefix: str = "aodm-test", **overrides):
             drop_vhost(vhost)
         finally:
             await drop_database(db_name)
+
+
+@asynccontextmanager
+async def migrated_database(prefix: str, schema: str, migrations: list[str]):
+    """A database of its own with one service's schema migrated in; yields its DSN."""
+    name, dsn = await new_database(prefix)
+    pool = await db.connect(dsn, size=1)
+    try:
+        await db.migrate(pool, schema, migrations)
+    finally:
+        await pool.close()
+    try:
+        yield dsn
+    finally:
+        await drop_database(name)

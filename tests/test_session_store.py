@@ -9,26 +9,19 @@ import asyncpg
 import pytest
 
 from services.session import store
-from shared import db
-from tests.isolation import drop_database, new_database
+from tests.isolation import migrated_database
 
 TABLES = ("sessions", "messages", "requests", "shard_leases")
 
 
 @pytest.fixture
 async def database():
-    name, dsn = await new_database("aodm_test_store")
-    pool = await db.connect(dsn, size=1)
-    try:
-        await db.migrate(pool, store.SCHEMA, store.MIGRATIONS)
-    finally:
-        await pool.close()
-    conn = await asyncpg.connect(dsn)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-        await drop_database(name)
+    async with migrated_database("aodm_test_store", store.SCHEMA, store.MIGRATIONS) as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            yield conn
+        finally:
+            await conn.close()
 
 
 def _messages(session_ids: list[str], shard: int = 0, epoch: int = 1) -> list[tuple]:

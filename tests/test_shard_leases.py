@@ -9,22 +9,18 @@ import pytest
 
 from services.session import store
 from shared import db
-from tests.isolation import drop_database, new_database
+from tests.isolation import drop_database, migrated_database, new_database
 
 
 @pytest.fixture
 async def dsn():
-    name, dsn = await new_database("aodm_test_leases")
-    pool = await db.connect(dsn, size=1)
-    try:
-        await db.migrate(pool, store.SCHEMA, store.MIGRATIONS)
-        await pool.execute("INSERT INTO session.sessions (session_id, created_at, key_generation) VALUES ('s', 0, 1)")
-    finally:
-        await pool.close()
-    try:
+    async with migrated_database("aodm_test_leases", store.SCHEMA, store.MIGRATIONS) as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("INSERT INTO session.sessions (session_id, created_at, key_generation) VALUES ('s', 0, 1)")
+        finally:
+            await conn.close()
         yield dsn
-    finally:
-        await drop_database(name)
 
 
 def message(shard: int, epoch: int) -> tuple:
