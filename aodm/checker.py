@@ -182,7 +182,7 @@ async def _call(client: Client, target: str, data: msgspec.Struct, result: type,
     if reply is None:
         raise Timeout(f"no reply to {type(data).__name__} before the checker's deadline")
     if isinstance(reply, Err):
-        raise error_for(reply.code, reply.message)
+        raise error_for(reply.code, reply.message, reply.retry_after)
     return msgspec.json.decode(reply.result, type=result)
 
 
@@ -198,7 +198,7 @@ async def _rotate(pair: _Pair, opts: Options, give_up: float) -> None:
     if reply is None:
         pair.pending_keys.append(key)
     elif isinstance(reply, Err):
-        raise error_for(reply.code, reply.message)
+        raise error_for(reply.code, reply.message, reply.retry_after)
     else:
         generation = msgspec.json.decode(reply.result, type=Rotated).generation
         pair.keys[generation] = key

@@ -109,7 +109,7 @@ class Client:
             raise Timeout(f"no reply to {env.action} within {self.timeout}s") from None
         decoded = reply_decoder.decode(body)
         if isinstance(decoded, Err):
-            raise error_for(decoded.code, decoded.message)
+            raise error_for(decoded.code, decoded.message, decoded.retry_after)
         return decoded.result
 
     async def call(self, target: str, data: msgspec.Struct, result: type[T], *, as_handle: bool = True) -> T:

@@ -60,6 +60,10 @@ VARIABLES: dict[str, tuple[str, Callable[[str], object], str]] = {
     "AODM_HTTP_PORT": ("0", _int(0, 65535), "health (/healthz, /readyz) and /metrics HTTP port; 0 turns it off"),
     "AODM_HANDLER_TIMEOUT_S": ("10", _int(1, 3600), "a handler taking longer is cancelled and retried; after 3 tries the request is dead-lettered"),
     "AODM_DEDUP_RETENTION_S": ("86400", _int(3600, 10**8), "how long request ids are remembered for deduplication"),
+    "AODM_SEND_RATE": ("30", _int(1, 10**6), "messages a second one sender may send over all its sessions (bursts of 10 s worth), per session worker"),
+    "AODM_SEND_SESSION_RATE": ("20", _int(1, 10**6), "messages a second one sender may send in one session (bursts of 10 s worth)"),
+    "AODM_SESSIONS_PER_HOUR": ("60", _int(1, 10**6), "new sessions one handle may open in an hour"),
+    "AODM_HANDLES_PER_DAY": ("10", _int(1, 10**6), "handles one signing key may register in a day"),
     "AODM_BROKER_ADMIN_URL": ("", _url("http", "https", optional=True), "RabbitMQ management API with admin credentials (http://user:pass@host:15672); set, the registry issues each handle its own broker user (docs/security.md); empty turns it off"),
     "AODM_BROKER_VHOST": ("", str, "vhost the issued broker users get permissions on; empty = the vhost of AODM_AMQP_URL"),
     "AODM_BROKER_USER_PREFIX": ("aodm-h.", _user_prefix, "issued broker users are named prefix + handle; unique per deployment sharing a broker"),
@@ -78,6 +82,10 @@ class Settings:
     http_port: int
     dedup_retention_s: int
     handler_timeout_s: int = 10
+    send_rate: int = 30
+    send_session_rate: int = 20
+    sessions_per_hour: int = 60
+    handles_per_day: int = 10
     broker_admin_url: str = ""
     broker_vhost: str = ""
     broker_user_prefix: str = "aodm-h."

@@ -76,6 +76,16 @@ class InternalError(AodmError):
     code = "internal"
 
 
+class RateLimited(AodmError):
+    """More requests of this kind than the deployment allows: retry after `retry_after_ms`."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str = "", retry_after_ms: int = 1000) -> None:
+        super().__init__(message)
+        self.retry_after_ms = max(1, int(retry_after_ms))
+
+
 class Timeout(AodmError):
     """Client side only: no reply within the deadline."""
 
@@ -94,11 +104,14 @@ ALL_ERRORS: tuple[type[AodmError], ...] = (
     NotFound,
     AlreadyExists,
     NoSessionKey,
+    RateLimited,
     InternalError,
 )
 ERROR_CODES: dict[str, type[AodmError]] = {e.code: e for e in ALL_ERRORS}
 
 
-def error_for(code: str, message: str) -> AodmError:
+def error_for(code: str, message: str, retry_after_ms: int | None = None) -> AodmError:
     """Rebuild the typed error from a reply (client side)."""
+    if code == RateLimited.code:
+        return RateLimited(message, retry_after_ms or 1000)
     return ERROR_CODES.get(code, AodmError)(message)

@@ -10,10 +10,11 @@ class Ok(msgspec.Struct, tag="ok", tag_field="Status", rename="pascal"):
     result: msgspec.Raw
 
 
-class Err(msgspec.Struct, tag="error", tag_field="Status", rename="pascal"):
+class Err(msgspec.Struct, tag="error", tag_field="Status", rename="pascal", omit_defaults=True):
     request_id: str
     code: str
     message: str
+    retry_after: int = 0  # rate_limited only (absent otherwise): milliseconds to wait before trying again
 
 
 Reply = Ok | Err
@@ -27,4 +28,4 @@ def ok(request_id: str, result: object) -> bytes:
 
 
 def err(request_id: str, error: AodmError) -> bytes:
-    return _encoder.encode(Err(request_id, error.code, error.message))
+    return _encoder.encode(Err(request_id, error.code, error.message, getattr(error, "retry_after_ms", 0)))

@@ -18,6 +18,11 @@ from tests.processes import ServiceProcess
 pytestmark = pytest.mark.slow
 
 
+# These tests pipeline hundreds of messages a sender to load the workers, far past a
+# person's rate: the send limits (tests/test_rate_limits.py) are set out of their way.
+UNLIMITED = {"AODM_SEND_RATE": "1000000", "AODM_SEND_SESSION_RATE": "1000000"}
+
+
 @pytest.fixture
 async def system(tmp_path):
     """An isolated vhost and database with the three services as real processes."""
@@ -25,7 +30,7 @@ async def system(tmp_path):
         procs: dict[str, ServiceProcess] = {}
 
         def spawn(name: str, key: str | None = None) -> ServiceProcess:
-            proc = ServiceProcess(name, settings, tmp_path).start()
+            proc = ServiceProcess(name, settings, tmp_path, **UNLIMITED).start()
             procs[key or name] = proc
             return proc
 

@@ -85,6 +85,8 @@ export const InvalidArgument = errorClass('invalid_argument', 'InvalidArgument')
 export const NotFound = errorClass('not_found', 'NotFound');
 export const AlreadyExists = errorClass('already_exists', 'AlreadyExists');
 export const NoSessionKey = errorClass('no_session_key', 'NoSessionKey');
+/** Over a rate limit; `retryAfter` (ms, from the reply's RetryAfter) says when to try again. */
+export const RateLimited = errorClass('rate_limited', 'RateLimited');
 export const InternalError = errorClass('internal', 'InternalError');
 /** Client side only: no reply within the deadline. Resend the same envelope (§9.2). */
 export const TimeoutError = errorClass('timeout', 'TimeoutError');
@@ -99,14 +101,18 @@ export class DecryptionFailed extends Error {
 export const ERRORS = Object.fromEntries(
   [
     MalformedRequest, PayloadTooLarge, InvalidSignature, StaleRequest, UnknownAction, Unauthorized,
-    Forbidden, InvalidArgument, NotFound, AlreadyExists, NoSessionKey, InternalError,
+    Forbidden, InvalidArgument, NotFound, AlreadyExists, NoSessionKey, RateLimited, InternalError,
   ].map((cls) => [cls.code, cls]),
 );
 
 /** The typed error of an Err reply; an unknown code is treated like `internal` (§8). */
-export function errorFor(code, message, requestId) {
+export function errorFor(code, message, requestId, retryAfter = undefined) {
   const cls = ERRORS[code];
-  if (cls) return new cls(message, requestId);
+  if (cls) {
+    const error = new cls(message, requestId);
+    if (retryAfter !== undefined) error.retryAfter = retryAfter;
+    return error;
+  }
   const error = new InternalError(`${code}: ${message}`, requestId);
   error.unknownCode = code;
   return error;
@@ -413,7 +419,7 @@ export class Client {
         return pending.reject(new Error(`reply RequestId ${reply.RequestId} is not the request's Id ${pending.env.Id}`));
       }
       if (reply.Status === 'ok') return pending.resolve(reply.Result);
-      if (reply.Status === 'error') return pending.reject(errorFor(reply.Code, reply.Message, reply.RequestId));
+      if (reply.Status === 'error') return pending.reject(errorFor(reply.Code, reply.Message, reply.RequestId, reply.RetryAfter));
       return pending.reject(new Error(`reply with unknown Status ${JSON.stringify(reply.Status)}`));
     });
   }

@@ -25,6 +25,7 @@ from shared.service import Action, Processor
 from shared.transport import Delivery
 
 from services.registry import credentials, handles, sessions, store
+from services.registry.limits import RegistryLimits
 
 ACTIONS = {
     "Register": Action(Register, handles.register, "send", needs_handle=False),
@@ -37,11 +38,12 @@ ACTIONS = {
 }
 
 
-def actions(issuer: credentials.Issuer | None) -> dict[str, Action]:
-    """ACTIONS with the broker-credential issuer (None: issuance off) bound in."""
+def actions(issuer: credentials.Issuer | None, limits: RegistryLimits = RegistryLimits()) -> dict[str, Action]:
+    """ACTIONS with the broker-credential issuer (None: issuance off) and the limits bound in."""
     bound = {
-        "Register": functools.partial(handles.register, issuer=issuer),
+        "Register": functools.partial(handles.register, issuer=issuer, limits=limits),
         "IssueBrokerCredentials": functools.partial(handles.issue_broker_credentials, issuer=issuer),
+        "EstablishSession": functools.partial(sessions.establish_session, limits=limits),
     }
     return {
         name: Action(a.request, bound[name], a.mode, a.needs_handle) if name in bound else a
@@ -66,7 +68,9 @@ async def authenticate(conn: asyncpg.Connection, env: Envelope, action: Action) 
 async def start(rt: runtime.Runtime) -> None:
     processor = Processor(
         name="registry", schema=store.SCHEMA, pool=rt.pool, read_pool=rt.read_pool, bus=rt.bus,
-        actions=actions(credentials.Issuer.from_settings(rt.settings)), authenticate=authenticate,
+        actions=actions(credentials.Issuer.from_settings(rt.settings),
+                        RegistryLimits(rt.settings.sessions_per_hour, rt.settings.handles_per_day)),
+        authenticate=authenticate,
         handler_timeout=rt.settings.handler_timeout_s, stopping=rt.stop,
     )
 

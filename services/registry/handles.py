@@ -20,6 +20,7 @@ from shared.registry_api import (
 from shared.service import Context
 
 from services.registry import credentials, store
+from services.registry.limits import DAY_MS, RegistryLimits, within
 
 
 _PROBE = bytes(range(1, 33))  # any scalar: clamped, it clears the small-order part of a point
@@ -54,11 +55,15 @@ async def _broker_credentials(issuer: credentials.Issuer | None, handle: str, bo
     return BrokerCredentials(broker_user=user, sealed_broker_password=credentials.seal(password, box_key))
 
 
-async def register(ctx: Context, req: Register, issuer: credentials.Issuer | None = None) -> Registered:
+async def register(
+    ctx: Context, req: Register, issuer: credentials.Issuer | None = None, limits: RegistryLimits = RegistryLimits()
+) -> Registered:
     """The envelope's signature by Owner is the proof of possession of the signing key."""
     name = check_handle(req.handle)
     sign_key = b64decode(ctx.envelope.owner, field="Owner", length=32)
     key = box_key(req.box_key)  # before anything is written or issued
+    registered = await store.registered_since(ctx.conn, sign_key, ctx.now - DAY_MS)
+    within(registered, limits.handles_per_day, DAY_MS, ctx.now, "handles registered by this key in a day")
     if not await store.insert_handle(ctx.conn, name, sign_key, key, ctx.now):
         raise AlreadyExists(f"handle {name!r} is taken")
     ctx.emit(topology.INTERNAL, topology.NOTIFIER_ROUTING_KEY, HandleRegistered(name))

@@ -23,13 +23,14 @@ from shared.service import Context
 from shared.session_api import Member, Spawn
 
 from services.registry import store
+from services.registry.limits import HOUR_MS, RegistryLimits, within
 
 
 async def query_session(ctx: Context, req: QuerySession) -> SessionRef:
     return SessionRef(await store.session_of(ctx.conn, check_handle(req.handle_a), check_handle(req.handle_b)))
 
 
-async def establish_session(ctx: Context, req: EstablishSession) -> Established:
+async def establish_session(ctx: Context, req: EstablishSession, limits: RegistryLimits = RegistryLimits()) -> Established:
     """Spawn the pair's session once; a repeat, or the loser of a race, gets the same id."""
     peer = check_handle(req.handle)
     if peer == ctx.caller:
@@ -37,10 +38,15 @@ async def establish_session(ctx: Context, req: EstablishSession) -> Established:
     peer_row = await store.handle(ctx.conn, peer)
     if peer_row is None:
         raise NotFound(f"no handle {peer!r}")
-    session_id = b64encode(secrets.token_bytes(32))
-    created = await store.insert_session(ctx.conn, session_id, ctx.caller, peer, ctx.now)
-    if not created:
-        session_id = await store.session_of(ctx.conn, ctx.caller, peer)
+    session_id = await store.session_of(ctx.conn, ctx.caller, peer)
+    created = False
+    if session_id is None:  # only a new session counts against the opener's limit
+        opened = await store.opened_since(ctx.conn, ctx.caller, ctx.now - HOUR_MS)
+        within(opened, limits.sessions_per_hour, HOUR_MS, ctx.now, f"sessions {ctx.caller} opened in an hour")
+        session_id = b64encode(secrets.token_bytes(32))
+        created = await store.insert_session(ctx.conn, session_id, ctx.caller, peer, ctx.now)
+        if not created:  # the peer opened it at the same moment
+            session_id = await store.session_of(ctx.conn, ctx.caller, peer)
     me_row = await store.handle(ctx.conn, ctx.caller)
     members = [Member(r["handle"], b64encode(r["sign_key"]), b64encode(r["box_key"])) for r in (me_row, peer_row)]
     # Spawn goes straight into the session's shard ahead of anything a client can send it.

@@ -36,6 +36,14 @@ MIGRATIONS = [
     """,
     requests_lookup(SCHEMA),
     requests_replanned(SCHEMA),
+    # Who opened each session, for the limit on sessions opened per handle (sessions from
+    # before have none and count for nobody); handles by key and time, for the limit on
+    # handles registered per signing key.
+    """
+    ALTER TABLE registry.sessions ADD COLUMN opened_by text COLLATE "C";
+    CREATE INDEX sessions_opened ON registry.sessions (opened_by, created_at) WHERE opened_by IS NOT NULL;
+    CREATE INDEX handles_by_sign_key_and_time ON registry.handles (sign_key, created_at);
+    """,
 ]
 
 
@@ -78,15 +86,33 @@ async def session_of(conn: asyncpg.Connection, a: str, b: str) -> str | None:
     )
 
 
-async def insert_session(conn: asyncpg.Connection, session_id: str, a: str, b: str, at: int) -> bool:
+async def insert_session(conn: asyncpg.Connection, session_id: str, opener: str, peer: str, at: int) -> bool:
     """Exactly one session per pair: the unique (lo, hi) key settles concurrent inserts."""
     return bool(
         await conn.fetchval(
-            """INSERT INTO registry.sessions (session_id, handle_lo, handle_hi, created_at, last_activity)
-               VALUES ($1, $2, $3, $4, $4) ON CONFLICT (handle_lo, handle_hi) DO NOTHING RETURNING true""",
-            session_id, *_pair(a, b), at,
+            """INSERT INTO registry.sessions (session_id, handle_lo, handle_hi, created_at, last_activity, opened_by)
+               VALUES ($1, $2, $3, $4, $4, $5) ON CONFLICT (handle_lo, handle_hi) DO NOTHING RETURNING true""",
+            session_id, *_pair(opener, peer), at, opener,
         )
     )
+
+
+async def opened_since(conn: asyncpg.Connection, handle: str, since: int) -> list[int]:
+    """When `handle` opened each session it opened at or after `since`, oldest first. Within a
+    transaction, other openings by the same handle wait for it: the count holds until its end."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('registry.opened_by'), hashtext($1))", handle)
+    return [row[0] for row in await conn.fetch(
+        "SELECT created_at FROM registry.sessions WHERE opened_by = $1 AND created_at >= $2 ORDER BY created_at",
+        handle, since)]
+
+
+async def registered_since(conn: asyncpg.Connection, sign_key: bytes, since: int) -> list[int]:
+    """When each handle of `sign_key` registered at or after `since` was, oldest first (locked
+    per key until the transaction ends, like opened_since)."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('registry.sign_key'), hashtext(encode($1, 'hex')))", sign_key)
+    return [row[0] for row in await conn.fetch(
+        "SELECT created_at FROM registry.handles WHERE sign_key = $1 AND created_at >= $2 ORDER BY created_at",
+        sign_key, since)]
 
 
 async def chats_of(conn: asyncpg.Connection, name: str) -> list[asyncpg.Record]:

@@ -1,6 +1,7 @@
 """The DM session worker: runs every session process, sharded by session id."""
 
 import asyncio
+import functools
 
 import msgspec
 
@@ -14,6 +15,7 @@ from shared.transport import Delivery
 from services.session import keys, members, messages, store
 from services.session.activity import ActivityFeed
 from services.session.batches import Combiner
+from services.session.limits import SendLimits
 from services.session.shards import BATCH_SIZE, ShardOwner, fence
 
 COMBINED_BATCH = 4 * BATCH_SIZE  # deliveries of all held shards run as one batch
@@ -27,11 +29,19 @@ ACTIONS = {
 }
 
 
+def actions(limits: SendLimits) -> dict[str, Action]:
+    """ACTIONS with the send limits bound in."""
+    send = functools.partial(messages.send_messages, limits=limits)
+    return {**ACTIONS, "SendMessage": Action(SendMessage, send, "send", batched=True, own_record=True)}
+
+
 async def start(rt: runtime.Runtime) -> None:
     directory = members.MemberDirectory()
     feed = ActivityFeed(rt.bus)
+    limits = SendLimits.per_second(rt.settings.send_rate, rt.settings.send_session_rate)
     processor = Processor(
-        name="session", schema=store.SCHEMA, pool=rt.pool, read_pool=rt.read_pool, bus=rt.bus, actions=ACTIONS, authenticate=directory.authenticate,
+        name="session", schema=store.SCHEMA, pool=rt.pool, read_pool=rt.read_pool, bus=rt.bus, actions=actions(limits),
+        authenticate=directory.authenticate,
         handler_timeout=rt.settings.handler_timeout_s, stopping=rt.stop, activity=feed.add, fence=fence,
     )
 

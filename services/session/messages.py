@@ -9,6 +9,7 @@ from shared.service import FENCED, Context
 from shared.session_api import MAX_PAGE, MAX_PAGE_BYTES, MessagePage, QueryMessage, SendMessage, Sent, StoredMessage
 
 from services.session import store
+from services.session.limits import SendLimits
 from services.session.members import Members
 
 MIN_CONTENT_BYTES = 24 + 16  # SecretBox nonce + MAC: anything shorter cannot be a message
@@ -30,13 +31,16 @@ def _refused(asked: int | None, current: int) -> AodmError:
     return NotFound(f"no key generation {asked}; the current one is {current}")
 
 
-async def send_messages(ctxs: list[Context], reqs: list[SendMessage]) -> list[Sent | AodmError | str]:
+async def send_messages(
+    ctxs: list[Context], reqs: list[SendMessage], limits: SendLimits | None = None
+) -> list[Sent | AodmError | str]:
     """A run of SendMessages, possibly to many sessions, stored with one statement.
 
     SendMessage keeps its own record (Action.own_record): the statement that stores a
     message records its request's Id with it, so a request stored before is answered from
     its message's row, as the first time. The statement also checks each message's shard
-    lease: one whose shard another worker has taken since is left to it (FENCED)."""
+    lease: one whose shard another worker has taken since is left to it (FENCED). A sender
+    over its rate is refused before the statement (limits.py); a resend counts too."""
     results: list[Sent | AodmError | None] = []
     batch = []
     for ctx, req in zip(ctxs, reqs):
@@ -44,6 +48,9 @@ async def send_messages(ctxs: list[Context], reqs: list[SendMessage]) -> list[Se
             content = _content(req)
         except AodmError as exc:
             results.append(exc)
+            continue
+        if limits is not None and ctx.stale is None and (refused := limits.take(ctx.caller, ctx.envelope.target)):
+            results.append(refused)
             continue
         members: Members = ctx.scope
         shard, epoch = (ctx.lease.shard, ctx.lease.epoch) if ctx.lease is not None else (None, None)

@@ -1,0 +1,90 @@
+"""Rate limits against the real services (docs/security.md): a refusal is `rate_limited`
+with the time to wait, and stores nothing."""
+
+import secrets
+
+import pytest
+
+from aodm import crypto
+from aodm.client import Client
+from shared import envelope, topology
+from shared.errors import NotFound, RateLimited
+from shared.replies import Err, Ok, reply_decoder
+from shared.session_api import SendMessage
+from tests.conftest import isolated_settings, running_services
+from tests.helpers import open_pair
+
+
+@pytest.fixture(scope="module")
+async def slow_sessions():
+    """A session may take 20 messages at once, then 2 a second; a handle may open 3 sessions
+    an hour, a key register 2 handles a day."""
+    async with isolated_settings(send_session_rate=2, send_rate=1000, sessions_per_hour=3, handles_per_day=2) as settings, \
+            running_services(settings):
+        yield settings
+
+
+async def test_a_sender_over_its_session_rate_is_refused_with_the_time_to_wait(slow_sessions):
+    alice = await Client.connect(slow_sessions.amqp_url, crypto.Identity.generate())
+    bob = await Client.connect(slow_sessions.amqp_url, crypto.Identity.generate())
+    try:
+        await alice.register(f"fast-{secrets.token_hex(4)}")
+        await bob.register(f"peer-{secrets.token_hex(4)}")
+        session, key = await open_pair(alice, bob)
+        pending = [await alice.bus.request(topology.REQUESTS, session, envelope.encode(
+            alice.sign(session, "SendMessage", SendMessage(crypto.encrypt(key, f"m{i}"), 1)))) for i in range(30)]
+        replies = [reply_decoder.decode(await p) for p in pending]
+        sent = [r for r in replies if isinstance(r, Ok)]
+        refused = [r for r in replies if isinstance(r, Err)]
+        assert 20 <= len(sent) < 30 and len(sent) + len(refused) == 30
+        assert {r.code for r in refused} == {"rate_limited"} and all(r.retry_after >= 1 for r in refused)
+        stored = await alice.history(session, limit=500)
+        assert len(stored) == len(sent), "a refused message was stored"
+        with pytest.raises(RateLimited) as caught:  # the client library's error, with the wait
+            await alice.send_text(session, "one more")
+        assert caught.value.retry_after_ms >= 1
+    finally:
+        await alice.close()
+        await bob.close()
+
+
+async def connected(settings, identity: crypto.Identity | None = None) -> Client:
+    return await Client.connect(settings.amqp_url, identity or crypto.Identity.generate())
+
+
+async def test_a_key_over_its_handles_a_day_is_refused_and_nothing_is_registered(slow_sessions):
+    identity = crypto.Identity.generate()
+    client, other = await connected(slow_sessions, identity), await connected(slow_sessions)
+    try:
+        for i in range(2):
+            await client.register(f"many-{i}-{secrets.token_hex(3)}")
+        third = f"many-2-{secrets.token_hex(3)}"
+        with pytest.raises(RateLimited) as caught:
+            await client.register(third)
+        assert 23 * 3600_000 < caught.value.retry_after_ms <= 24 * 3600_000  # when the first leaves the day
+        with pytest.raises(NotFound):
+            await other.query_handle(third)
+        await other.register(f"other-{secrets.token_hex(3)}")  # another key is not held up
+    finally:
+        await client.close()
+        await other.close()
+
+
+async def test_a_handle_over_its_sessions_an_hour_is_refused_and_opens_nothing(slow_sessions):
+    clients = [await connected(slow_sessions) for _ in range(6)]
+    try:
+        for i, client in enumerate(clients):
+            await client.register(f"open-{i}-{secrets.token_hex(3)}")
+        opener, *peers = clients
+        first = [await opener.establish_session(p.handle) for p in peers[:3]]
+        with pytest.raises(RateLimited) as caught:
+            await opener.establish_session(peers[3].handle)
+        assert 3500_000 < caught.value.retry_after_ms <= 3600_000
+        assert await opener.query_session(opener.handle, peers[3].handle) is None
+        again = await opener.establish_session(peers[0].handle)  # an existing one: not a new opening
+        assert again.session_id == first[0].session_id and not again.created
+        opened_to = await peers[4].establish_session(opener.handle)  # the peer's opening counts for the peer
+        assert opened_to.created
+    finally:
+        for client in clients:
+            await client.close()
