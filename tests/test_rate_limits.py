@@ -7,11 +7,12 @@ import pytest
 
 from aodm import crypto
 from aodm.client import Client
-from shared import envelope, topology
+from services.registry import store as registry_store
+from shared import db, envelope, topology
 from shared.errors import NotFound, RateLimited
 from shared.replies import Err, Ok, reply_decoder
 from shared.session_api import SendMessage
-from tests.conftest import isolated_settings, running_services
+from tests.conftest import drop_database, isolated_settings, new_database, running_services
 from tests.helpers import open_pair
 
 
@@ -88,3 +89,27 @@ async def test_a_handle_over_its_sessions_an_hour_is_refused_and_opens_nothing(s
     finally:
         for client in clients:
             await client.close()
+
+
+async def test_the_opened_by_migration_upgrades_a_registry_holding_sessions():
+    """Sessions from before have no opener and count for nobody; the pair still finds its
+    session, and a new one is counted for its opener."""
+    name, dsn = await new_database("aodm_test_registry_upgrade")
+    pool = await db.connect(dsn, size=2)
+    try:
+        await db.migrate(pool, registry_store.SCHEMA, registry_store.MIGRATIONS[:-1])
+        for handle in ("alice", "bob", "carol"):
+            await pool.execute("INSERT INTO registry.handles (handle, sign_key, box_key, created_at) VALUES ($1, $2, $3, 1)",
+                               handle, handle.encode().ljust(32, b"k"), bytes(32))
+        await pool.execute("""INSERT INTO registry.sessions (session_id, handle_lo, handle_hi, created_at, last_activity)
+                              VALUES ('old', 'alice', 'bob', 1, 1)""")
+        await db.migrate(pool, registry_store.SCHEMA, registry_store.MIGRATIONS)
+        async with pool.acquire() as conn, conn.transaction():
+            assert await registry_store.session_of(conn, "bob", "alice") == "old"
+            assert await registry_store.opened_since(conn, "alice", 0) == []
+            assert await registry_store.insert_session(conn, "new", "alice", "carol", 5)
+            assert await registry_store.opened_since(conn, "alice", 0) == [5]
+            assert await registry_store.opened_since(conn, "carol", 0) == []
+    finally:
+        await pool.close()
+        await drop_database(name)
