@@ -65,6 +65,8 @@ VARIABLES: dict[str, tuple[str, Callable[[str], object], str]] = {
     "AODM_SESSIONS_PER_HOUR": ("60", _int(1, 10**6), "new sessions one handle may open in an hour"),
     "AODM_HANDLES_PER_DAY": ("10", _int(1, 10**6), "handles one signing key may register in a day"),
     "AODM_BROKER_ADMIN_URL": ("", _url("http", "https", optional=True), "RabbitMQ management API with admin credentials (http://user:pass@host:15672); set, the registry issues each handle its own broker user (docs/security.md); empty turns it off"),
+    "AODM_BROKER_USER_MAX_CONNECTIONS": ("16", _int(1, 10**6), "connections each issued broker user may hold at once (a RabbitMQ user limit)"),
+    "AODM_BROKER_USER_MAX_CHANNELS": ("64", _int(1, 10**6), "channels each issued broker user may hold at once"),
     "AODM_BROKER_VHOST": ("", str, "vhost the issued broker users get permissions on; empty = the vhost of AODM_AMQP_URL"),
     "AODM_BROKER_USER_PREFIX": ("aodm-h.", _user_prefix, "issued broker users are named prefix + handle; unique per deployment sharing a broker"),
 }
@@ -88,6 +90,8 @@ class Settings:
     handles_per_day: int = 10
     broker_admin_url: str = ""
     broker_vhost: str = ""
+    broker_user_max_connections: int = 16
+    broker_user_max_channels: int = 64
     broker_user_prefix: str = "aodm-h."
 
 

@@ -163,6 +163,25 @@ async def test_a_low_order_box_key_is_refused_before_any_broker_user_is_issued(s
     assert system.prefix + name not in users
 
 
+async def test_an_issued_user_is_refused_connections_past_its_limit(system, person):
+    alice = await person("alice")  # holds one or two connections already
+    limits = json.loads(api("GET", f"/user-limits/{q(alice.broker_user)}"))[0]["value"]
+    assert limits == {"max-connections": 16, "max-channels": 64}
+    opened: list[Bus] = []
+    refusal: BaseException | None = None
+    try:
+        for _ in range(20):
+            try:
+                opened.append(await asyncio.wait_for(Bus.connect(alice.broker_url, name="aodm-test-limit"), 10))
+            except Exception as exc:  # the broker closes the one too many
+                refusal = exc
+                break
+        assert refusal is not None, f"{len(opened)} more connections were let in"
+        assert 14 <= len(opened) <= 15  # the 16th connection of the user, counting its own
+    finally:
+        await asyncio.gather(*(bus.close() for bus in opened), return_exceptions=True)
+
+
 async def test_issuance_is_off_without_an_admin_url(make_client):
     client = await make_client("plain")
     assert client.broker_url is None and client.broker_user is None

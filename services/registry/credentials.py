@@ -70,7 +70,8 @@ def seal(password: str, box_key: bytes) -> str:
 class Issuer:
     """Creates or updates broker users; one per registry process."""
 
-    def __init__(self, admin_url: str, vhost: str, prefix: str, reserved: set[str]) -> None:
+    def __init__(self, admin_url: str, vhost: str, prefix: str, reserved: set[str],
+                 limits: dict[str, int] | None = None) -> None:
         parts = urllib.parse.urlsplit(admin_url)
         self._base = urllib.parse.urlunsplit(
             (parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""), parts.path.rstrip("/"), "", "")
@@ -82,14 +83,19 @@ class Issuer:
         self.vhost = vhost
         self.prefix = prefix
         self._reserved = reserved  # names that must never be reissued (the services' own user)
+        # RabbitMQ user limits for every issued user (max-connections, max-channels): a
+        # handle's own login cannot hold the broker's sockets and channels.
+        self.limits = limits or {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Issuer | None":
         if not settings.broker_admin_url:
             return None
         reserved = {url_user(settings.amqp_url), url_user(settings.broker_admin_url)}
+        limits = {"max-connections": settings.broker_user_max_connections,
+                  "max-channels": settings.broker_user_max_channels}
         return cls(settings.broker_admin_url, settings.broker_vhost or vhost_of(settings.amqp_url),
-                   settings.broker_user_prefix, reserved)
+                   settings.broker_user_prefix, reserved, limits)
 
     def user_for(self, handle: str) -> str:
         return self.prefix + handle
@@ -109,6 +115,8 @@ class Issuer:
         name = urllib.parse.quote(user, safe="")
         self._call("PUT", f"/users/{name}", {"password": password, "tags": ""})
         self._call("PUT", f"/permissions/{urllib.parse.quote(self.vhost, safe='')}/{name}", permissions)
+        for limit, value in self.limits.items():
+            self._call("PUT", f"/user-limits/{name}/{limit}", {"value": value})
 
     async def delete(self, user: str) -> None:
         """For operators and tests; a missing user is not an error."""
