@@ -3,19 +3,23 @@
 This is the one place where errors become replies. For a batch of deliveries (one, or as
 many as a shard has waiting: group commit):
 
-1. each envelope is decoded and its signature and Id checked, its action and Data parsed;
+1. each envelope is decoded (a reply_to the services may not write to, or a key twice, is
+   refused) and its signature and Id checked before anything reaches the database, its
+   action and Data parsed;
 2. the `send`s run in one transaction that first locks every envelope Id and looks it up
-   in `<schema>.requests` — an Id already there is a duplicate: it changes nothing, gets
-   its stored reply, and its stored effects go out again under the same ids — then runs
+   in `<schema>.requests` — an Id already there is a duplicate: it changes nothing and gets
+   its stored reply (its stored effects go out again only on the broker's redelivery,
+   `_no_effects_for_replays`) — and holds the batch's shard leases (a request whose shard
+   another worker has taken since is left to it, `_hold_leases`) — then runs
    the handlers in order (a `batched` action's consecutive requests in one call, so it
    can write them with one statement) and stores each reply and its outgoing effects
    under its Id; each `dryrun` runs on a connection whose session is read-only
    (PostgreSQL refuses any write on it), so it cannot change state;
 3. after the commit the effects and then the replies are published, and once the broker
    has confirmed all of them the deliveries are acknowledged, batch after batch. A crash
-   anywhere before the ack redelivers the requests, and a redelivery (like a client's
-   resend) republishes the stored effects; a broker fault hands the batch back to its queue
-   to the same end.
+   anywhere before the ack redelivers the requests, and the redelivery republishes the
+   stored effects; a broker fault hands the batch back to its queue to the same end. Reads
+   take turns per signer and places among a bounded number in flight (`_read_one`).
 
 A request refused before its handler runs (stale, not a member…) just gets its error. One
 whose handler fails is taken out and the rest of the batch run again without it: a typed
