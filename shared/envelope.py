@@ -141,13 +141,14 @@ def encode(env: Envelope) -> bytes:
 
 _ENVELOPE_KEYS = strict_json.top_level_keys(Envelope)
 _TAG_KEYS = strict_json.top_level_keys(Tag)
+_LITERALS = strict_json.RequiredKeys([*_ENVELOPE_KEYS, *_TAG_KEYS])
 
 
 def _duplicates(body: bytes, tags: int) -> bool:
     """Each Tag holds its two keys, the envelope its nine: more literals than that, or an
     escape that could spell one, and the body is parsed again to be sure."""
-    expected = {**_ENVELOPE_KEYS, **{key: tags for key in _TAG_KEYS}}
-    return strict_json.may_hold_duplicates(body, expected) and bool(strict_json.duplicate_keys(body))
+    expected = len(_ENVELOPE_KEYS) + tags * len(_TAG_KEYS)
+    return _LITERALS.may_hold_duplicates(body, expected) and bool(strict_json.duplicate_keys(body))
 
 
 def decode(body: bytes) -> Envelope:

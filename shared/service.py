@@ -128,11 +128,11 @@ class Action:
     # needs no transaction, no lock and no stored reply (send actions only).
     own_record: bool = False
     decoder: msgspec.json.Decoder = field(init=False, repr=False, compare=False)
-    keys: dict[str, int] = field(init=False, repr=False, compare=False)  # Data's keys, for strict_json
+    data: strict_json.FlatObject = field(init=False, repr=False, compare=False)  # Data's keys, for duplicates
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "decoder", msgspec.json.Decoder(self.request))
-        object.__setattr__(self, "keys", strict_json.top_level_keys(self.request))
+        object.__setattr__(self, "data", strict_json.FlatObject(self.request))
 
 
 def requests_table(schema: str) -> str:
@@ -183,7 +183,7 @@ def decode_data(action: Action, data: str) -> msgspec.Struct:
         raise MalformedRequest(f"Data: {exc}") from exc
     except (msgspec.DecodeError, UnicodeError) as exc:
         raise MalformedRequest(f"Data is not JSON: {exc}") from exc
-    if duplicates := strict_json.flat_duplicates(data, action.keys):
+    if duplicates := action.data.duplicates(data):
         raise MalformedRequest(f"Data: a key appears twice: {', '.join(duplicates)}")
     return request
 

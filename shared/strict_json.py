@@ -10,6 +10,8 @@ the objects themselves account for.
 """
 
 import json
+import re
+from collections import Counter
 from collections.abc import Mapping
 
 import msgspec
@@ -34,13 +36,18 @@ def duplicate_keys(text: str | bytes) -> list[str]:
     return []
 
 
-def may_hold_duplicates(text: str | bytes, expected: Mapping[str, int]) -> bool:
-    """False when the text cannot hold a duplicate key: it has no \\u escape, and each key in
-    `expected` appears as a literal at most the given number of times (the number of objects
-    that hold it). The keys a text may hold must all be in `expected`."""
-    if isinstance(text, bytes):
-        return b"\\u" in text or any(text.count(f'"{key}"'.encode()) > n for key, n in expected.items())
-    return "\\u" in text or any(text.count(f'"{key}"') > n for key, n in expected.items())
+class RequiredKeys:
+    """Keys every object of a text must hold (the envelope's, a tag's), found in one pass: a
+    pattern that starts with the quote, which the regex engine scans for fast."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self._rx = re.compile(('"(' + "|".join(re.escape(key) for key in sorted(keys, key=len, reverse=True)) + ')"').encode())
+
+    def may_hold_duplicates(self, text: bytes, expected: int) -> bool:
+        """False when the text cannot hold a duplicate: no \\u escape, and no more literals
+        than the `expected` number of keys (each object holds each of its keys at least
+        once, so any more means one twice, or a value that looks like a key)."""
+        return b"\\u" in text or len(self._rx.findall(text)) > expected
 
 
 def top_level_keys(struct: type[msgspec.Struct]) -> dict[str, int]:
@@ -48,10 +55,19 @@ def top_level_keys(struct: type[msgspec.Struct]) -> dict[str, int]:
     return {field.encode_name: 1 for field in msgspec.structs.fields(struct)}
 
 
-def flat_duplicates(text: str | bytes, keys: Mapping[str, int]) -> list[str]:
-    """Duplicate keys of a text meant to be one flat object of `keys` (a request's Data):
-    counted when it is flat, parsed again when it nests objects or might be re-spelled."""
-    brace = b"{" if isinstance(text, bytes) else "{"
-    if text.count(brace) <= 1 and not may_hold_duplicates(text, keys):
-        return []
-    return duplicate_keys(text)
+class FlatObject:
+    """A text meant to be one flat object of a struct's fields (a request's Data)."""
+
+    def __init__(self, struct: type[msgspec.Struct]) -> None:
+        names = list(top_level_keys(struct))
+        self._literals = {False: [f'"{name}"' for name in names], True: [f'"{name}"'.encode() for name in names]}
+
+    def duplicates(self, text: str | bytes) -> list[str]:
+        """Its duplicate keys. Counted when it is flat and spells its keys plainly: each at
+        most once (fields may be absent). Parsed again when it nests objects or might spell
+        a key otherwise (\\u), or a literal shows up twice (a duplicate, or a look-alike)."""
+        binary = isinstance(text, bytes)
+        plain = text.count(b"{" if binary else "{") <= 1 and (b"\\u" if binary else "\\u") not in text
+        if plain and all(text.count(literal) <= 1 for literal in self._literals[binary]):
+            return []
+        return duplicate_keys(text)

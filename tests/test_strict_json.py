@@ -11,7 +11,14 @@ from hypothesis import strategies as st
 from shared import strict_json
 from shared.envelope import Envelope, Tag
 
+class Query(msgspec.Struct, rename="pascal"):
+    handle: str = ""
+    limit: int = 0
+
+
 KEYS = {"Handle": 1, "Limit": 1}
+FLAT = strict_json.FlatObject(Query)
+ENVELOPE_LIKE = strict_json.RequiredKeys(list(KEYS))  # both keys required, once each
 
 
 @pytest.mark.parametrize("text, duplicates", [
@@ -23,15 +30,15 @@ KEYS = {"Handle": 1, "Limit": 1}
     ('{"Keys":[{"Handle":"a","Handle":"b"}]}', ["Handle"]),  # nested
 ])
 def test_flat_duplicates(text, duplicates):
-    assert strict_json.flat_duplicates(text, KEYS) == duplicates
-    assert strict_json.flat_duplicates(text.encode(), KEYS) == duplicates
+    assert FLAT.duplicates(text) == duplicates
+    assert FLAT.duplicates(text.encode()) == duplicates
 
 
 def test_the_filter_spares_the_parse_only_where_no_duplicate_can_be():
-    assert not strict_json.may_hold_duplicates('{"Handle":"a","Limit":1}', KEYS)
-    assert strict_json.may_hold_duplicates('{"Handle":"a","Handle":"a"}', KEYS)
-    assert strict_json.may_hold_duplicates('{"Handle":"\\u0061"}', KEYS)  # any \\u: parse
-    assert strict_json.may_hold_duplicates(b'{"Handle":"Handle"}', KEYS)  # a look-alike: parse, finds none
+    assert not ENVELOPE_LIKE.may_hold_duplicates(b'{"Handle":"a","Limit":1}', 2)
+    assert ENVELOPE_LIKE.may_hold_duplicates(b'{"Handle":"a","Handle":"a","Limit":1}', 2)
+    assert ENVELOPE_LIKE.may_hold_duplicates(b'{"Handle":"\\u0061","Limit":1}', 2)  # any \\u: parse
+    assert ENVELOPE_LIKE.may_hold_duplicates(b'{"Handle":"Handle","Limit":1}', 2)  # a look-alike: parse, finds none
     assert strict_json.duplicate_keys(b'{"Handle":"Handle"}') == []
 
 
@@ -48,7 +55,7 @@ def test_a_doubled_key_is_always_found(fields, extra, escaped):
     spelled = "\\u00" + format(ord(extra[0]), "02x") + extra[1:] if escaped else extra
     text = '{"' + spelled + '":0,' + json.dumps(fields)[1:]
     if extra in fields:
-        assert strict_json.flat_duplicates(text, KEYS) == [extra]
+        assert FLAT.duplicates(text) == [extra]
     else:
-        assert strict_json.flat_duplicates(text, KEYS) == []
+        assert FLAT.duplicates(text) == []
         assert msgspec.json.decode(text)[extra] == 0
