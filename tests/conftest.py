@@ -73,8 +73,10 @@ async def wait_ready(settings, tasks, timeout: float = 30) -> None:
 
 @pytest.fixture(scope="session")
 async def stack():
-    """One running system for the tests that only need a working service."""
-    async with isolated_settings() as settings, running_services(settings):
+    """One running system for the tests that only need a working service. Some pipeline
+    hundreds of messages a sender (tests/test_races.py): the send limits are out of their
+    way here, and tests/test_rate_limits.py runs services of its own with low ones."""
+    async with isolated_settings(send_rate=10**6, send_session_rate=10**6) as settings, running_services(settings):
         yield settings
 
 
