@@ -11,8 +11,6 @@ the objects themselves account for.
 
 import json
 import re
-from collections import Counter
-from collections.abc import Mapping
 
 import msgspec
 
