@@ -146,6 +146,15 @@ def build() -> dict[str, dict]:
             extra_tags=[Tag("Client", "aodm-go/0.1"), Tag("Note", "naïve ✓ 😀"), Tag("Empty", "")],
             data='{"Handle":"zoë 😀"}',
         ),
+        envelope_case(
+            "accept-from-handle",
+            bob,
+            target=session_id,
+            from_="bob",
+            action="Accept",
+            anchor="0c5e8a41d2b7f936",
+            data="{}",
+        ),
     ]
     return {
         "identity.json": {"Identities": [alice, bob]},

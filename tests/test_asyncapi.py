@@ -20,6 +20,7 @@ from services.registry.__main__ import ACTIONS as REGISTRY_ACTIONS
 from services.session.__main__ import ACTIONS as SESSION_ACTIONS
 from shared import envelope, notifications, replies
 from shared.errors import ERROR_CODES, AodmError
+from shared.session_api import ConsentState
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC_PATH = ROOT / "docs" / "asyncapi.yaml"
@@ -282,6 +283,24 @@ def test_error_codes_are_exactly_the_codes_of_the_code():
     )
     assert set(SCHEMAS["ErrorCode"].get("x-aodm-client-codes", [])) <= CLIENT_ONLY_CODES
     assert ref_name(SCHEMAS["ErrReply"]["properties"]["Code"]) == "ErrorCode"
+
+
+# ------------------------------------------------------------------ consent
+
+
+def test_consent_states_are_the_code_s_wherever_a_state_is_given():
+    """Chat.State, SessionEstablished.State and the Consent reply are typed as the enum of
+    the code's ConsentState (the structs type the first two as plain strings)."""
+    assert SCHEMAS["ConsentState"]["enum"] == list(typing.get_args(ConsentState))
+    assert ref_name(SCHEMAS["Consent"]["properties"]["State"]) == "ConsentState"
+    for schema in ("Chat", "SessionEstablishedNotification"):
+        state = SCHEMAS[schema]["properties"]["State"]
+        assert [ref_name(s) for s in state["allOf"]] == ["ConsentState"], schema
+        assert state["default"] == "accepted", f"{schema}: servers before message requests send no State"
+    for name in ("Accept", "Block", "Unblock"):
+        assert DOC_ACTIONS[name]["result"] == "Consent"
+    for name in ("SendMessage", "RotateSessionKey"):
+        assert "not_accepted" in DOC_ACTIONS[name]["errors"], f"{name} is refused while a request is open"
 
 
 # ----------------------------------------------------------------- notifications

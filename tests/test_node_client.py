@@ -1,6 +1,7 @@
 """A client in another language interoperates: examples/node (written from docs/protocol.md
 and tests/vectors/ alone) passes the vectors, and runs the seed workflow against the real
-services with the Python client on the other side, both directions decrypting.
+services with the Python client on the other side, both directions decrypting; and a
+message request (docs/protocol.md §11.6) from Node, which the Python client accepts.
 
 Node.js and npm are required (CI installs them: scripts/test.sh, prepare_node); without
 them these tests fail, they do not skip.
@@ -22,6 +23,7 @@ from aodm import crypto
 from aodm.client import Client
 from aodm.crypto import Identity
 from aodm.inbox import Inbox
+from shared.errors import NotAccepted
 from shared.notifications import KeyRotated, NewMessage, SessionEstablished
 from tests.conftest import MANAGEMENT, isolated_settings, management, running_services
 
@@ -61,7 +63,7 @@ def test_node_client_passes_the_vectors():
 
 
 class NodeSeed:
-    """`node examples/node/seed.mjs` as a subprocess, read as JSON lines."""
+    """`node examples/node/<script>.mjs` as a subprocess, read as JSON lines."""
 
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self.process = process
@@ -76,13 +78,17 @@ class NodeSeed:
         try:
             raw = await asyncio.wait_for(self.process.stdout.readline(), LINE_TIMEOUT)
         except TimeoutError:
-            pytest.fail(f"seed.mjs printed nothing within {LINE_TIMEOUT}s waiting for {event!r}:\n{await self.stderr()}")
+            pytest.fail(f"node printed nothing within {LINE_TIMEOUT}s waiting for {event!r}:\n{await self.stderr()}")
         if not raw:
-            pytest.fail(f"seed.mjs exited ({await self.process.wait()}) before {event!r}:\n{await self.stderr()}")
+            pytest.fail(f"node exited ({await self.process.wait()}) before {event!r}:\n{await self.stderr()}")
         line = json.loads(raw)
         if line.get("event") != event:
-            pytest.fail(f"seed.mjs: expected {event!r}, got {line}\n{await self.stderr()}")
+            pytest.fail(f"node: expected {event!r}, got {line}\n{await self.stderr()}")
         return line
+
+    async def tell(self, line: str) -> None:
+        self.process.stdin.write(line.encode() + b"\n")
+        await self.process.stdin.drain()
 
 
 async def seed_workflow(amqp_url: str, python: Client, reply_queue: str = "direct", node_handle: str | None = None) -> dict:
@@ -113,15 +119,15 @@ async def seed_workflow(amqp_url: str, python: Client, reply_queue: str = "direc
         assert sent["peer"] == python.handle and sent["seq"] == 1 and sent["generation"] == 1
         assert await python.query_session(python.handle, node_handle) == session
 
-        # 7. Python finds the notifications in its durable queue.
+        # 7. Python finds the notifications in its durable queue: the session is Node's
+        # message request to it, which holds the first key and message (§11.6).
         async with Inbox(python.bus, python.handle) as inbox:
-            kinds = []
-            while True:
-                note = await inbox.next(timeout=30)
-                kinds.append(type(note))
-                if isinstance(note, NewMessage):
-                    break
-        assert kinds == [SessionEstablished, KeyRotated, NewMessage]
+            notes = []
+            while not (notes and isinstance(notes[-1], NewMessage)):
+                notes.append(await inbox.next(timeout=30))
+        assert [type(n) for n in notes] == [SessionEstablished, KeyRotated, NewMessage]
+        assert (notes[0].session_id, notes[0].peer, notes[0].state) == (session, node_handle, "incoming")
+        note = notes[-1]
         assert (note.session_id, note.sender, note.message_id) == (session, node_handle, sent["messageId"])
 
         # 8. Python opens the key Node sealed to it, and decrypts Node's message.
@@ -182,3 +188,93 @@ async def test_node_client_as_its_own_least_privilege_broker_user():
                 except urllib.error.HTTPError as exc:
                     if exc.code != 404:
                         raise
+
+
+async def next_message(inbox: Inbox, seq: int) -> tuple[list, NewMessage]:
+    """The notifications up to the NewMessage of `seq`, and that one."""
+    notes = []
+    while not (notes and isinstance(notes[-1], NewMessage) and notes[-1].seq == seq):
+        notes.append(await inbox.next(timeout=30))
+    return notes, notes[-1]
+
+
+async def test_a_node_message_request_holds_three_messages_until_python_accepts(stack, make_client):
+    """examples/node/requests.mjs opens a session with Python: Node's message request. It
+    holds three messages (Node's fourth is NotAccepted, and a fourth key generation too);
+    Python is told of the request, reads it, accepts it, and Node's next messages go and are
+    notified. Then Node blocks Python (Python is answered not_accepted, as if the request
+    were unanswered), lifts the block, and they talk both ways."""
+    python = await make_client("py")
+    node = require("node")
+    npm_ci(EXAMPLE)
+    node_handle = f"node-{secrets.token_hex(4)}"
+    process = await asyncio.create_subprocess_exec(
+        node, str(EXAMPLE / "requests.mjs"), "--peer", python.handle, "--handle", node_handle,
+        cwd=ROOT,
+        env={**os.environ, "AODM_AMQP_URL": stack.amqp_url},
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    run = NodeSeed(process)
+    try:
+        await run.next("registered")
+        request = await run.next("request")
+        session = request["session"]
+        assert (request["established"], request["chatState"]) == ("outgoing", "outgoing")
+        assert request["seqs"] == [1, 2, 3]
+        assert (request["refused"], request["refusedAs"]) == ("not_accepted", "NotAccepted")
+        assert (request["generations"], request["rotationRefused"]) == ([1, 2, 3], "not_accepted")
+        assert request["ownAccept"] == "outgoing"  # only the recipient can accept it
+
+        # Python has one request waiting, and reads all of it before deciding.
+        chats = (await python.get_chat_list()).chats
+        assert [(c.session_id, c.peer, c.state) for c in chats] == [(session, node_handle, "incoming")]
+        history = await python.history(session)
+        assert [(m.seq, m.sender) for m in history] == [(1, node_handle), (2, node_handle), (3, node_handle)]
+        assert [await python.read_text(session, m) for m in history] == request["texts"]
+
+        async with Inbox(python.bus, python.handle) as inbox:
+            assert await python.accept(session) == "accepted"
+            accepted = await run.next("accepted")
+            assert accepted["seqs"] == [4, 5]
+            notes, _ = await next_message(inbox, 5)
+            # Told of the request once: at most its first key and message, none of the rest.
+            established = [n for n in notes if isinstance(n, SessionEstablished)]
+            assert [(n.session_id, n.peer, n.state) for n in established] == [(session, node_handle, "incoming")]
+            assert {n.generation for n in notes if isinstance(n, KeyRotated)} <= {1}
+            after = [n for n in notes if isinstance(n, NewMessage) and n.seq > 1]
+            assert [n.seq for n in after] == [4, 5]
+            assert [await python.decrypt(session, n.generation, n.content) for n in after] == accepted["texts"]
+
+            # Node blocks Python: to Python it looks like a request not accepted yet.
+            blocked = await run.next("blocked")
+            assert blocked["states"] == {"block": "blocked", "blockAgain": "blocked"}
+            assert blocked["ownSend"] == "forbidden"
+            with pytest.raises(NotAccepted):
+                await python.send_text(session, "let me in")
+            assert await python.accept(session) == "outgoing"  # nothing Python can do about it
+            await run.tell("go on")
+
+            unblocked = await run.next("unblocked")
+            assert unblocked["states"] == {"accept": "accepted", "block": "blocked", "unblock": "accepted"}
+            assert unblocked["seq"] == 6  # Python's refused message took no Seq
+            _, note = await next_message(inbox, 6)
+            assert await python.decrypt(session, note.generation, note.content) == unblocked["text"]
+
+        reply = f"welcome, {node_handle} ✓"
+        sent = await python.send_text(session, reply)
+        read = await run.next("read")
+        assert (read["text"], read["sender"], read["seq"]) == (reply, python.handle, sent.seq) == (reply, python.handle, 7)
+        # Node's own: its request's SessionEstablished, its three rotations, Python's reply.
+        assert read["notifications"] == ["SessionEstablished", "KeyRotated", "KeyRotated", "KeyRotated", "NewMessage"]
+        assert await asyncio.wait_for(process.wait(), 30) == 0, await run.stderr()
+        # The chat list follows the session a moment later (§10.6).
+        deadline = asyncio.get_running_loop().time() + 10
+        while (states := [c.state for c in (await python.get_chat_list()).chats]) != ["accepted"]:
+            assert asyncio.get_running_loop().time() < deadline, states
+            await asyncio.sleep(0.1)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

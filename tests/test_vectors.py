@@ -83,7 +83,7 @@ TAMPERINGS = {
     "Action": lambda e: msgspec.structs.replace(
         e, tags=[envelopes.Tag(t.name, t.value + "x" if t.name == "Action" else t.value) for t in e.tags]
     ),
-    "Data": lambda e: msgspec.structs.replace(e, data=e.data.replace('"', "'", 1)),
+    "Data": lambda e: msgspec.structs.replace(e, data=e.data + " "),  # still JSON; "{}" has no quote to change
     "Owner": lambda e: msgspec.structs.replace(e, owner=_other_owner()),
     "Timestamp": lambda e: msgspec.structs.replace(e, timestamp=e.timestamp + 1),
 }

@@ -7,11 +7,13 @@
 //   await client.register('alice');
 //   const { SessionId } = await client.establishSession('bob');
 //   await client.rotateSessionKey(SessionId, 'bob');
-//   await client.sendText(SessionId, 'hello bob');
+//   await client.sendText(SessionId, 'hello bob');   // a message request until bob accepts
 //
 // Pieces, each usable alone: strict base64url (§2), Identity (§3), signingBytes and
 // signEnvelope (§5–§6), verifyEnvelope, typed errors (§8, §14), Client (§4: requests on a
-// confirm channel with direct reply-to, the inbox), session-key sealing and messages (§13).
+// confirm channel with direct reply-to, the inbox), message requests (§11.6: accept, block,
+// unblock, the State of chats and of SessionEstablished), session-key sealing and
+// messages (§13).
 import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import amqp from 'amqplib';
 import sodium from 'libsodium-wrappers';
@@ -87,6 +89,12 @@ export const AlreadyExists = errorClass('already_exists', 'AlreadyExists');
 export const NoSessionKey = errorClass('no_session_key', 'NoSessionKey');
 /** Over a rate limit; `retryAfter` (ms, from the reply's RetryAfter) says when to try again. */
 export const RateLimited = errorClass('rate_limited', 'RateLimited');
+/**
+ * The peer has not accepted the session: a message request holds only a few messages (and
+ * key generations) until it does. Also the answer when the peer blocked you: the two look
+ * the same on purpose (§11.6).
+ */
+export const NotAccepted = errorClass('not_accepted', 'NotAccepted');
 export const InternalError = errorClass('internal', 'InternalError');
 /** Client side only: no reply within the deadline. Resend the same envelope (§9.2). */
 export const TimeoutError = errorClass('timeout', 'TimeoutError');
@@ -101,7 +109,7 @@ export class DecryptionFailed extends Error {
 export const ERRORS = Object.fromEntries(
   [
     MalformedRequest, PayloadTooLarge, InvalidSignature, StaleRequest, UnknownAction, Unauthorized,
-    Forbidden, InvalidArgument, NotFound, AlreadyExists, NoSessionKey, RateLimited, InternalError,
+    Forbidden, InvalidArgument, NotFound, AlreadyExists, NoSessionKey, RateLimited, NotAccepted, InternalError,
   ].map((cls) => [cls.code, cls]),
 );
 
@@ -116,6 +124,25 @@ export function errorFor(code, message, requestId, retryAfter = undefined) {
   const error = new InternalError(`${code}: ${message}`, requestId);
   error.unknownCode = code;
   return error;
+}
+
+// --------------------------------------------------- §11.6 message requests
+
+/**
+ * A session's consent as one member sees it (§11.6), in GetChatList's Chat.State, in
+ * SessionEstablished.State and in the reply to Accept, Block and Unblock:
+ * accepted; incoming (a message request to you); outgoing (your request, not accepted
+ * yet, or the peer blocked you: the two look the same); blocked (you blocked the peer).
+ */
+export const CONSENT_STATES = Object.freeze(['accepted', 'incoming', 'outgoing', 'blocked']);
+
+/**
+ * A notification with the defaults of fields that servers of an earlier version do not
+ * send: a SessionEstablished without State is of an accepted session (§11.6).
+ */
+export function withDefaults(note) {
+  if (note.Kind === 'SessionEstablished' && note.State === undefined) return { ...note, State: 'accepted' };
+  return note;
 }
 
 // ------------------------------------------------------------ §3 identities
@@ -502,8 +529,10 @@ export class Client {
     return this.call(REGISTRY, 'EstablishSession', { Handle: peer });
   }
 
-  getChatList() {
-    return this.call(REGISTRY, 'GetChatList', {});
+  /** Each Chat has its State (CONSENT_STATES; 'accepted' from a server that sends none). */
+  async getChatList() {
+    const list = await this.call(REGISTRY, 'GetChatList', {});
+    return { ...list, Chats: list.Chats.map((chat) => ({ ...chat, State: chat.State ?? 'accepted' })) };
   }
 
   issueBrokerCredentials() {
@@ -555,6 +584,23 @@ export class Client {
     return messages;
   }
 
+  // ---- §11.6 message requests: each resolves to the session's State as the caller sees it
+
+  /** Accept the peer's message request, or lift your own block. */
+  async accept(sessionId) {
+    return (await this.call(sessionId, 'Accept', {})).State;
+  }
+
+  /** Refuse the peer's messages from now on (it is answered not_accepted, and not told why). */
+  async block(sessionId) {
+    return (await this.call(sessionId, 'Block', {})).State;
+  }
+
+  /** Lift your block: then accepted (outgoing if it was your own request, still unanswered). */
+  async unblock(sessionId) {
+    return (await this.call(sessionId, 'Unblock', {})).State;
+  }
+
   // ---- plaintext on top
 
   _openBatch(sessionId, batch) {
@@ -595,8 +641,9 @@ export class Client {
   /**
    * Consume the handle's queue aodm.inbox.<handle> (declares nothing). Calls
    * onNotification(note) for each notification not seen before (dropping duplicates by
-   * Id), and acks it once the callback's promise resolves. The queue is created by the
-   * services shortly after Register; until it exists, retry for up to `wait` ms.
+   * Id), with withDefaults applied, and acks it once the callback's promise resolves. The
+   * queue is created by the services shortly after Register; until it exists, retry for
+   * up to `wait` ms.
    */
   async consumeInbox(
     onNotification,
@@ -627,7 +674,7 @@ export class Client {
           }
           if (!seen.has(note.Id)) {
             try {
-              await onNotification(note);
+              await onNotification(withDefaults(note));
             } catch (error) {
               onError(error);
               return channel.nack(message, false, true); // not processed: back to the queue

@@ -12,6 +12,11 @@
 //      the peer does steps 7–8 and answers with a message of its own)
 //   {"event":"read", "text", "sender", "seq", "notifications", "history", "checks"}
 // then exits 0. On any failure: {"event":"error", "error", "code"} on stdout, exit 1.
+//
+// The new session is a message request to the peer (docs/protocol.md §11.6): it holds only
+// a few messages from us (3 by default) until the peer accepts it. We send one; the peer's
+// reply accepts the request. A variant that sends more before the peer answers must wait
+// for the peer's Accept first (getChatList: State "accepted").
 import { randomBytes } from 'node:crypto';
 import { parseArgs } from 'node:util';
 import {
@@ -66,10 +71,12 @@ async function main() {
 
     // Our notifications, from now on (the queue appears shortly after Register).
     const notifications = [];
+    let established = null;
     let onPeerMessage;
     const peerMessage = new Promise((resolve) => { onPeerMessage = resolve; });
     const inbox = await client.consumeInbox(async (note) => {
       notifications.push(note.Kind);
+      if (note.Kind === 'SessionEstablished') established = note;
       if (note.Kind === 'NewMessage' && note.Sender === peer) onPeerMessage(note);
     });
 
@@ -110,8 +117,12 @@ async function main() {
       history.push({ Seq: m.Seq, Sender: m.Sender, Generation: m.Generation, Text: await client.decrypt(session, m.Generation, m.Content) });
     }
     checks.historyStartsWithOurs = check(history[0]?.Text === text && history[0]?.Sender === handle, 'history[0] is ours');
+    checks.requestOutgoing = check(established?.SessionId === session && established.State === 'outgoing',
+      'our SessionEstablished: State outgoing (our request to the peer)');
     const chats = await client.getChatList();
-    checks.chatList = check(chats.Chats.some((c) => c.SessionId === session && c.Peer === peer), 'GetChatList');
+    const chat = chats.Chats.find((c) => c.SessionId === session && c.Peer === peer);
+    // The peer's reply accepted it; the chat list follows a moment later.
+    checks.chatList = check(chat && ['outgoing', 'accepted'].includes(chat.State), 'GetChatList');
     const credentials = await client.issueBrokerCredentials();
     checks.issueBrokerCredentials = check('BrokerUser' in credentials && 'SealedBrokerPassword' in credentials, 'IssueBrokerCredentials');
     await inbox.cancel();

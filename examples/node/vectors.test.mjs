@@ -9,6 +9,7 @@ import {
   ready, b64encode, b64decode, Identity, signingBytes, signEnvelope, verifyEnvelope, idOf, actionOf,
   sealSessionKey, openSessionKey, encrypt, decrypt, notificationId,
   MalformedRequest, InvalidSignature, StaleRequest, DecryptionFailed, errorFor, NotFound, InternalError,
+  NotAccepted, RateLimited, ERRORS, Client, CONSENT_STATES, withDefaults,
 } from './aodm.mjs';
 
 const load = (name) => JSON.parse(readFileSync(new URL(`../../tests/vectors/${name}`, import.meta.url), 'utf8'));
@@ -194,5 +195,73 @@ describe('protocol examples', () => {
     const unknown = errorFor('brand_new_code', 'x');
     assert.ok(unknown instanceof InternalError);
     assert.equal(unknown.unknownCode, 'brand_new_code');
+    const refused = errorFor('not_accepted', 'the peer has not accepted this session', 'rid');
+    assert.ok(refused instanceof NotAccepted);
+    assert.equal(refused.name, 'NotAccepted');
+    assert.equal(refused.code, 'not_accepted');
+    assert.equal(errorFor('rate_limited', 'slow down', 'rid', 250).retryAfter, 250);
+    assert.ok(!(refused instanceof RateLimited));
+  });
+
+  test('a typed error for every code of docs/asyncapi.yaml (§14)', () => {
+    const doc = readFileSync(new URL('../../docs/asyncapi.yaml', import.meta.url), 'utf8');
+    const block = doc.split('\n    ErrorCode:\n')[1].split('\n      x-aodm-client-codes:')[0];
+    const codes = [...block.matchAll(/^ {8}- ([a-z_]+)$/gm)].map((m) => m[1]);
+    assert.ok(codes.includes('not_accepted'));
+    assert.deepEqual(Object.keys(ERRORS).sort(), codes.sort());
+  });
+
+  test('consent states (§11.6) are those of docs/asyncapi.yaml', () => {
+    const doc = readFileSync(new URL('../../docs/asyncapi.yaml', import.meta.url), 'utf8');
+    const block = doc.split('\n    ConsentState:\n')[1].split('\n    Consent:\n')[0];
+    assert.deepEqual(block.match(/^ {6}enum: \[(.*)\]$/m)[1].split(', '), [...CONSENT_STATES]);
+  });
+});
+
+describe('message requests (§11.6), without a broker', () => {
+  // A Client whose requests are answered here: what it signs, and what it makes of the reply.
+  const offline = (answer) => {
+    const client = new Client({ on() {} }, Identity.generate(), { handle: 'bob', timeout: 1000 });
+    const sent = [];
+    client.request = async (env) => {
+      sent.push(env);
+      return answer(env);
+    };
+    return { client, sent };
+  };
+  const session = 'wL33keTQCHWI7d3UVb-WDl3Wqm3KiIC6b0IYZWZsRt4';
+
+  test('accept, block and unblock send their action with Data {} and resolve to the State', async () => {
+    const { client, sent } = offline((env) => ({ State: { Accept: 'accepted', Block: 'blocked', Unblock: 'outgoing' }[actionOf(env)] }));
+    assert.equal(await client.accept(session), 'accepted');
+    assert.equal(await client.block(session), 'blocked');
+    assert.equal(await client.unblock(session), 'outgoing');
+    assert.deepEqual(sent.map(actionOf), ['Accept', 'Block', 'Unblock']);
+    for (const env of sent) {
+      assert.equal(env.Target, session);
+      assert.equal(env.From, 'bob');
+      assert.equal(env.Data, '{}');
+      verifyEnvelope(env);
+    }
+  });
+
+  test('a chat without State (a server before message requests) is accepted', async () => {
+    const { client } = offline(() => ({
+      Chats: [
+        { SessionId: 'a', Peer: 'alice', CreatedAt: 1, LastActivity: 2, State: 'incoming' },
+        { SessionId: 'b', Peer: 'carol', CreatedAt: 1, LastActivity: 2 },
+      ],
+    }));
+    const { Chats } = await client.getChatList();
+    assert.deepEqual(Chats.map((c) => c.State), ['incoming', 'accepted']);
+  });
+
+  test('SessionEstablished without State is accepted; other notifications are untouched', () => {
+    const old = { Kind: 'SessionEstablished', Id: 'x', Handle: 'bob', At: 1, SessionId: session, Peer: 'alice' };
+    assert.equal(withDefaults(old).State, 'accepted');
+    assert.equal(old.State, undefined); // a copy, not changed in place
+    assert.equal(withDefaults({ ...old, State: 'incoming' }).State, 'incoming');
+    const note = { Kind: 'NewMessage', Id: 'y' };
+    assert.equal(withDefaults(note), note);
   });
 });
