@@ -154,7 +154,11 @@ def add_listen(sub) -> None:
                 "Consume your handle's notification queue and print each event: new messages\n"
                 "(decrypted, with sender and time), sessions established, keys rotated, and\n"
                 "requests that failed (with their error code). Notifications wait in the queue\n"
-                "while you are offline. Ctrl-C stops.", timeout=False)
+                "while you are offline, the newest up to a bound. First it shows, chat by chat,\n"
+                "the messages since the last `listen` (from the state file; a chat it has not\n"
+                "seen: the last 50), and a message whose notification the full queue dropped\n"
+                "is read back before the next one: each message once, in order. Ctrl-C stops.",
+                timeout=False)
     p.add_argument("--once", action="store_true",
                    help="print what is waiting (or the first to arrive within --timeout), then exit")
     p.add_argument("--timeout", dest="wait", type=float, metavar="S",

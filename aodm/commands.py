@@ -3,10 +3,12 @@ in `aodm.cli`; every function here returns the exit status and prints to stdout.
 
 import asyncio
 import sys
+import time
 from contextlib import asynccontextmanager
 from datetime import datetime
 from urllib.parse import urlsplit
 
+from aodm import catchup
 from aodm import state as files
 from aodm.client import Client, with_credentials
 from aodm.crypto import DecryptionFailed, Identity
@@ -14,10 +16,11 @@ from aodm.inbox import Inbox
 from aodm.state import CliError, State
 from shared.errors import AodmError, NoSessionKey, NotFound
 from shared.notifications import KeyRotated, NewMessage, RequestFailed, SessionEstablished
-from shared.session_api import MAX_PAGE
+from shared.session_api import MAX_PAGE, StoredMessage
 from shared.transport import LoginRefused
 
 DRAIN_QUIET_S = 1.0  # `listen --once`: how long the queue must stay quiet to count as drained
+SAVE_EVERY_S = 2.0  # `listen`: how often, at most, it writes where it got to while messages come
 
 
 def local_time(ms: int) -> str:
@@ -263,25 +266,117 @@ async def readable(client: Client, session_id: str, generation: int, content: st
 
 async def listen(ctx: Context) -> int:
     """Print notifications as they come. With --once: what is waiting (or the first to
-    arrive within --timeout), then exit. Without: until Ctrl-C or --timeout of silence."""
+    arrive within --timeout), then exit. Without: until Ctrl-C or --timeout of silence.
+
+    First it catches up every chat (the chat list) from where the last `listen` got to (the
+    state file's cursors; a chat without one: its last page), then it shows each message
+    once, in `Seq` order: a NewMessage past a gap (its notifications were dropped from a
+    full inbox, or are the handle's own) comes after the messages it skipped, read back."""
     async with ctx.client() as client:
         await client.query_handle(client.handle)  # a typo must not create a queue for nobody
         peers: dict[str, str] = {}
-        async with Inbox(client.bus, client.handle) as inbox:
-            print(f"listening as {client.handle} (Ctrl-C to stop)", file=sys.stderr, flush=True)
-            wait, shown = ctx.args.wait, 0
-            while True:
-                try:
-                    note = await inbox.next(wait)
-                except TimeoutError:
-                    break
-                print(await describe(client, note, peers), flush=True)
-                shown += 1
-                if ctx.args.once:
-                    wait = DRAIN_QUIET_S
+        marks = Marks(ctx.state, client.handle)
+        try:
+            async with Inbox(client.bus, client.handle) as inbox:
+                shown = await catch_up_chats(client, marks, peers)
+                print(f"listening as {client.handle} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+                wait = DRAIN_QUIET_S if ctx.args.once and shown else ctx.args.wait
+                while True:
+                    try:
+                        note = await inbox.next(wait)
+                    except TimeoutError:
+                        break
+                    shown += await show(client, note, marks, peers)
+                    if ctx.args.once:
+                        wait = DRAIN_QUIET_S
+        finally:
+            marks.save()
     if not shown:
         print(f"no notifications within {ctx.args.wait}s", file=sys.stderr)
     return 0
+
+
+class Marks(catchup.Tracker):
+    """The tracker of `listen`, kept in the state file: saved after a catch-up, at most
+    every SAVE_EVERY_S while messages come, and at the end. A message shown but not saved
+    (the process killed) is shown again by the next `listen`, never skipped."""
+
+    def __init__(self, state: State, handle: str) -> None:
+        super().__init__({s: catchup.Mark(*c) for s, c in state.cursors_of(handle).items()})
+        self._state, self._handle = state, handle
+        self._saved, self._dirty = time.monotonic(), False
+
+    def advance(self, session_id: str, seq: int, timestamp: int) -> bool:
+        moved = super().advance(session_id, seq, timestamp)
+        self._dirty = self._dirty or moved
+        if self._dirty and time.monotonic() - self._saved >= SAVE_EVERY_S:
+            self.save()
+        return moved
+
+    def save(self) -> None:
+        if self._dirty:
+            self._state.remember_cursors(self._handle, dict(self.marks))
+            self._saved, self._dirty = time.monotonic(), False
+
+
+# Chats not caught up: a message request not accepted yet (`aodm requests` shows it; its
+# messages come once it is accepted, as a gap) and a chat the handle blocked.
+UNSHOWN = {"incoming", "blocked"}
+
+
+async def catch_up_chats(client: Client, marks: Marks, peers: dict[str, str]) -> int:
+    """Every chat from its mark; one that cannot be read back is said on stderr, the rest go on."""
+    chats = (await client.get_chat_list()).chats
+    peers.update({chat.session_id: chat.peer for chat in chats})
+    shown = 0
+    for chat in sorted(chats, key=lambda c: c.last_activity):
+        if getattr(chat, "state", "accepted") not in UNSHOWN:  # servers before message requests: all accepted
+            shown += await catch_up(client, chat.session_id, marks, peers)
+    marks.save()
+    return shown
+
+
+async def catch_up(client: Client, session_id: str, marks: Marks, peers: dict[str, str],
+                   before: NewMessage | None = None) -> int:
+    """The messages of a session past its mark (and before `before`), each with a line."""
+    mark, shown = marks.marks.get(session_id), 0
+    try:
+        async for message in catchup.missed(client, session_id, mark, before):
+            if marks.seen(session_id, message.seq):
+                continue
+            if not shown:
+                print(await catching_up(client, session_id, mark, message, peers), flush=True)
+            text = await readable(client, session_id, message.generation, message.content)
+            print(line(message.timestamp, message.sender, text), flush=True)
+            marks.advance(session_id, message.seq, message.timestamp)
+            shown += 1
+    except AodmError as exc:  # refused (a blocked chat, say): the others and the new ones still come
+        peer = peers.get(session_id, session_id)
+        print(f"aodm: cannot catch up the chat with {peer}: {exc}", file=sys.stderr, flush=True)
+    return shown
+
+
+async def catching_up(client: Client, session_id: str, mark: catchup.Mark | None, first: StoredMessage,
+                      peers: dict[str, str]) -> str:
+    """The line before a catch-up: from which message, and what it leaves to `aodm history`."""
+    peer = await peer_of(client, session_id, peers)
+    after = mark.seq if mark else 0
+    skipped = f" (#{after + 1}–#{first.seq - 1} not shown: `aodm history {peer}`)" if first.seq > after + 1 else ""
+    return f"[{local_time(first.timestamp)}] * catching up the chat with {peer} from #{first.seq}{skipped}"
+
+
+async def show(client: Client, note, marks: Marks, peers: dict[str, str]) -> int:
+    """One notification; a NewMessage past a gap after the messages it skipped, one already
+    shown not again. Returns how many lines of messages or events it printed."""
+    if not isinstance(note, NewMessage):
+        print(await describe(client, note, peers), flush=True)
+        return 1
+    if marks.seen(note.session_id, note.seq):
+        return 0
+    shown = await catch_up(client, note.session_id, marks, peers, before=note) if marks.gap(note) else 0
+    print(await describe(client, note, peers), flush=True)
+    marks.advance(note.session_id, note.seq, note.timestamp)
+    return shown + 1
 
 
 async def describe(client: Client, note, peers: dict[str, str]) -> str:

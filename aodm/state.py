@@ -4,6 +4,11 @@ The state only saves typing (the default handle, the session id of each chat); t
 registry stays the source of truth, so a lost or stale state file costs nothing but a
 lookup. It records the identity's address, and is ignored when the identity changes.
 
+It keeps, per handle, where `aodm listen` got to in each chat: the newest message it
+showed (`Seq` and `Timestamp`), so the next `listen` shows every message since, also those
+whose notifications a full inbox dropped (aodm/catchup.py). Lost, it costs only a catch-up
+of each chat's last page.
+
 It also keeps each handle's own broker login (user and password, issued at `register` or by
 `aodm credentials`; docs/security.md). That one is a secret like the identity: the file is
 mode 600, and losing it costs an `aodm credentials`, which issues a new password.
@@ -53,6 +58,9 @@ def load_identity(path: Path) -> Identity:
         raise CliError(f"{path} is not a readable aodm identity: {exc}") from None
 
 
+Cursors = dict[str, dict[str, dict[str, int]]]  # handle -> session id -> {"seq", "timestamp"}
+
+
 @dataclass
 class State:
     path: Path
@@ -60,29 +68,40 @@ class State:
     default_handle: str | None = None
     sessions: dict[str, dict[str, str]] = field(default_factory=dict)
     brokers: dict[str, dict[str, str]] = field(default_factory=dict)  # handle -> {"user", "password"}
+    cursors: Cursors = field(default_factory=dict)  # where `listen` got to in each chat
 
     @classmethod
     def load(cls, identity_file: Path, identity: Identity) -> "State":
         """A missing, unreadable or other identity's state starts empty rather than failing."""
         path = state_path(identity_file)
+        return cls._read(path, identity.address) or cls(path, identity.address)
+
+    @classmethod
+    def _read(cls, path: Path, address: str) -> "State | None":
         try:
             raw = json.loads(path.read_text())
         except (OSError, ValueError):
-            raw = {}
-        if not isinstance(raw, dict) or raw.get("address") != identity.address:
-            return cls(path, identity.address)
+            return None
+        if not isinstance(raw, dict) or raw.get("address") != address:
+            return None
         brokers = raw.get("brokers")
         brokers = {
             handle: login for handle, login in (brokers.items() if isinstance(brokers, dict) else ())
             if isinstance(login, dict) and isinstance(login.get("user"), str) and isinstance(login.get("password"), str)
         }
-        return cls(path, identity.address, raw.get("default_handle"), raw.get("sessions") or {}, brokers)
+        sessions = raw.get("sessions") or {}
+        return cls(path, address, raw.get("default_handle"), sessions, brokers, _cursors(raw.get("cursors")))
 
     def save(self) -> None:
-        """Written to a temporary file and renamed, so a crash never leaves half a file."""
+        """Written to a temporary file and renamed, so a crash never leaves half a file. The
+        cursors merge with the file's, the newest of each chat kept: a `listen` running
+        meanwhile may have taken one further than this copy knows."""
+        on_disk = State._read(self.path, self.address)
+        if on_disk is not None:
+            _take_newer(self.cursors, on_disk.cursors)
         body = {
             "address": self.address, "default_handle": self.default_handle, "sessions": self.sessions,
-            "brokers": self.brokers,
+            "brokers": self.brokers, "cursors": self.cursors,
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -98,3 +117,42 @@ class State:
         if self.sessions.get(handle, {}).get(peer) != session_id:
             self.sessions.setdefault(handle, {})[peer] = session_id
             self.save()
+
+    def cursors_of(self, handle: str) -> dict[str, tuple[int, int]]:
+        """session id -> (seq, timestamp) of the newest message `listen` showed there."""
+        return {session: (c["seq"], c["timestamp"]) for session, c in self.cursors.get(handle, {}).items()}
+
+    def remember_cursors(self, handle: str, cursors: dict[str, tuple[int, int]]) -> None:
+        """Into the file as it is now: `listen` runs for long, and must not write back its
+        old copy of what other commands changed meanwhile (a new broker password)."""
+        on_disk = State._read(self.path, self.address)
+        if on_disk is not None:
+            self.default_handle, self.sessions, self.brokers = on_disk.default_handle, on_disk.sessions, on_disk.brokers
+        _take_newer(self.cursors, {handle: {s: {"seq": q, "timestamp": t} for s, (q, t) in cursors.items()}})
+        self.save()
+
+
+def _take_newer(mine: Cursors, other: Cursors) -> None:
+    for handle, chats in other.items():
+        for session, cursor in chats.items():
+            known = mine.setdefault(handle, {}).get(session)
+            if known is None or cursor["seq"] > known["seq"]:
+                mine[handle][session] = cursor
+
+
+def _cursors(raw: object) -> Cursors:
+    """The well-formed cursors of a state file; anything else is dropped (a catch-up of a
+    chat's last page is all that costs)."""
+    def fine(value: object) -> bool:
+        return type(value) is int and 0 <= value < 2**63
+
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        handle: {
+            session: {"seq": c["seq"], "timestamp": c["timestamp"]}
+            for session, c in chats.items()
+            if isinstance(c, dict) and fine(c.get("seq")) and c["seq"] >= 1 and fine(c.get("timestamp"))
+        }
+        for handle, chats in raw.items() if isinstance(chats, dict)
+    }
