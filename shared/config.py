@@ -64,7 +64,10 @@ VARIABLES: dict[str, tuple[str, Callable[[str], object], str]] = {
     "AODM_SEND_SESSION_RATE": ("20", _int(1, 10**6), "messages a second one sender may send in one session (bursts of 10 s worth)"),
     "AODM_SESSIONS_PER_HOUR": ("60", _int(1, 10**6), "new sessions one handle may open in an hour"),
     "AODM_HANDLES_PER_DAY": ("10", _int(1, 10**6), "handles one signing key may register in a day"),
-    "AODM_BROKER_ADMIN_URL": ("", _url("http", "https", optional=True), "RabbitMQ management API with admin credentials (http://user:pass@host:15672); set, the registry issues each handle its own broker user (docs/security.md); empty turns it off"),
+    "AODM_REQUEST_MESSAGES": ("3", _int(0, 1000), "messages the opener of a session may store before the peer accepts it (a message request)"),
+    "AODM_INBOX_MAX_MESSAGES": ("10000", _int(10, 10**8), "notifications a handle's inbox queue holds (a RabbitMQ policy, docs/operations.md); past it the oldest are dropped, every message stays readable with QueryMessage"),
+    "AODM_INBOX_MAX_BYTES": ("67108864", _int(65536, 2**40), "bytes of notifications a handle's inbox queue holds (message bodies); past it the oldest are dropped"),
+    "AODM_BROKER_ADMIN_URL": ("", _url("http", "https", optional=True), "RabbitMQ management API with admin credentials (http://user:pass@host:15672); set, the registry issues each handle its own broker user (docs/security.md) and the services set the inbox bound policies at start (docs/operations.md); empty turns issuing off"),
     "AODM_BROKER_USER_MAX_CONNECTIONS": ("16", _int(1, 10**6), "connections each issued broker user may hold at once (a RabbitMQ user limit)"),
     "AODM_BROKER_USER_MAX_CHANNELS": ("64", _int(1, 10**6), "channels each issued broker user may hold at once"),
     "AODM_BROKER_VHOST": ("", str, "vhost the issued broker users get permissions on; empty = the vhost of AODM_AMQP_URL"),
@@ -88,6 +91,9 @@ class Settings:
     send_session_rate: int = 20
     sessions_per_hour: int = 60
     handles_per_day: int = 10
+    request_messages: int = 3
+    inbox_max_messages: int = 10000
+    inbox_max_bytes: int = 67108864
     broker_admin_url: str = ""
     broker_vhost: str = ""
     broker_user_max_connections: int = 16

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from shared import config, db, logs, metrics, topology
+from shared import config, db, inbox_bound, logs, metrics, topology
 from shared.health import HealthServer
 from shared.logs import log
 from shared.service import prune_requests
@@ -75,6 +75,8 @@ async def serve(
     try:
         if pool is not None and schema is not None:
             runtime.background(prune_requests(pool, schema, settings.dedup_retention_s, stop))
+        # Whichever service has the admin URL bounds the inboxes (shared/inbox_bound.py).
+        runtime.background(inbox_bound.keep(settings, stop))
         await start(runtime)
         gc.freeze()  # what start-up built lives on: full collections need not walk it again
         runtime.consuming = True

@@ -1,4 +1,5 @@
-"""Every exchange, queue and routing key name, and the arguments they are declared with.
+"""Every exchange, queue and routing key name, the arguments they are declared with, and
+the policy that bounds the inboxes.
 
 Names read well on the management UI: `aodm.<owner>.<what>`, so a session shard, a
 handle's inbox and the dead letters are told apart at a glance.
@@ -24,6 +25,7 @@ SESSIONS_TYPE = "x-modulus-hash"
 INTERNAL = "aodm.internal"
 # The notifier publishes here; routing key = handle; one queue per handle.
 INBOX = "aodm.inbox"
+INBOX_QUEUE_PREFIX = "aodm.inbox."
 # Rejected poison messages land here.
 DEAD_LETTERS = "aodm.dead-letters"
 
@@ -54,7 +56,32 @@ def shard_queue(shard: int) -> str:
 
 
 def inbox_queue(handle: str) -> str:
-    return f"aodm.inbox.{handle}"
+    return INBOX_QUEUE_PREFIX + handle
+
+
+# The inbox bound (docs/reliability.md, "When an inbox is full"). A policy, not queue
+# arguments: it applies at once to queues declared before it existed (redeclaring one with
+# other x-arguments fails with PRECONDITION_FAILED), and it can change without a redeploy.
+# Two of the same name: the operator policy holds the bound even where a user policy of
+# higher priority replaces ours on these queues (the broker applies the lower of the two
+# limits); RabbitMQ 3.10 refuses `overflow` in an operator policy, so drop-head (the
+# default, stated in ours) keeps the newest notifications. Policies need the management
+# API or rabbitmqctl: AMQP cannot set them.
+INBOX_POLICY = "aodm-inbox-bound"
+INBOX_POLICY_PATTERN = "^" + INBOX_QUEUE_PREFIX.replace(".", "\\.")
+# A queue gets one policy and one operator policy, each the matching one of highest
+# priority: above catch-alls at the default 0, ours are the ones the inboxes get.
+INBOX_POLICY_PRIORITY = 10
+
+
+def inbox_policies(max_messages: int, max_bytes: int) -> dict[str, dict]:
+    """The management API's kind of policy ("policies", "operator-policies") -> its body."""
+    bound = {"max-length": max_messages, "max-length-bytes": max_bytes}
+    common = {"pattern": INBOX_POLICY_PATTERN, "apply-to": "queues", "priority": INBOX_POLICY_PRIORITY}
+    return {
+        "policies": {**common, "definition": {**bound, "overflow": "drop-head"}},
+        "operator-policies": {**common, "definition": bound},
+    }
 
 
 async def declare_exchanges(bus: Bus) -> None:

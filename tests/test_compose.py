@@ -220,6 +220,22 @@ def test_broker_principals(services: dict, definitions: dict) -> None:
         assert "AODM_BROKER_ADMIN_URL" not in env_of(services[name]), f"{name} has no use for the admin login"
 
 
+def test_definitions_bound_the_inboxes_as_the_services_do(services: dict, definitions: dict) -> None:
+    """The broker has the inbox bound from its first boot, the same policies (at the default
+    bound) that a service with the admin URL puts there (shared/inbox_bound.py)."""
+    from shared import topology
+
+    vhost = _vhost(env_of(services["notifier"])["AODM_AMQP_URL"])
+    defaults = config.load({})
+    expected = topology.inbox_policies(defaults.inbox_max_messages, defaults.inbox_max_bytes)
+    policies = [p for p in definitions.get("policies", []) if p["name"] == topology.INBOX_POLICY]
+    assert [{k: v for k, v in p.items() if k not in ("vhost", "name")} for p in policies] == [expected["policies"]]
+    operator = [p for p in definitions.get("parameters", [])
+                if p["component"] == "operator_policy" and p["name"] == topology.INBOX_POLICY]
+    assert [p["value"] for p in operator] == [expected["operator-policies"]]
+    assert {p["vhost"] for p in policies + operator} == {vhost}
+
+
 def test_database_url_points_at_postgres(services: dict) -> None:
     postgres = services["postgres"]
     pg_env = env_of(postgres)

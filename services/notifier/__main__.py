@@ -2,7 +2,7 @@
 
 import asyncio
 
-from shared import runtime, topology
+from shared import inbox_bound, runtime, topology
 from shared.config import Settings
 
 from services.notifier import fanout
@@ -11,6 +11,7 @@ EVENT_BATCH = 64  # events handled together when they are waiting
 
 
 async def start(rt: runtime.Runtime) -> None:
+    inbox_bound.warn_if_unset(rt.settings)  # the keeper of the inbox queues says when nothing bounds them
     # Batches in queue order (a handle's queue is declared before anything is delivered to
     # it); a batch waits once for the confirms of all its notifications, while the next is published.
     await rt.consume(topology.NOTIFIER_QUEUE, fanout.Notifier(rt.bus).on_events, batch=EVENT_BATCH)
