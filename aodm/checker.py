@@ -35,6 +35,8 @@ from shared.notifications import NewMessage, notification_decoder
 from shared.registry_api import REGISTRY_TARGET, Established, EstablishSession, Register
 from shared.replies import Err, Ok, reply_decoder
 from shared.session_api import (
+    Accept,
+    Consent,
     GetCurrentKey,
     GetKeyByGeneration,
     KeyBatch,
@@ -220,6 +222,7 @@ async def _setup(url: str, run: str, opts: Options, give_up: float) -> list[_Pai
         await asyncio.gather(*(register(c, f"chk-{run}-{pair.index}{'ab'[i]}") for i, c in enumerate(pair.members)))
         a, b = pair.members
         pair.session_id = (await _call(a, REGISTRY_TARGET, EstablishSession(b.handle), Established, opts, give_up)).session_id
+        await _call(b, pair.session_id, Accept(), Consent, opts, give_up)  # both send more than a request holds
         await _rotate(pair, opts, give_up)
         if not pair.current:
             raise Timeout("the first key rotation was not answered")

@@ -120,7 +120,20 @@ def add_chat_commands(sub) -> None:
             "state file beside the identity; later commands log in with it. The old password\n"
             "stops working for new connections. Logs in with --amqp-url's user to ask.")
     command(sub, "chats", commands.chats, "list your chats",
-            "List the chats of your handle: peer, last activity (local time) and session id.")
+            "List the chats of your handle: peer, state, last activity (local time) and session id.\n"
+            "State: accepted; incoming (a message request to you: `aodm requests`); outgoing\n"
+            "(yours, not accepted yet: it holds a few messages until it is); blocked (by you).")
+    command(sub, "requests", commands.requests, "show the message requests waiting for you",
+            "List the chats others opened with you that you have not accepted, each with the\n"
+            "few messages it holds (you were notified once per request, not per message).\n"
+            "Replying to one, or `aodm accept PEER`, accepts it; `aodm block PEER` refuses it.")
+    for change, what in (("accept", "accept PEER's message request (or lift your block)"),
+                         ("block", "refuse PEER's messages from now on"),
+                         ("unblock", "lift your block of PEER")):
+        p = command(sub, change, commands.consent(change), what,
+                    what[0].upper() + what[1:] + ". A blocked peer is answered not_accepted, as if\n"
+                    "its request had not been answered: it is not told that it was blocked.")
+        p.add_argument("peer", metavar="PEER")
     p = command(sub, "open", commands.open_chat, "start (or find) the chat with PEER",
                 "Establish the session with PEER (or find the existing one), give it a first key\n"
                 "if it has none, and print its session id.")

@@ -36,6 +36,10 @@ from shared.registry_api import (
 )
 from shared.replies import Err, reply_decoder
 from shared.session_api import (
+    Accept,
+    Block,
+    Consent,
+    ConsentState,
     GetCurrentKey,
     GetKeyByGeneration,
     KeyBatch,
@@ -47,6 +51,7 @@ from shared.session_api import (
     SendMessage,
     Sent,
     StoredMessage,
+    Unblock,
 )
 from shared.transport import Bus
 
@@ -195,6 +200,17 @@ class Client:
         cursor: str | None = None,
     ) -> MessagePage:
         return await self.call(session_id, QueryMessage(from_, until, limit, order, cursor), MessagePage)
+
+    async def accept(self, session_id: str) -> ConsentState:
+        """Accept the peer's message request (or lift your own block); answers the state now."""
+        return (await self.call(session_id, Accept(), Consent)).state
+
+    async def block(self, session_id: str) -> ConsentState:
+        """Refuse the peer's messages from now on (it is answered `not_accepted`)."""
+        return (await self.call(session_id, Block(), Consent)).state
+
+    async def unblock(self, session_id: str) -> ConsentState:
+        return (await self.call(session_id, Unblock(), Consent)).state
 
     # -- plaintext on top --------------------------------------------------------------
 

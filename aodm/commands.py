@@ -176,11 +176,50 @@ async def chats(ctx: Context) -> int:
         print(f"{client.handle} has no chats yet; start one with `aodm open PEER`")
         return 0
     width = max(len("PEER"), *(len(c.peer) for c in chat_list))
-    print(f"{'PEER':<{width}}  {'LAST ACTIVITY':<19}  SESSION")
+    print(f"{'PEER':<{width}}  {'STATE':<8}  {'LAST ACTIVITY':<19}  SESSION")
     for chat in sorted(chat_list, key=lambda c: c.last_activity, reverse=True):
         ctx.state.remember_session(client.handle, chat.peer, chat.session_id)
-        print(f"{chat.peer:<{width}}  {local_time(chat.last_activity)}  {chat.session_id}")
+        print(f"{chat.peer:<{width}}  {chat.state:<8}  {local_time(chat.last_activity)}  {chat.session_id}")
     return 0
+
+
+# -- message requests ---------------------------------------------------------------
+
+
+async def requests(ctx: Context) -> int:
+    """The sessions others opened with you that you have not accepted, with what they hold."""
+    async with ctx.client() as client:
+        incoming = [c for c in (await client.get_chat_list()).chats if c.state == "incoming"]
+        if not incoming:
+            print(f"{client.handle} has no message requests")
+            return 0
+        for chat in incoming:
+            ctx.state.remember_session(client.handle, chat.peer, chat.session_id)
+            messages = (await client.query_messages(chat.session_id)).messages
+            print(f"request from {chat.peer} ({len(messages)} message{'s' * (len(messages) != 1)}):")
+            for m in messages:
+                print("  " + line(m.timestamp, m.sender, await readable(client, chat.session_id, m.generation, m.content)))
+    print("answer with `aodm accept PEER` or `aodm block PEER`")
+    return 0
+
+
+async def session_with(ctx: Context, client: Client, peer: str) -> str:
+    session_id = await client.query_session(client.handle, peer)
+    if session_id is None:
+        raise CliError(f"{client.handle} has no chat with {peer}")
+    ctx.state.remember_session(client.handle, peer, session_id)
+    return session_id
+
+
+def consent(change: str):
+    """`aodm accept|block|unblock PEER`."""
+    async def run(ctx: Context) -> int:
+        async with ctx.client() as client:
+            session_id = await session_with(ctx, client, ctx.args.peer)
+            state = await getattr(client, change)(session_id)
+        print(f"chat with {ctx.args.peer}: {state}")
+        return 0
+    return run
 
 
 # -- sessions -------------------------------------------------------------------------
@@ -385,6 +424,8 @@ async def describe(client: Client, note, peers: dict[str, str]) -> str:
             return line(note.timestamp, note.sender, await readable(client, note.session_id, note.generation, note.content))
         case SessionEstablished():
             peers[note.session_id] = note.peer
+            if note.state == "incoming":
+                return f"[{local_time(note.at)}] * message request from {note.peer}: `aodm requests` shows it"
             return f"[{local_time(note.at)}] * session established with {note.peer} ({note.session_id})"
         case KeyRotated():
             peer = await peer_of(client, note.session_id, peers)

@@ -70,6 +70,13 @@ class NoSessionKey(AodmError):
     code = "no_session_key"
 
 
+class NotAccepted(AodmError):
+    """The peer has not accepted this session: a message request holds only a few messages
+    until it does. (A block by the peer is answered the same way, on purpose.)"""
+
+    code = "not_accepted"
+
+
 class InternalError(AodmError):
     """A bug or a request that keeps failing; the request is dead-lettered."""
 
@@ -105,6 +112,7 @@ ALL_ERRORS: tuple[type[AodmError], ...] = (
     AlreadyExists,
     NoSessionKey,
     RateLimited,
+    NotAccepted,
     InternalError,
 )
 ERROR_CODES: dict[str, type[AodmError]] = {e.code: e for e in ALL_ERRORS}

@@ -21,6 +21,9 @@ class Notification(msgspec.Struct, tag_field="Kind", rename="pascal"):
 class SessionEstablished(Notification, tag=True):
     session_id: str
     peer: str
+    # "incoming": a message request to the recipient (its one notification for the
+    # request); "outgoing": the recipient opened it. Absent from servers before 12-07.
+    state: str = "accepted"
 
 
 class KeyRotated(Notification, tag=True):

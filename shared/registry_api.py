@@ -101,6 +101,7 @@ class Chat(msgspec.Struct, rename="pascal"):
     peer: str
     created_at: int
     last_activity: int
+    state: str = "accepted"  # as the caller sees it: session_api.consent_state
 
 
 class ChatList(msgspec.Struct, rename="pascal"):
@@ -114,7 +115,18 @@ class Activity(msgspec.Struct, rename="pascal"):
     at: int
 
 
+class ConsentChange(msgspec.Struct, rename="pascal"):
+    """Internal, session worker → registry: a session's consent after its `version`-th change
+    (the worker is its one writer; the registry keeps the highest version it has seen)."""
+
+    session_id: str
+    pending_for: str | None
+    blocked_by: list[str]
+    version: int
+
+
 class ActivityReport(msgspec.Struct, rename="pascal"):
-    """The latest activity of every session a batch touched, in one event."""
+    """The latest activity of every session a batch touched, in one event; and consent changes."""
 
     sessions: list[Activity]
+    consent: list[ConsentChange] = []

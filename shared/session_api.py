@@ -51,6 +51,37 @@ class QueryMessage(Request):
     cursor: str | None = None
 
 
+class Accept(Request):
+    """Accept the peer's message request (or lift your own block)."""
+
+
+class Block(Request):
+    """Refuse the peer's messages from now on."""
+
+
+class Unblock(Request):
+    """Lift your block: the session is accepted again."""
+
+
+# A session's consent as one member sees it (the chat list's State, the Consent reply):
+ConsentState = Literal["accepted", "incoming", "outgoing", "blocked"]
+
+
+def consent_state(viewer: str, pending_for: str | None, blocked_by: list[str]) -> ConsentState:
+    """`incoming`: a request to the viewer; `outgoing`: the viewer's request, not accepted
+    yet, or the peer blocked it (the two look the same to the viewer, on purpose);
+    `blocked`: the viewer blocked the peer."""
+    if viewer in blocked_by:
+        return "blocked"
+    if blocked_by or (pending_for is not None and pending_for != viewer):
+        return "outgoing"
+    return "incoming" if pending_for == viewer else "accepted"
+
+
+class Consent(msgspec.Struct, rename="pascal"):
+    state: ConsentState
+
+
 class KeyBatch(msgspec.Struct, rename="pascal"):
     generation: int
     rotated_by: str
@@ -95,3 +126,6 @@ class Spawn(msgspec.Struct, rename="pascal"):
 
     session_id: str
     members: list[Member]
+    # The member that opened it: the session is a message request to the other until it
+    # accepts. None (a registry of an earlier version): accepted from the start.
+    opened_by: str | None = None

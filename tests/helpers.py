@@ -10,8 +10,9 @@ from shared.session_api import SendMessage, Sent
 
 
 async def open_pair(alice: Client, bob: Client) -> tuple[str, bytes]:
-    """A session between the two with a first key; returns (session id, key)."""
+    """An accepted session between the two with a first key; returns (session id, key)."""
     session = (await alice.establish_session(bob.handle)).session_id
+    await bob.accept(session)
     key = crypto.new_session_key()
     await alice.rotate_session_key(session, bob.handle, key)
     return session, key

@@ -40,6 +40,7 @@ async def world(make_client) -> World:
     alice = await make_client("alice")
     bob = await make_client("bob")
     session = (await alice.establish_session(bob.handle)).session_id
+    await bob.accept(session)
     await alice.rotate_session_key(session, bob.handle)
     return World(alice, bob, session)
 

@@ -97,12 +97,35 @@ async def test_two_people_chat(person):
 
     listened = await as_bob("listen", "--once", "--timeout", "10")
     assert listened.code == 0, listened.err
-    assert f"session established with {alice}" in listened.out
+    assert f"message request from {alice}" in listened.out
     assert f"rotated to generation 1 by {alice}" in listened.out
     assert f"] {alice}: hello bob, this is secret" in listened.out
 
     chats = await as_bob("chats")
     assert chats.code == 0 and alice in chats.out and session_id in chats.out
+    assert re.search(rf"^{alice}\s+incoming\s", chats.out, re.M), chats.out
+
+
+async def test_a_message_request_is_shown_then_accepted_or_blocked(person):
+    alice, as_alice = await person("alice")
+    bob, as_bob = await person("bob")
+    for text in ("one", "two", "three"):
+        assert (await as_alice("send", bob, text)).code == 0
+    refused = await as_alice("send", bob, "four")
+    assert refused.code == 1 and "not_accepted" in refused.err, refused
+    shown = await as_bob("requests")
+    assert shown.code == 0 and f"request from {alice} (3 messages)" in shown.out, shown
+    assert [line.split("] ", 1)[1] for line in shown.out.splitlines() if "] " in line] == [
+        f"{alice}: one", f"{alice}: two", f"{alice}: three"]
+    accepted = await as_bob("accept", alice)
+    assert accepted.code == 0 and f"chat with {alice}: accepted" in accepted.out, accepted
+    assert (await as_alice("send", bob, "four")).code == 0
+    assert "no message requests" in (await as_bob("requests")).out
+    blocked = await as_bob("block", alice)
+    assert blocked.code == 0 and "blocked" in blocked.out
+    assert "not_accepted" in (await as_alice("send", bob, "five")).err
+    assert "accepted" in (await as_bob("unblock", alice)).out
+    assert (await as_alice("send", bob, "five")).code == 0
 
 
 async def test_rotation_keeps_old_messages_readable(person):

@@ -47,7 +47,7 @@ from shared.registry_api import (
 )
 from shared.replies import Err, Ok, reply_decoder
 from shared.service import Action, decode_data
-from shared.session_api import KeyBatch, MessagePage, Rotated, Sent
+from shared.session_api import Consent, KeyBatch, MessagePage, Rotated, Sent
 
 from services.registry.__main__ import ACTIONS as REGISTRY_ACTIONS
 from services.session.__main__ import ACTIONS as SESSION_ACTIONS
@@ -75,6 +75,9 @@ RESULT_TYPES: dict[str, type] = {
     "GetKeyByGeneration": KeyBatch,
     "SendMessage": Sent,
     "QueryMessage": MessagePage,
+    "Accept": Consent,
+    "Block": Consent,
+    "Unblock": Consent,
 }
 
 
@@ -635,6 +638,9 @@ def near_valid_data(m: Members, name: str, action: Action) -> st.SearchStrategy[
         "IssueBrokerCredentials": st.just({}),
         "RotateSessionKey": st.fixed_dictionaries({"Keys": st.one_of(entries, exact, exact)}),
         "GetCurrentKey": st.just({}),
+        "Accept": st.just({}),
+        "Block": st.just({}),
+        "Unblock": st.just({}),
         "GetKeyByGeneration": st.fixed_dictionaries({"Generation": st.integers(1, 4)}),
         "SendMessage": st.fixed_dictionaries(
             {"Content": st.one_of(b64(40, 200), b64(0, 45))}, optional={"Generation": st.one_of(st.none(), st.integers(1, 4))}

@@ -52,6 +52,7 @@ async def new_pair(make_client) -> Pair:
     alice = await make_client("alice")
     bob = await make_client("bob")
     session = (await alice.establish_session(bob.handle)).session_id
+    await bob.accept(session)  # these tests are of an accepted session (test_consent.py: requests)
     return Pair(alice, bob, session)
 
 

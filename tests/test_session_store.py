@@ -39,19 +39,19 @@ async def test_the_plan_made_on_empty_tables_still_reaches_rows_by_key(database)
     conn = database
     assert await store.take_shard(conn, 0, "test") == 1
     # The plan is made here, while every table is empty (no such session: nothing is stored).
-    assert (await store.append_messages(conn, 1, _messages(["nobody"])))  # answered, as not taken
+    assert (await store.store_messages(conn, 1, _messages(["nobody"]), 3))  # answered, as not taken
     await conn.executemany(
         "INSERT INTO session.sessions (session_id, created_at, key_generation) VALUES ($1, 0, 1)",
         [(f"s{i}",) for i in range(3000)],
     )
     for start in range(0, 3000, 500):  # messages and their records, through the statement itself
-        await store.append_messages(conn, 2, _messages([f"s{i}" for i in range(start, start + 500)]))
+        await store.store_messages(conn, 2, _messages([f"s{i}" for i in range(start, start + 500)]), 3)
     before = await _seq_scans(conn)
 
     one = _messages(["s7"])
     many = _messages([f"s{i}" for i in range(100, 150)])
-    stored = await store.append_messages(conn, 3, one) | await store.append_messages(conn, 3, many)
-    again = await store.append_messages(conn, 4, one)  # the same request: found, not stored twice
+    stored = await store.store_messages(conn, 3, one, 3) | await store.store_messages(conn, 3, many, 3)
+    again = await store.store_messages(conn, 4, one, 3)  # the same request: found, not stored twice
 
     assert await _seq_scans(conn) == before
     assert all(row["seq"] == 2 and not row["stored_before"] for row in stored.values())

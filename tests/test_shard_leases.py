@@ -37,10 +37,10 @@ async def test_a_write_under_an_epoch_since_taken_stores_nothing(dsn):
         assert await store.take_shard(conn, 3, "a") == 1
         assert await store.take_shard(conn, 3, "b") == 2
         old, new = message(3, 1), message(3, 2)
-        rows = await store.append_messages(conn, 1, [old, new])  # one batch: the same worker retook it
+        rows = await store.store_messages(conn, 1, [old, new], 3)  # one batch: the same worker retook it
         assert rows[old[2]]["fenced"] and rows[old[2]]["seq"] is None
         assert not rows[new[2]]["fenced"] and rows[new[2]]["seq"] == 1
-        again = await store.append_messages(conn, 2, [old])  # not even found as stored before
+        again = await store.store_messages(conn, 2, [old], 3)  # not even found as stored before
         assert again[old[2]]["fenced"] and not again[old[2]]["stored_before"]
         assert await stored(conn) == 1
         async with conn.transaction():
@@ -64,7 +64,7 @@ async def test_a_take_waits_for_the_old_owners_write_and_later_ones_are_fenced(d
         assert await asyncio.wait_for(taking, 5) == 2
         assert await new_owner.fetchval("SELECT message_seq FROM session.sessions") == 41  # landed first
         late = message(0, 1)
-        assert (await store.append_messages(old_owner, 1, [late]))[late[2]]["fenced"]
+        assert (await store.store_messages(old_owner, 1, [late], 3))[late[2]]["fenced"]
         assert await stored(new_owner) == 0
     finally:
         await old_owner.close()
@@ -90,6 +90,9 @@ async def test_a_take_ends_a_transaction_that_holds_the_shard_too_long(dsn):
         await new_owner.close()
 
 
+LEASES = -2  # the migrations before the leases' (the last one added message requests)
+
+
 async def test_the_lease_migration_upgrades_a_database_holding_messages():
     """From the schema before it, with messages stored: they stay, the new statement stores
     after them, and the previous version's statement still works for workers not yet
@@ -97,7 +100,7 @@ async def test_the_lease_migration_upgrades_a_database_holding_messages():
     name, dsn = await new_database("aodm_test_upgrade")
     pool = await db.connect(dsn, size=2)
     try:
-        await db.migrate(pool, store.SCHEMA, store.MIGRATIONS[:-1])
+        await db.migrate(pool, store.SCHEMA, store.MIGRATIONS[:LEASES])
         await pool.execute("INSERT INTO session.sessions (session_id, created_at, key_generation) VALUES ('s', 0, 1)")
         previous = "SELECT * FROM session.append_messages($1, $2, $3, $4, $5, $6, $7, $8)"
         before = [message(0, 0)[:7] for _ in range(3)]
@@ -105,11 +108,11 @@ async def test_the_lease_migration_upgrades_a_database_holding_messages():
         await db.migrate(pool, store.SCHEMA, store.MIGRATIONS)
         async with pool.acquire() as conn:
             epoch = await store.take_shard(conn, 0, "new")
-            rows = await store.append_messages(conn, 2, [message(0, epoch)])
+            rows = await store.store_messages(conn, 2, [message(0, epoch)], 3)
             assert [row["seq"] for row in rows.values()] == [4]
             assert [r["seq"] for r in await conn.fetch(previous, 3, *map(list, zip(message(1, 1)[:7])))] == [5]
             assert await stored(conn) == 5
-            assert (await store.append_messages(conn, 4, [before[0][:7] + (0, epoch)]))[before[0][2]]["stored_before"]
+            assert (await store.store_messages(conn, 4, [before[0][:7] + (0, epoch)], 3))[before[0][2]]["stored_before"]
     finally:
         await pool.close()
         await drop_database(name)

@@ -20,7 +20,7 @@ from shared.registry_api import (
     check_handle,
 )
 from shared.service import Context
-from shared.session_api import Member, Spawn
+from shared.session_api import Member, Spawn, consent_state
 
 from services.registry import store
 from services.registry.limits import HOUR_MS, RegistryLimits, within
@@ -51,24 +51,35 @@ async def establish_session(ctx: Context, req: EstablishSession, limits: Registr
     members = [Member(r["handle"], b64encode(r["sign_key"]), b64encode(r["box_key"])) for r in (me_row, peer_row)]
     # Spawn goes straight into the session's shard ahead of anything a client can send it.
     # A repeat spawns again (a no-op for the worker): should the first call have died after
-    # its commit but before publishing, the session still comes to exist.
-    ctx.emit(topology.SESSIONS, session_id, Spawn(session_id, members))
+    # its commit but before publishing, the session still comes to exist, as a request
+    # from the member that opened it.
+    opener = ctx.caller if created else await store.opener_of(ctx.conn, session_id)
+    ctx.emit(topology.SESSIONS, session_id, Spawn(session_id, members, opened_by=opener))
     if not created:
         return Established(session_id, created=False)
-    ctx.notify(SessionEstablished, [ctx.caller], session_id=session_id, peer=peer)
-    ctx.notify(SessionEstablished, [peer], session_id=session_id, peer=ctx.caller)
+    # The peer's one notification for the request (none for the messages it holds).
+    ctx.notify(SessionEstablished, [ctx.caller], session_id=session_id, peer=peer, state="outgoing")
+    ctx.notify(SessionEstablished, [peer], session_id=session_id, peer=ctx.caller, state="incoming")
     return Established(session_id, created=True)
 
 
 async def get_chat_list(ctx: Context, req: GetChatList) -> ChatList:
     rows = await store.chats_of(ctx.conn, ctx.caller)
-    return ChatList([Chat(r["session_id"], r["peer"], r["created_at"], r["last_activity"]) for r in rows])
+    return ChatList([
+        Chat(r["session_id"], r["peer"], r["created_at"], r["last_activity"],
+             consent_state(ctx.caller, r["pending_for"], r["blocked_by"]))
+        for r in rows
+    ])
 
 
 activity_decoder = msgspec.json.Decoder(ActivityReport)
 
 
 async def record_activity(pool, body: bytes) -> None:
-    """Internal feed from the session workers; last activity only moves forward."""
+    """Internal feed from the session workers; last activity only moves forward, and so
+    does each session's consent version."""
     report = activity_decoder.decode(body)
-    await store.touch_sessions(pool, [(a.session_id, a.at) for a in report.sessions])
+    if report.sessions:
+        await store.touch_sessions(pool, [(a.session_id, a.at) for a in report.sessions])
+    if report.consent:
+        await store.set_consent(pool, [(c.session_id, c.pending_for, c.blocked_by, c.version) for c in report.consent])

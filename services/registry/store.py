@@ -44,6 +44,15 @@ MIGRATIONS = [
     CREATE INDEX sessions_opened ON registry.sessions (opened_by, created_at) WHERE opened_by IS NOT NULL;
     CREATE INDEX handles_by_sign_key_and_time ON registry.handles (sign_key, created_at);
     """,
+    # Each session's consent as the chat lists show it: a copy of the session worker's
+    # (its one writer), kept at the highest consent_version reported. A new session is a
+    # request to the member that did not open it; sessions from before are accepted.
+    """
+    ALTER TABLE registry.sessions
+        ADD COLUMN pending_for text COLLATE "C",
+        ADD COLUMN blocked_by text[] NOT NULL DEFAULT '{}',
+        ADD COLUMN consent_version int NOT NULL DEFAULT 0;
+    """,
 ]
 
 
@@ -86,13 +95,19 @@ async def session_of(conn: asyncpg.Connection, a: str, b: str) -> str | None:
     )
 
 
+async def opener_of(conn: asyncpg.Connection, session_id: str) -> str | None:
+    """Who opened the session (None: it was opened before the registry recorded it)."""
+    return await conn.fetchval("SELECT opened_by FROM registry.sessions WHERE session_id = $1", session_id)
+
+
 async def insert_session(conn: asyncpg.Connection, session_id: str, opener: str, peer: str, at: int) -> bool:
     """Exactly one session per pair: the unique (lo, hi) key settles concurrent inserts."""
     return bool(
         await conn.fetchval(
-            """INSERT INTO registry.sessions (session_id, handle_lo, handle_hi, created_at, last_activity, opened_by)
-               VALUES ($1, $2, $3, $4, $4, $5) ON CONFLICT (handle_lo, handle_hi) DO NOTHING RETURNING true""",
-            session_id, *_pair(opener, peer), at, opener,
+            """INSERT INTO registry.sessions (session_id, handle_lo, handle_hi, created_at, last_activity, opened_by,
+                                                pending_for)
+               VALUES ($1, $2, $3, $4, $4, $5, $6) ON CONFLICT (handle_lo, handle_hi) DO NOTHING RETURNING true""",
+            session_id, *_pair(opener, peer), at, opener, peer,
         )
     )
 
@@ -118,7 +133,7 @@ async def registered_since(conn: asyncpg.Connection, sign_key: bytes, since: int
 async def chats_of(conn: asyncpg.Connection, name: str) -> list[asyncpg.Record]:
     return await conn.fetch(
         """SELECT session_id, CASE WHEN handle_lo = $1 THEN handle_hi ELSE handle_lo END AS peer,
-                  created_at, last_activity
+                  created_at, last_activity, pending_for, blocked_by
            FROM registry.sessions WHERE handle_lo = $1 OR handle_hi = $1
            ORDER BY last_activity DESC, session_id""",
         name,
@@ -130,4 +145,14 @@ async def touch_sessions(conn: asyncpg.Connection | asyncpg.Pool, activity: list
         """UPDATE registry.sessions AS s SET last_activity = greatest(s.last_activity, a.at)
            FROM unnest($1::text[], $2::bigint[]) AS a(session_id, at) WHERE s.session_id = a.session_id""",
         [session_id for session_id, _ in activity], [at for _, at in activity],
+    )
+
+
+async def set_consent(conn: asyncpg.Connection | asyncpg.Pool, changes: list[tuple[str, str | None, list[str], int]]) -> None:
+    """(session_id, pending_for, blocked_by, version): each applied unless a later version is
+    already here (reports may arrive out of order or twice)."""
+    await conn.executemany(
+        """UPDATE registry.sessions SET pending_for = $2, blocked_by = $3, consent_version = $4
+           WHERE session_id = $1 AND consent_version < $4""",
+        changes,
     )

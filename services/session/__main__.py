@@ -9,10 +9,19 @@ from shared import db, runtime, topology
 from shared.config import Settings
 from shared.logs import log
 from shared.service import Action, Processor
-from shared.session_api import GetCurrentKey, GetKeyByGeneration, QueryMessage, RotateSessionKey, SendMessage
+from shared.session_api import (
+    Accept,
+    Block,
+    GetCurrentKey,
+    GetKeyByGeneration,
+    QueryMessage,
+    RotateSessionKey,
+    SendMessage,
+    Unblock,
+)
 from shared.transport import Delivery
 
-from services.session import keys, members, messages, store
+from services.session import consent, keys, members, messages, store
 from services.session.activity import ActivityFeed
 from services.session.batches import Combiner
 from services.session.limits import SendLimits
@@ -26,6 +35,9 @@ ACTIONS = {
     "GetKeyByGeneration": Action(GetKeyByGeneration, keys.get_key_by_generation, "dryrun"),
     "SendMessage": Action(SendMessage, messages.send_messages, "send", batched=True, own_record=True),
     "QueryMessage": Action(QueryMessage, messages.query_message, "dryrun"),
+    "Accept": Action(Accept, consent.accept, "send"),
+    "Block": Action(Block, consent.block, "send"),
+    "Unblock": Action(Unblock, consent.unblock, "send"),
 }
 
 
@@ -38,7 +50,8 @@ def actions(limits: SendLimits) -> dict[str, Action]:
 async def start(rt: runtime.Runtime) -> None:
     directory = members.MemberDirectory()
     feed = ActivityFeed(rt.bus)
-    limits = SendLimits.per_second(rt.settings.send_rate, rt.settings.send_session_rate)
+    limits = SendLimits.per_second(rt.settings.send_rate, rt.settings.send_session_rate,
+                                   request_messages=rt.settings.request_messages)
     processor = Processor(
         name="session", schema=store.SCHEMA, pool=rt.pool, read_pool=rt.read_pool, bus=rt.bus, actions=actions(limits),
         authenticate=directory.authenticate,

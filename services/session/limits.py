@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from shared.errors import RateLimited
 
+REQUEST_MESSAGES = 3  # messages a message request holds until it is accepted (consent.py)
 MAX_KEYS = 100_000  # buckets kept; the least recently used is dropped (it is as good as full)
 
 
@@ -44,11 +45,14 @@ class Buckets:
 class SendLimits:
     per_sender: Buckets
     per_session: Buckets
+    request_messages: int = REQUEST_MESSAGES
 
     @classmethod
-    def per_second(cls, sender: int, session: int, clock: Callable[[], float] = time.monotonic) -> "SendLimits":
+    def per_second(
+        cls, sender: int, session: int, clock: Callable[[], float] = time.monotonic, request_messages: int = REQUEST_MESSAGES
+    ) -> "SendLimits":
         """Bursts of ten seconds' worth."""
-        return cls(Buckets(sender, 10 * sender, clock), Buckets(session, 10 * session, clock))
+        return cls(Buckets(sender, 10 * sender, clock), Buckets(session, 10 * session, clock), request_messages)
 
     def take(self, sender: str, session: str) -> RateLimited | None:
         """Take one message's tokens, or say how long to wait (nothing is taken then)."""

@@ -73,5 +73,10 @@ async def spawn(pool: asyncpg.Pool, body: bytes) -> None:
     members = [(m.handle, b64decode(m.sign_key, length=32), b64decode(m.box_key, length=32)) for m in message.members]
     if len(members) != 2:
         raise msgspec.ValidationError("a session has exactly two members")
+    handles = [m.handle for m in message.members]
+    if message.opened_by is not None and message.opened_by not in handles:
+        raise msgspec.ValidationError("a session is opened by one of its members")
+    # A request to the member that did not open it (None: accepted from the start).
+    pending_for = next((h for h in handles if h != message.opened_by), None) if message.opened_by else None
     async with pool.acquire() as conn:
-        await store.create_session(conn, message.session_id, now_ms(), members)
+        await store.create_session(conn, message.session_id, now_ms(), members, pending_for)

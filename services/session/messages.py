@@ -9,7 +9,8 @@ from shared.service import FENCED, Context
 from shared.session_api import MAX_PAGE, MAX_PAGE_BYTES, MessagePage, QueryMessage, SendMessage, Sent, StoredMessage
 
 from services.session import store
-from services.session.limits import SendLimits
+from services.session.consent import refusal, report
+from services.session.limits import REQUEST_MESSAGES, SendLimits
 from services.session.members import Members
 
 MIN_CONTENT_BYTES = 24 + 16  # SecretBox nonce + MAC: anything shorter cannot be a message
@@ -57,7 +58,8 @@ async def send_messages(
         batch.append((ctx.envelope.target, req.generation, ctx.envelope.id, ctx.caller, members.sign_keys[ctx.caller],
                       content, ctx.stale is None, shard, epoch))
         results.append(None)
-    stored = await store.append_messages(ctxs[0].conn, max(ctx.now for ctx in ctxs), batch) if batch else {}
+    request_messages = limits.request_messages if limits is not None else REQUEST_MESSAGES
+    stored = await store.store_messages(ctxs[0].conn, max(ctx.now for ctx in ctxs), batch, request_messages) if batch else {}
     for i, (ctx, req) in enumerate(zip(ctxs, reqs)):
         if results[i] is not None:
             continue
@@ -67,18 +69,24 @@ async def send_messages(
             results[i] = FENCED
         elif row["seq"] is not None:
             results[i] = _sent(ctx, req, row)
+        elif row["refused"] is not None:
+            results[i] = refusal(row["refused"])
         else:
             results[i] = ctx.stale or _refused(req.generation, row["current"])
     return results
 
 
 def _sent(ctx: Context, req: SendMessage, row) -> Sent:
-    """Notify the other member (the notification carries the ciphertext) and answer."""
+    """Notify the other member (the notification carries the ciphertext; none for a
+    request's messages, see consent.py) and answer. A send that accepted a request tells
+    the registry."""
     members: Members = ctx.scope
     session_id = ctx.envelope.target
+    if row["accepted"]:
+        report(ctx, session_id, None, [], row["consent_version"])
     ctx.notify(
         NewMessage,
-        [members.other(ctx.caller)],
+        [] if row["quiet"] else [members.other(ctx.caller)],
         at=row["ts"],  # the same whenever it is (re)published
         session_id=session_id,
         message_id=ctx.envelope.id,

@@ -217,15 +217,121 @@ MIGRATIONS = [
              LEFT JOIN stored AS s ON s.message_id = b.message_id;
     END $fn$;
     """,
+    # Message requests: a session opened by one member is a request to the other
+    # (pending_for) until it accepts, by Accept or by sending; until then the opener may
+    # store only a few messages (pending_sent counts them). A member that blocks the other
+    # is in blocked_by. consent_version counts the changes (the registry's chat lists keep
+    # the latest). Sessions from before are accepted. The send statement becomes
+    # store_messages, which also applies consent; append_messages stays for workers of the
+    # previous version until they are replaced.
+    """
+    ALTER TABLE session.sessions
+        ADD COLUMN pending_for text,
+        ADD COLUMN blocked_by text[] NOT NULL DEFAULT '{}',
+        ADD COLUMN pending_sent int NOT NULL DEFAULT 0,
+        ADD COLUMN consent_version int NOT NULL DEFAULT 0;
+    CREATE FUNCTION session.store_messages(
+        now bigint, session_ids text[], generations int[], message_ids text[], senders text[],
+        sender_keys bytea[], contents bytea[], fresh bool[], shards int[], epochs bigint[], request_messages int
+    ) RETURNS TABLE (message_id text, stored_before bool, current int, seq bigint, ts bigint, generation int,
+                     fenced bool, refused text, quiet bool, accepted bool, consent_version int)
+    LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $fn$
+    #variable_conflict use_column
+    BEGIN
+        -- As append_messages, and a message is taken only if the session's consent lets its
+        -- sender send: accepted; or the sender is the member a request waits for (its send
+        -- accepts the request, for the messages after it in the batch too); or the opener
+        -- of a pending request with fewer than request_messages stored. `refused` says why
+        -- not (not_accepted, you_blocked); `quiet`: the recipient gets no notification (a
+        -- request's messages after its first).
+        PERFORM * FROM session.lost_leases(shards, epochs);  -- the leases, held until the commit
+        RETURN QUERY
+        WITH batch AS (
+            SELECT b.*, coalesce(l.epoch <> b.epoch, false) AS fenced
+            FROM unnest(session_ids, generations, message_ids, senders, sender_keys, contents, fresh, shards, epochs)
+                WITH ORDINALITY AS b(session_id, generation, message_id, sender, sender_key, content, fresh, shard, epoch, position)
+            LEFT JOIN session.shard_leases AS l ON l.shard = b.shard
+        ), earlier AS (
+            SELECT r.id AS message_id, m.seq, m.ts, m.generation
+            FROM session.requests AS r JOIN session.messages AS m ON m.session_id = r.session_id AND m.seq = r.seq
+            WHERE r.id = ANY(message_ids)
+        ), current AS (
+            SELECT s.session_id, s.key_generation, s.pending_for, s.blocked_by, s.pending_sent
+            FROM session.sessions AS s WHERE s.session_id = ANY(session_ids)
+        ), storable AS (
+            SELECT b.*, c.pending_for, c.blocked_by, c.pending_sent,
+                   coalesce(b.sender = c.pending_for, false) AS accepts
+            FROM batch AS b JOIN current AS c USING (session_id)
+            WHERE b.fresh AND NOT b.fenced AND b.message_id NOT IN (SELECT e.message_id FROM earlier AS e)
+              AND c.key_generation >= 1 AND (b.generation IS NULL OR b.generation BETWEEN 1 AND c.key_generation)
+        ), ordered AS (
+            SELECT s.*,
+                   coalesce(bool_or(s.accepts) OVER (PARTITION BY s.session_id ORDER BY s.position
+                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), false) AS accepted_before,
+                   count(*) FILTER (WHERE s.pending_for IS NOT NULL AND NOT s.accepts)
+                       OVER (PARTITION BY s.session_id ORDER BY s.position ROWS UNBOUNDED PRECEDING) AS asked
+            FROM storable AS s
+        ), judged AS (
+            SELECT o.*, CASE
+                WHEN cardinality(o.blocked_by) > 0 THEN NULL
+                WHEN o.pending_for IS NULL OR o.accepts OR o.accepted_before THEN true
+                ELSE o.pending_sent + o.asked <= request_messages
+            END AS allowed
+            FROM ordered AS o
+        ), accepted AS (
+            SELECT j.* FROM judged AS j WHERE j.allowed
+        ), counts AS (
+            SELECT a.session_id, count(*) AS n, bool_or(a.accepts) AS accepts,
+                   count(*) FILTER (WHERE a.pending_for IS NOT NULL AND NOT a.accepts AND NOT a.accepted_before) AS asked
+            FROM accepted AS a GROUP BY a.session_id
+        ), advanced AS (
+            UPDATE session.sessions AS s
+            SET message_seq = s.message_seq + c.n, last_timestamp = greatest(s.last_timestamp, now),
+                pending_sent = s.pending_sent + c.asked,
+                pending_for = CASE WHEN c.accepts THEN NULL ELSE s.pending_for END,
+                consent_version = s.consent_version + c.accepts::int
+            FROM counts AS c WHERE s.session_id = c.session_id
+            RETURNING s.session_id, s.message_seq - c.n AS base, s.last_timestamp, s.key_generation, s.consent_version
+        ), stored AS (
+            INSERT INTO session.messages (session_id, seq, message_id, sender, sender_key, generation, ts, content)
+            SELECT a.session_id, v.base + row_number() OVER (PARTITION BY a.session_id ORDER BY a.position),
+                   a.message_id, a.sender, a.sender_key, coalesce(a.generation, v.key_generation), v.last_timestamp, a.content
+            FROM accepted AS a JOIN advanced AS v USING (session_id)
+            RETURNING session_id, message_id, seq, ts, generation
+        ), recorded AS (
+            INSERT INTO session.requests (id, session_id, seq) SELECT s.message_id, s.session_id, s.seq FROM stored AS s
+        )
+        SELECT b.message_id, e.message_id IS NOT NULL AND NOT b.fenced, coalesce(c.key_generation, 0),
+               coalesce(e.seq, s.seq), coalesce(e.ts, s.ts), coalesce(e.generation, s.generation), b.fenced,
+               CASE WHEN j.allowed IS NOT TRUE AND j.message_id IS NOT NULL THEN
+                   CASE WHEN b.sender = ANY(j.blocked_by) THEN 'you_blocked' ELSE 'not_accepted' END END,
+               -- A request's first message is notified (with the session and its first key,
+               -- what the recipient needs to read the request), the rest are not. Stored
+               -- before: judged by the consent now (the opener's messages are seq 1, 2, ...).
+               CASE WHEN j.message_id IS NOT NULL
+                   THEN j.pending_for IS NOT NULL AND NOT j.accepts AND NOT j.accepted_before AND j.pending_sent + j.asked > 1
+                   ELSE coalesce((c.pending_for IS NOT NULL AND c.pending_for IS DISTINCT FROM b.sender AND e.seq > 1)
+                                 OR cardinality(c.blocked_by) > 0, false) END,
+               coalesce(j.accepts AND s.seq IS NOT NULL, false), v.consent_version
+        FROM batch AS b LEFT JOIN current AS c USING (session_id)
+             LEFT JOIN earlier AS e ON e.message_id = b.message_id AND NOT b.fenced
+             LEFT JOIN stored AS s ON s.message_id = b.message_id
+             LEFT JOIN judged AS j ON j.message_id = b.message_id
+             LEFT JOIN advanced AS v ON v.session_id = b.session_id;
+    END $fn$;
+    """,
 ]
 
 
-async def create_session(conn: asyncpg.Connection, session_id: str, at: int, members: list[tuple[str, bytes, bytes]]) -> None:
+async def create_session(
+    conn: asyncpg.Connection, session_id: str, at: int, members: list[tuple[str, bytes, bytes]], pending_for: str | None
+) -> None:
     """Idempotent: a repeated Spawn changes nothing, and never adds members to a session."""
     async with conn.transaction():
         created = await conn.fetchval(
-            "INSERT INTO session.sessions (session_id, created_at) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING true",
-            session_id, at,
+            """INSERT INTO session.sessions (session_id, created_at, pending_for) VALUES ($1, $2, $3)
+               ON CONFLICT DO NOTHING RETURNING true""",
+            session_id, at, pending_for,
         )
         if not created:
             return
@@ -242,11 +348,44 @@ async def members(conn: asyncpg.Connection, session_id: str) -> list[asyncpg.Rec
     )
 
 
-async def next_generation(conn: asyncpg.Connection, session_id: str) -> int:
-    """The row lock serialises rotations of one session: generations stay consecutive."""
+async def next_generation(conn: asyncpg.Connection, session_id: str, caller: str, request_generations: int) -> int | None:
+    """The row lock serialises rotations of one session: generations stay consecutive.
+    None: the session's consent does not let the caller rotate (a blocked session, or the
+    opener of a request that already has `request_generations`)."""
     return await conn.fetchval(
-        "UPDATE session.sessions SET key_generation = key_generation + 1 WHERE session_id = $1 RETURNING key_generation",
-        session_id,
+        """UPDATE session.sessions SET key_generation = key_generation + 1
+           WHERE session_id = $1 AND cardinality(blocked_by) = 0
+             AND (pending_for IS NULL OR pending_for = $2 OR key_generation < $3)
+           RETURNING key_generation""",
+        session_id, caller, request_generations,
+    )
+
+
+async def consent(conn: asyncpg.Connection, session_id: str) -> asyncpg.Record:
+    return await conn.fetchrow(
+        "SELECT pending_for, blocked_by, consent_version FROM session.sessions WHERE session_id = $1", session_id
+    )
+
+
+# Each consent change moves consent_version on; a request that changes nothing leaves it.
+_CONSENT_CHANGES = {
+    "accept": """UPDATE session.sessions
+        SET pending_for = nullif(pending_for, $2), blocked_by = array_remove(blocked_by, $2),
+            consent_version = consent_version + 1
+        WHERE session_id = $1 AND (pending_for = $2 OR $2 = ANY(blocked_by))""",
+    "block": """UPDATE session.sessions
+        SET pending_for = nullif(pending_for, $2), blocked_by = blocked_by || $2, consent_version = consent_version + 1
+        WHERE session_id = $1 AND NOT $2 = ANY(blocked_by)""",
+    "unblock": """UPDATE session.sessions
+        SET blocked_by = array_remove(blocked_by, $2), consent_version = consent_version + 1
+        WHERE session_id = $1 AND $2 = ANY(blocked_by)""",
+}
+
+
+async def change_consent(conn: asyncpg.Connection, session_id: str, caller: str, change: str) -> asyncpg.Record | None:
+    """The session's consent after `change` by `caller`; None when it changed nothing."""
+    return await conn.fetchrow(
+        _CONSENT_CHANGES[change] + " RETURNING pending_for, blocked_by, consent_version", session_id, caller
     )
 
 
@@ -272,16 +411,19 @@ async def key_batch(conn: asyncpg.Connection, session_id: str, generation: int) 
     )
 
 
-async def append_messages(
+async def store_messages(
     conn: asyncpg.Connection, now: int,
     messages: list[tuple[str, int | None, str, str, bytes, bytes, bool, int | None, int | None]],
+    request_messages: int,
 ) -> dict[str, asyncpg.Record]:
     """Store a batch of (session_id, generation, message_id, sender, sender_key, content,
-    fresh, shard, epoch) in one statement (session.append_messages, above), atomic without
+    fresh, shard, epoch) in one statement (session.store_messages, above), atomic without
     a transaction around it. By message_id: `stored_before`, the `current` generation, seq,
-    ts and generation of the stored message (NULL when it was not taken), and `fenced`."""
+    ts and generation of the stored message (NULL when it was not taken), `fenced`, and
+    the consent's say: `refused`, `quiet`, `accepted` (with the `consent_version` then)."""
     rows = await conn.fetch(
-        "SELECT * FROM session.append_messages($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)", now, *map(list, zip(*messages))
+        "SELECT * FROM session.store_messages($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        now, *map(list, zip(*messages)), request_messages,
     )
     return {row["message_id"]: row for row in rows}
 
