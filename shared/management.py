@@ -38,7 +38,11 @@ class ManagementApi:
     def get(self, *path: str) -> object:
         return json.loads(self._call("GET", path, None) or b"null")
 
-    def _call(self, method: str, path: tuple[str, ...], body: dict | None) -> bytes:
+    def delete(self, *path: str) -> None:
+        """A missing object is not an error: it is deleted already."""
+        self._call("DELETE", path, None, missing_ok=True)
+
+    def _call(self, method: str, path: tuple[str, ...], body: dict | None, missing_ok: bool = False) -> bytes:
         where = "/" + "/".join(urllib.parse.quote(part, safe="") for part in path)  # a vhost may be "/"
         request = urllib.request.Request(
             self._base + where, method=method, data=None if body is None else json.dumps(body).encode()
@@ -49,6 +53,8 @@ class ManagementApi:
             with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
                 return response.read()
         except urllib.error.HTTPError as exc:
+            if missing_ok and exc.code == 404:
+                return b""
             detail = exc.read()[:200].decode(errors="replace")
             raise ManagementUnavailable(f"{method} {where}: HTTP {exc.code} {detail}") from None
         except (OSError, ValueError) as exc:  # refused, unreachable, timed out, bad URL

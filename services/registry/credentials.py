@@ -19,12 +19,8 @@ retries like a database outage, so the request waits for the API.
 """
 
 import asyncio
-import base64
-import json
 import secrets
-import urllib.error
-import urllib.parse
-import urllib.request
+from collections.abc import Callable
 
 from nacl.public import PublicKey, SealedBox
 
@@ -32,20 +28,13 @@ from shared.config import Settings
 from shared.db import DependencyUnavailable
 from shared.encoding import b64encode
 from shared.logs import log
+from shared.management import ManagementApi, ManagementUnavailable, vhost_of
 from shared.topology import REQUESTS, inbox_queue
 from shared.transport import url_user
-
-HTTP_TIMEOUT_S = 3.0  # two calls per issue, well inside the request loop's handler timeout (10 s)
 
 
 class BrokerAdminUnavailable(DependencyUnavailable):
     """The management API did not do what was asked: retried, never the request's fault."""
-
-
-def vhost_of(amqp_url: str) -> str:
-    """The vhost of an AMQP URL: its path, percent-decoded; "/" when the path is empty."""
-    path = urllib.parse.urlsplit(amqp_url).path
-    return urllib.parse.unquote(path[1:]) if len(path) > 1 else "/"
 
 
 def _exact(name: str) -> str:
@@ -72,14 +61,7 @@ class Issuer:
 
     def __init__(self, admin_url: str, vhost: str, prefix: str, reserved: set[str],
                  limits: dict[str, int] | None = None) -> None:
-        parts = urllib.parse.urlsplit(admin_url)
-        self._base = urllib.parse.urlunsplit(
-            (parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""), parts.path.rstrip("/"), "", "")
-        )
-        if not self._base.endswith("/api"):
-            self._base += "/api"
-        user, password = urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password or "")
-        self._auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        self._api = ManagementApi(admin_url)  # calls block: each runs in a thread
         self.vhost = vhost
         self.prefix = prefix
         self._reserved = reserved  # names that must never be reissued (the services' own user)
@@ -112,29 +94,22 @@ class Issuer:
         return user, password
 
     def _issue(self, user: str, password: str, permissions: dict[str, str]) -> None:
-        name = urllib.parse.quote(user, safe="")
-        self._call("PUT", f"/users/{name}", {"password": password, "tags": ""})
-        self._call("PUT", f"/permissions/{urllib.parse.quote(self.vhost, safe='')}/{name}", permissions)
+        _unavailable_as_dependency(lambda: self._put_user(user, password, permissions))
+
+    def _put_user(self, user: str, password: str, permissions: dict[str, str]) -> None:
+        self._api.put("users", user, body={"password": password, "tags": ""})
+        self._api.put("permissions", self.vhost, user, body=permissions)
         for limit, value in self.limits.items():
-            self._call("PUT", f"/user-limits/{name}/{limit}", {"value": value})
+            self._api.put("user-limits", user, limit, body={"value": value})
 
     async def delete(self, user: str) -> None:
         """For operators and tests; a missing user is not an error."""
-        await asyncio.to_thread(self._call, "DELETE", f"/users/{urllib.parse.quote(user, safe='')}", None, {404})
+        await asyncio.to_thread(_unavailable_as_dependency, lambda: self._api.delete("users", user))
 
-    def _call(self, method: str, path: str, body: dict | None, ok: set[int] = frozenset()) -> None:
-        request = urllib.request.Request(
-            self._base + path, method=method, data=None if body is None else json.dumps(body).encode()
-        )
-        request.add_header("Authorization", self._auth)
-        request.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
-                response.read()
-        except urllib.error.HTTPError as exc:
-            if exc.code in ok:
-                return
-            detail = exc.read()[:200].decode(errors="replace")
-            raise BrokerAdminUnavailable(f"management API {method} {path}: HTTP {exc.code} {detail}") from None
-        except (OSError, ValueError) as exc:  # refused, unreachable, timed out, bad URL
-            raise BrokerAdminUnavailable(f"management API {method} {path}: {exc}") from None
+
+def _unavailable_as_dependency(call: Callable[[], None]) -> None:
+    """The request loop retries a dependency's outage; the API's failure is never the request's."""
+    try:
+        call()
+    except ManagementUnavailable as exc:
+        raise BrokerAdminUnavailable(f"management API {exc}") from None
