@@ -28,6 +28,7 @@ import { randomBytes } from 'node:crypto';
 import { createInterface } from 'node:readline';
 import { parseArgs } from 'node:util';
 import { ready, Client, Identity, NotAccepted, Forbidden } from './aodm.mjs';
+import { emit, run } from './script.mjs';
 
 const { values: args } = parseArgs({
   options: {
@@ -37,7 +38,6 @@ const { values: args } = parseArgs({
   },
 });
 const url = process.env.AODM_AMQP_URL ?? 'amqp://guest:guest@127.0.0.1:5672/';
-const emit = (event, fields) => process.stdout.write(`${JSON.stringify({ event, ...fields })}\n`);
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const stdinLines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
 
@@ -131,18 +131,4 @@ async function main() {
   }
 }
 
-const watchdog = setTimeout(() => {
-  emit('error', { error: `timed out after ${args.timeout}s`, code: 'timeout' });
-  process.exit(1);
-}, Number(args.timeout) * 1000);
-
-main().then(
-  () => {
-    clearTimeout(watchdog);
-    process.exit(0);
-  },
-  (error) => {
-    emit('error', { error: String(error?.stack ?? error), code: error?.code ?? null });
-    process.exit(1);
-  },
-);
+run(main, args.timeout);

@@ -23,6 +23,7 @@ import {
   ready, Client, Identity, AlreadyExists, NotFound, newSessionKey, sealSessionKey, openSessionKey,
   encrypt, decrypt, brokerUrl,
 } from './aodm.mjs';
+import { emit, run } from './script.mjs';
 
 const { values: args } = parseArgs({
   options: {
@@ -34,7 +35,6 @@ const { values: args } = parseArgs({
   },
 });
 const url = process.env.AODM_AMQP_URL ?? 'amqp://guest:guest@127.0.0.1:5672/';
-const emit = (event, fields) => process.stdout.write(`${JSON.stringify({ event, ...fields })}\n`);
 const log = (...parts) => process.stderr.write(`seed.mjs: ${parts.join(' ')}\n`);
 const check = (ok, what) => {
   if (!ok) throw new Error(`check failed: ${what}`);
@@ -132,18 +132,4 @@ async function main() {
   }
 }
 
-const watchdog = setTimeout(() => {
-  emit('error', { error: `timed out after ${args.timeout}s`, code: 'timeout' });
-  process.exit(1);
-}, Number(args.timeout) * 1000);
-
-main().then(
-  () => {
-    clearTimeout(watchdog);
-    process.exit(0);
-  },
-  (error) => {
-    emit('error', { error: String(error?.stack ?? error), code: error?.code ?? null });
-    process.exit(1);
-  },
-);
+run(main, args.timeout);
