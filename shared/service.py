@@ -520,7 +520,13 @@ class Processor:
             stale = exc
         try:
             caller, scope = await self.authenticate(conn, env, outcome.action)
-        except (AodmError, *DatabaseUnavailable):
+        except AodmError:
+            # What authentication refuses was never stored (sessions, members and their keys
+            # never change), so such a request is new: stale first, as §7 orders the checks.
+            if stale is not None:
+                raise stale from None
+            raise
+        except DatabaseUnavailable:
             raise
         except Exception as exc:
             raise _RequestFailed(outcome, exc) from exc

@@ -703,3 +703,45 @@ async def test_the_inbox_drops_and_counts_what_is_no_notification(world):
     async with Inbox(world.bob.bus, world.bob.handle) as inbox:  # nothing came back
         with pytest.raises(TimeoutError):
             await inbox.next(timeout=1)
+
+
+# -- the order of the checks (protocol §7) ----------------------------------------------
+
+SESSION_DATA = {
+    "SendMessage": lambda: _encoder.encode(SendMessage(crypto.encrypt(crypto.new_session_key(), "late"), 1)).decode(),
+    "QueryMessage": lambda: "{}",
+    "GetCurrentKey": lambda: "{}",
+    "GetKeyByGeneration": lambda: '{"Generation":1}',
+    "RotateSessionKey": lambda: '{"Keys":[]}',
+    "Accept": lambda: "{}",
+    "Block": lambda: "{}",
+    "Unblock": lambda: "{}",
+}
+
+
+@pytest.mark.parametrize("action", sorted(SESSION_DATA))
+@pytest.mark.parametrize("refusal", ["no_such_session", "not_a_member", "not_the_owner"])
+async def test_a_stale_request_is_stale_before_it_is_authenticated(world, make_client, action, refusal):
+    """§7: the timestamp (step 8) before authentication (step 9), for every action. A stale
+    new request that authentication would also refuse is answered `stale_request`: it cannot
+    have been stored before (SendMessage looks that up first), so nothing else applies."""
+    mallory = await make_client("mallory")
+    target, signer, from_ = {
+        "no_such_session": (b64encode(secrets.token_bytes(32)), world.alice.identity.signing_key, world.alice.handle),
+        "not_a_member": (world.session, mallory.identity.signing_key, mallory.handle),
+        "not_the_owner": (world.session, mallory.identity.signing_key, world.bob.handle),
+    }[refusal]
+    env = forge(signer, target=target, from_=from_, tags=[Tag("Action", action)], data=SESSION_DATA[action](),
+                timestamp=envelope.now_ms() - HOUR_MS)
+    reply = await call(world.alice, target, body(env))
+    assert isinstance(reply, Err) and reply.code == "stale_request", reply
+    fresh = forge(signer, target=target, from_=from_, tags=[Tag("Action", action)], data=SESSION_DATA[action]())
+    reply = await call(world.alice, target, body(fresh))  # the control: fresh, it is refused for who sent it
+    assert isinstance(reply, Err) and reply.code in {"not_found", "forbidden", "unauthorized"}, reply
+
+
+async def test_a_stale_request_from_no_handle_is_stale_in_the_registry(world):
+    env = forge(world.alice.identity.signing_key, target=REGISTRY_TARGET, from_="nobody-registered-this",
+                tags=[Tag("Action", "GetChatList")], data="{}", timestamp=envelope.now_ms() - HOUR_MS)
+    reply = await call(world.alice, REGISTRY_TARGET, body(env))
+    assert isinstance(reply, Err) and reply.code == "stale_request", reply
