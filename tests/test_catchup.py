@@ -23,7 +23,8 @@ def note(seq: int, ts: int | None = None, session: str = SESSION) -> NewMessage:
 
 class FakeSession:
     """QueryMessage over a list, as the service pages it: From/Until inclusive, by Seq,
-    the cursor exclusive, NextCursor only when more follow. Counts its calls."""
+    the cursor exclusive and good for its Order only, NextCursor only when more follow.
+    Counts its calls."""
 
     def __init__(self, messages: list[StoredMessage]) -> None:
         self.messages = messages
@@ -36,12 +37,13 @@ class FakeSession:
         if order == "desc":
             rows.reverse()
         if cursor is not None:
-            after = tuple(int(x) for x in cursor.split("."))
+            assert cursor[0] == order[0], "a cursor passed with the other Order (the service refuses it)"
+            after = tuple(int(x) for x in cursor[1:].split("."))
             past = (lambda m: (m.timestamp, m.seq) < after) if order == "desc" else (lambda m: (m.timestamp, m.seq) > after)
             rows = [m for m in rows if past(m)]
         page = rows[:limit]
         more = len(rows) > limit
-        return MessagePage(page, f"{page[-1].timestamp}.{page[-1].seq}" if more else None)
+        return MessagePage(page, f"{order[0]}{page[-1].timestamp}.{page[-1].seq}" if more else None)
 
 
 async def collect(client, mark, before=None) -> list[int]:

@@ -650,7 +650,7 @@ def near_valid_data(m: Members, name: str, action: Action) -> st.SearchStrategy[
             "Until": st.one_of(st.none(), st.integers(0, 2**53), st.just(envelope.now_ms())),
             "Limit": st.one_of(st.integers(1, 3), st.sampled_from([0, -1, 500, 501])),
             "Order": st.sampled_from(["asc", "desc"]),
-            "Cursor": st.one_of(st.none(), st.from_regex(r"[0-9]{1,20}\.[0-9]{1,20}", fullmatch=True), strings),
+            "Cursor": st.one_of(st.none(), st.from_regex(r"[ad]?[0-9]{1,20}\.[0-9]{1,20}", fullmatch=True), strings),
         }),
     }[name]
     fields = {f.encode_name: f for f in msgspec.structs.fields(action.request)}

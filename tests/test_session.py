@@ -563,12 +563,28 @@ async def test_query_bad_order(keyed, order):
 
 @pytest.mark.parametrize(
     "cursor",
-    ["", "abc", "1", "1.", ".1", "1.2.3", "-1.5", "5.-1", "1.5e3", "0x10.1", "nan.nan", "9" * 5000 + ".1", f"{2**63}.1"],
+    ["", "abc", "1", "1.", ".1", "1.2.3", "-1.5", "5.-1", "1.5e3", "0x10.1", "nan.nan", "9" * 5000 + ".1", f"{2**63}.1",
+     "a", "a1", "a1.", "a.1", "A1.1", "x1.1", "aa1.1", "a-1.5", " a1.1", "a1.1 ", f"a{2**63}.1", f"a1.{2**63}",
+     # the form servers before issued (no Order in it): refused, not read for either order
+     "1700000000000.7", "1.1"],
 )
 async def test_query_bad_cursor(keyed, cursor):
     await send_many(keyed, 1)
     with pytest.raises(InvalidArgument):
         await keyed.alice.query_messages(keyed.session, cursor=cursor)
+
+
+@pytest.mark.parametrize("order, other", [("asc", "desc"), ("desc", "asc")])
+async def test_a_cursor_passed_back_with_the_other_order_is_refused(keyed, order, other):
+    """A NextCursor is good for the Order it was issued for; with the other one it would
+    page from the wrong end, so it is invalid_argument, never a page."""
+    await send_many(keyed, 5)
+    first = await keyed.alice.query_messages(keyed.session, limit=2, order=order)
+    assert first.next_cursor is not None
+    with pytest.raises(InvalidArgument, match="Order"):
+        await keyed.alice.query_messages(keyed.session, limit=2, order=other, cursor=first.next_cursor)
+    second = await keyed.alice.query_messages(keyed.session, limit=2, order=order, cursor=first.next_cursor)
+    assert len(second.messages) == 2 and not set(ids(first.messages)) & set(ids(second.messages))
 
 
 @pytest.mark.parametrize(

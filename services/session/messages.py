@@ -15,7 +15,11 @@ from services.session.members import Members
 
 MIN_CONTENT_BYTES = 24 + 16  # SecretBox nonce + MAC: anything shorter cannot be a message
 NO_BOUND = 2**62
-_CURSOR = re.compile(r"([0-9]{1,19})\.([0-9]{1,19})")  # "<timestamp>.<seq>", as issued
+# "<order><timestamp>.<seq>", as issued: the order it was issued for ("a" or "d") is part of
+# it, so a cursor passed back with the other Order is refused rather than read as the
+# wrong page. Servers before issued "<timestamp>.<seq>", which says neither: refused too.
+_CURSOR = re.compile(r"([ad])([0-9]{1,19})\.([0-9]{1,19})")
+_OLD_CURSOR = re.compile(r"[0-9]{1,19}\.[0-9]{1,19}")
 
 
 def _content(req: SendMessage) -> bytes:
@@ -100,13 +104,21 @@ def _sent(ctx: Context, req: SendMessage, row) -> Sent:
     return Sent(ctx.envelope.id, row["seq"], row["ts"], row["generation"])
 
 
+def _order(descending: bool) -> str:
+    return "d" if descending else "a"
+
+
 def _cursor(text: str | None, descending: bool) -> tuple[int, int]:
     if text is None:
         return (NO_BOUND, NO_BOUND) if descending else (-1, -1)
     match = _CURSOR.fullmatch(text)
-    if match is None or int(match[1]) > NO_BOUND or int(match[2]) > NO_BOUND:
+    if match is None and _OLD_CURSOR.fullmatch(text):
+        raise InvalidArgument("Cursor is from an earlier server version: query again without it, From the last Timestamp you have")
+    if match is None or int(match[2]) > NO_BOUND or int(match[3]) > NO_BOUND:
         raise InvalidArgument("Cursor is not one this service issued")
-    return int(match[1]), int(match[2])
+    if match[1] != _order(descending):
+        raise InvalidArgument(f"Cursor was issued for Order {'asc' if descending else 'desc'}: pass it with that Order")
+    return int(match[2]), int(match[3])
 
 
 async def query_message(ctx: Context, req: QueryMessage) -> MessagePage:
@@ -129,5 +141,5 @@ async def query_message(ctx: Context, req: QueryMessage) -> MessagePage:
         )
         for r in rows
     ]
-    next_cursor = f"{rows[-1]['ts']}.{rows[-1]['seq']}" if more else None
+    next_cursor = f"{_order(descending)}{rows[-1]['ts']}.{rows[-1]['seq']}" if more else None
     return MessagePage(messages, next_cursor)
