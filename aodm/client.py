@@ -186,7 +186,9 @@ class Client:
     async def get_key_by_generation(self, session_id: str, generation: int) -> KeyBatch:
         return await self.call(session_id, GetKeyByGeneration(generation), KeyBatch)
 
-    async def send_message(self, session_id: str, content: str, generation: int | None = None) -> Sent:
+    async def send_message(self, session_id: str, content: str, generation: int) -> Sent:
+        """`generation`: the key batch `content` is encrypted under (the service requires it:
+        it cannot know which key a sender used)."""
         return await self.call(session_id, SendMessage(content, generation), Sent)
 
     async def query_messages(

@@ -134,7 +134,7 @@ def build() -> dict[str, dict]:
             from_="alice",
             action="SendMessage",
             anchor="7d1f3c2a9b8e4f60",
-            data=json.dumps({"Content": secretbox_cases()[0]["Content"]}, separators=(",", ":")),
+            data=json.dumps({"Content": secretbox_cases()[0]["Content"], "Generation": 1}, separators=(",", ":")),
         ),
         envelope_case(
             "multi-tag-non-ascii",

@@ -35,6 +35,11 @@ CODE_ACTIONS = {
 DOC_ACTIONS = DOC["x-aodm-actions"]
 KINDS = {t.__struct_config__.tag: t for t in typing.get_args(notifications.AnyNotification)}
 CLIENT_ONLY_CODES = {"timeout"}
+# Data fields the contract requires that the decoder takes as optional: the action itself
+# refuses a request without one (invalid_argument, naming it), so that a client written
+# before the field was required hears why, and a resend of what such a client stored is
+# still answered (tests/test_session.py checks both).
+REQUIRED_BY_THE_ACTION = {"SendMessageData": {"Generation"}}
 
 
 # -------------------------------------------------------------------- official tooling
@@ -139,12 +144,14 @@ def check_struct(name: str, cls: type[msgspec.Struct], *, output: bool, seen: se
         assert required == expected, f"{name}: every field of {cls.__name__} is always encoded, so all are required"
     else:
         wanted = {n for n, f in fields.items() if f.required} | ({tag_field} if tag_field else set())
+        wanted |= REQUIRED_BY_THE_ACTION.get(name, set())
         assert required == wanted, f"{name}: required {sorted(required)} != {sorted(wanted)} of {cls.__name__}"
     if cls.__struct_config__.forbid_unknown_fields:
         assert schema.get("additionalProperties") is False, f"{name}: {cls.__name__} forbids unknown fields"
     for field_name, field in fields.items():
         prop = properties[field_name]
-        assert allows_null(prop) == is_optional(field.type), f"{name}.{field_name}: null allowed in one, not the other"
+        nullable = is_optional(field.type) and field_name not in REQUIRED_BY_THE_ACTION.get(name, set())
+        assert allows_null(prop) == nullable, f"{name}.{field_name}: null allowed in one, not the other"
         if not field.required and field.default not in (None, msgspec.NODEFAULT):
             assert resolve(prop).get("default", prop.get("default")) == field.default, f"{name}.{field_name}: default"
         for nested in struct_types(field.type):
@@ -234,7 +241,8 @@ def test_action_data_schema_matches_the_request_struct(name):
     # The same required set as msgspec's own JSON Schema of the struct says.
     generated = msgspec.json.schema(action.request)
     own = generated["$defs"][generated["$ref"].rsplit("/", 1)[-1]]
-    assert set(resolve(SCHEMAS[DOC_ACTIONS[name]["data"]]).get("required", [])) == set(own.get("required", []))
+    required_by_the_action = REQUIRED_BY_THE_ACTION.get(DOC_ACTIONS[name]["data"], set())
+    assert set(resolve(SCHEMAS[DOC_ACTIONS[name]["data"]]).get("required", [])) == set(own.get("required", [])) | required_by_the_action
 
 
 @pytest.mark.parametrize("name", sorted(CODE_ACTIONS))

@@ -415,7 +415,7 @@ async def test_target_must_match_the_routing_key(world, make_client):
     assert isinstance(reply, Err) and reply.code == "malformed_request", reply
     # signed for one session, routed to another one the signer also belongs to
     env = forge(key, target=world.session, from_=world.alice.handle, tags=[Tag("Action", "SendMessage")],
-                data=_encoder.encode(SendMessage(crypto.encrypt(crypto.new_session_key(), "x"))).decode())
+                data=_encoder.encode(SendMessage(crypto.encrypt(crypto.new_session_key(), "x"), 1)).decode())
     reply = await call(world.alice, other, body(env))
     assert isinstance(reply, Err) and reply.code == "malformed_request", reply
     # a routing key that differs only in case or padding
@@ -447,7 +447,7 @@ async def test_tampered_target_is_an_invalid_signature(world):
 
 async def test_replayed_send_message_is_stored_once(world):
     content = crypto.encrypt(crypto.new_session_key(), "once")
-    env = world.alice.sign(world.session, "SendMessage", SendMessage(content))
+    env = world.alice.sign(world.session, "SendMessage", SendMessage(content, 1))
     raw = body(env)
     first = await world.alice.bus.call(topology.REQUESTS, world.session, raw, timeout=15)
     second = await world.alice.bus.call(topology.REQUESTS, world.session, raw, timeout=15)
@@ -488,7 +488,7 @@ async def raw_notes(client: Client, until_message: str) -> list[AnyNotification]
 async def test_a_replayed_send_adds_nothing_to_the_peers_queue(world):
     """Anyone holding a stored envelope may publish it again: each gets the first reply,
     and Bob's queue gets the notification once (only a broker redelivery republishes it)."""
-    env = world.alice.sign(world.session, "SendMessage", SendMessage(crypto.encrypt(crypto.new_session_key(), "hi")))
+    env = world.alice.sign(world.session, "SendMessage", SendMessage(crypto.encrypt(crypto.new_session_key(), "hi"), 1))
     replies = [reply_decoder.decode(await world.alice.bus.call(topology.REQUESTS, world.session, body(env), timeout=15))
                for _ in range(5)]
     assert all(isinstance(r, Ok) for r in replies) and len({bytes(r.result) for r in replies}) == 1
@@ -516,7 +516,7 @@ async def test_a_stored_message_replayed_once_stale_gets_its_first_reply(world, 
     ten_minutes_ago = envelope.now_ms() - 10 * MINUTE_MS
 
     def old_message(text: str) -> bytes:
-        data = msgspec.json.encode(SendMessage(crypto.encrypt(crypto.new_session_key(), text))).decode()
+        data = msgspec.json.encode(SendMessage(crypto.encrypt(crypto.new_session_key(), text), 1)).decode()
         return body(envelope.sign(world.alice.identity.signing_key, target=world.session, from_=world.alice.handle,
                                   action="SendMessage", data=data, timestamp=ten_minutes_ago))
 
@@ -552,7 +552,7 @@ async def test_a_failed_send_can_be_retried_with_the_same_envelope(world, make_c
     """A failure is not remembered as the answer: the claim rolls back with the error."""
     carol = await make_client("carol")
     session = (await carol.establish_session(world.alice.handle)).session_id
-    env = carol.sign(session, "SendMessage", SendMessage(crypto.encrypt(crypto.new_session_key(), "early")))
+    env = carol.sign(session, "SendMessage", SendMessage(crypto.encrypt(crypto.new_session_key(), "early"), 1))
     with pytest.raises(NoSessionKey):
         await carol.send_envelope(env)
     await carol.rotate_session_key(session, world.alice.handle)
@@ -574,7 +574,7 @@ async def next_failure(inbox: Inbox) -> RequestFailed:
 async def test_failure_without_reply_to_goes_to_the_inbox(world, make_client):
     carol = await make_client("carol")
     session = (await carol.establish_session(world.bob.handle)).session_id
-    env = carol.sign(session, "SendMessage", SendMessage(crypto.encrypt(crypto.new_session_key(), "too early")))
+    env = carol.sign(session, "SendMessage", SendMessage(crypto.encrypt(crypto.new_session_key(), "too early"), 1))
     await carol.bus.publish(topology.REQUESTS, session, body(env))
     async with Inbox(carol.bus, carol.handle) as inbox:
         failure = await next_failure(inbox)
@@ -607,7 +607,7 @@ async def test_unauthenticated_failures_without_reply_to_notify_nobody(world, ma
     # mallory signing as alice and as bob
     for victim in (world.alice.handle, world.bob.handle):
         forged = forge(mallory.identity.signing_key, target=world.session, from_=victim,
-                       tags=[Tag("Action", "SendMessage")], data=_encoder.encode(SendMessage(content)).decode())
+                       tags=[Tag("Action", "SendMessage")], data=_encoder.encode(SendMessage(content, 1)).decode())
         await mallory.bus.publish(topology.REQUESTS, world.session, body(forged))
     # plain garbage and a stale request
     await mallory.bus.publish(topology.REQUESTS, world.session, b"\xff not json")
@@ -634,7 +634,7 @@ async def test_unauthenticated_failures_without_reply_to_notify_nobody(world, ma
 
 
 async def test_no_reply_to_success_is_silent_but_effective(world):
-    env = world.alice.sign(world.session, "SendMessage", SendMessage(crypto.encrypt(crypto.new_session_key(), "fire")))
+    env = world.alice.sign(world.session, "SendMessage", SendMessage(crypto.encrypt(crypto.new_session_key(), "fire"), 1))
     await world.alice.bus.publish(topology.REQUESTS, world.session, body(env))
     # Replaying it with a reply address returns the stored reply (and proves it was stored).
     reply = await call(world.alice, world.session, body(env))

@@ -24,7 +24,7 @@ async def test_eight_steps_with_b_offline(make_client):
     generation = await alice.rotate_session_key(session, bob.handle, sk)
     assert generation == 1
     # 5–6: alice encrypts with SK and sends.
-    sent = await alice.send_message(session, crypto.encrypt(sk, "hello bob"))
+    sent = await alice.send_message(session, crypto.encrypt(sk, "hello bob"), generation)
     assert sent.generation == 1 and sent.seq == 1
 
     # 7–8: bob comes online and finds the notifications waiting in his durable queue.
@@ -55,7 +55,7 @@ async def test_a_deleted_inbox_is_recreated_and_the_notification_delivered(stack
     session, key = await open_pair(alice, bob)
     vhost = urllib.parse.quote(stack.amqp_url.rsplit("/", 1)[1], safe="")
     management("DELETE", f"/queues/{vhost}/{urllib.parse.quote(topology.inbox_queue(bob.handle), safe='')}")
-    sent = await alice.send_message(session, crypto.encrypt(key, "still delivered"))
+    sent = await alice.send_message(session, crypto.encrypt(key, "still delivered"), 1)
     async with Inbox(bob.bus, bob.handle) as inbox:
         note = await inbox.next(timeout=10)
     assert isinstance(note, NewMessage) and note.message_id == sent.message_id

@@ -12,14 +12,16 @@ import pytest
 from aodm import crypto
 from aodm.client import Client
 from aodm.inbox import Inbox
+from services.session import store
 from shared import envelope
-from shared.encoding import b64encode
+from shared.encoding import b64decode, b64encode
 from shared.errors import (
     AodmError,
     Forbidden,
     InvalidArgument,
     MalformedRequest,
     NoSessionKey,
+    NotAccepted,
     NotFound,
     Unauthorized,
 )
@@ -332,7 +334,7 @@ async def test_key_reads_by_outsiders(keyed, make_client):
 
 async def test_send_before_any_key_is_no_session_key(pair):
     with pytest.raises(NoSessionKey):
-        await pair.alice.send_message(pair.session, ciphertext())
+        await pair.alice.send_message(pair.session, ciphertext(), 1)
     with pytest.raises(NoSessionKey):
         await pair.bob.send_message(pair.session, ciphertext(), generation=1)
     # nothing was stored, and the failed sends did not use up sequence numbers
@@ -374,11 +376,65 @@ async def test_send_with_an_older_generation(keyed):
     await keyed.bob.rotate_session_key(keyed.session, keyed.alice.handle)
     old = await keyed.alice.send_message(keyed.session, crypto.encrypt(key1, "old key"), generation=1)
     assert old.generation == 1
-    latest = await keyed.alice.send_message(keyed.session, ciphertext())
+    latest = await keyed.alice.send_message(keyed.session, ciphertext(), generation=3)
     assert latest.generation == 3
     messages = (await keyed.bob.query_messages(keyed.session)).messages
     assert [m.generation for m in messages] == [1, 3]
     assert await keyed.bob.read_text(keyed.session, messages[0]) == "old key"
+
+
+async def test_a_resend_after_the_peer_rotated_is_never_filed_under_another_generation(make_client):
+    """§9.2 says to resend a refused message (not_accepted, rate_limited: nothing stored)
+    unchanged. Meanwhile the peer may rotate. A message that does not name its Generation
+    would be filed under the one current when it is finally stored, which it was not
+    encrypted with: nobody could ever read it. So Generation is required (omitted and
+    null alike are invalid_argument), and a message that names it is stored under it."""
+    alice, bob = await make_client("alice"), await make_client("bob")
+    session = (await alice.establish_session(bob.handle)).session_id  # a message request: 3 messages
+    await alice.rotate_session_key(session, bob.handle)
+    generation, key = await alice.session_key(session)
+    for i in range(3):
+        await alice.send_text(session, f"asking {i}")
+
+    def signed(data: str) -> envelope.Envelope:
+        return envelope.sign(alice.identity.signing_key, target=session, from_=alice.handle, action="SendMessage",
+                             data=data, anchor=b64encode(secrets.token_bytes(16)))
+
+    named = signed(_encoder.encode(SendMessage(crypto.encrypt(key, "named"), generation)).decode())
+    omitted = signed(_encoder.encode({"Content": crypto.encrypt(key, "omitted")}).decode())
+    null = signed(_encoder.encode({"Content": crypto.encrypt(key, "null"), "Generation": None}).decode())
+    for env in (named, omitted, null):  # first tries: none is stored
+        with pytest.raises((NotAccepted, InvalidArgument)):
+            await alice.send_envelope(env)
+    await bob.accept(session)
+    assert await bob.rotate_session_key(session, alice.handle) == generation + 1
+    resent = msgspec.json.decode(await alice.send_envelope(named), type=Sent)
+    assert resent.generation == generation
+    for env in (omitted, null):
+        with pytest.raises(InvalidArgument, match="Generation"):
+            await alice.send_envelope(env)
+    messages = (await bob.query_messages(session)).messages
+    assert [await bob.read_text(session, m) for m in messages] == ["asking 0", "asking 1", "asking 2", "named"]
+
+
+async def test_a_message_stored_without_generation_by_a_server_before_keeps_its_first_reply(keyed, stack):
+    """Servers before filled an omitted Generation in. A resend of a message one of them
+    stored (as its statement did, here straight into the database) is answered from its
+    row like any stored message, not refused for what it omitted."""
+    content = ciphertext()
+    env = keyed.alice.sign(keyed.session, "SendMessage", SendMessage(content))
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        earlier = (keyed.session, None, env.id, keyed.alice.handle, b64decode(keyed.alice.identity.address),
+                   b64decode(content), True, None, None)
+        stored = (await store.store_messages(conn, envelope.now_ms(), [earlier], 3))[env.id]
+    finally:
+        await conn.close()
+    assert (stored["seq"], stored["generation"]) == (1, 1)
+    sent = msgspec.json.decode(await keyed.alice.send_envelope(env), type=Sent)
+    assert (sent.message_id, sent.seq, sent.generation, sent.timestamp) == (env.id, 1, 1, stored["ts"])
+    with pytest.raises(InvalidArgument, match="Generation"):  # a new one without it is refused
+        await keyed.alice.send_envelope(keyed.alice.sign(keyed.session, "SendMessage", SendMessage(ciphertext())))
 
 
 @pytest.mark.parametrize(
@@ -395,7 +451,7 @@ async def test_send_with_an_older_generation(keyed):
 )
 async def test_send_bad_content(keyed, content, error):
     with pytest.raises(error):
-        await keyed.alice.send_message(keyed.session, content)
+        await keyed.alice.send_message(keyed.session, content, 1)
     assert (await keyed.alice.query_messages(keyed.session)).messages == []
 
 
@@ -406,7 +462,7 @@ async def test_send_malformed_data(keyed, data):
 
 
 async def test_send_shortest_valid_content(keyed):
-    sent = await keyed.alice.send_message(keyed.session, b64encode(bytes(40)))
+    sent = await keyed.alice.send_message(keyed.session, b64encode(bytes(40)), 1)
     assert sent.seq == 1
 
 
@@ -431,7 +487,7 @@ async def test_send_notifies_only_the_other_member(keyed):
 async def test_refused_sends_among_pipelined_ones_leave_their_neighbours_stored(keyed):
     """Pipelined sends usually share a batch, stored with one statement: the refused ones get
     their own errors and are written nowhere; the rest get consecutive seqs in publish order."""
-    plan = [(ciphertext(1), None), (ciphertext(2), 99), (b64encode(bytes(8)), None), (ciphertext(3), 1), (ciphertext(4), None)]
+    plan = [(ciphertext(1), 1), (ciphertext(2), 99), (b64encode(bytes(8)), 1), (ciphertext(3), 1), (ciphertext(4), 1)]
     pending = []
     for content, generation in plan:
         env = keyed.alice.sign(keyed.session, "SendMessage", SendMessage(content, generation))
@@ -447,13 +503,13 @@ async def test_refused_sends_among_pipelined_ones_leave_their_neighbours_stored(
 async def test_send_by_outsiders(keyed, make_client):
     mallory = await make_client("mallory")
     with pytest.raises(Forbidden):
-        await mallory.send_message(keyed.session, ciphertext())
+        await mallory.send_message(keyed.session, ciphertext(), 1)
     with pytest.raises(Unauthorized):
         await raw_call(mallory, keyed.session, "SendMessage", {"Content": ciphertext()}, from_=keyed.alice.handle)
     with pytest.raises(Unauthorized):
         await raw_call(mallory, keyed.session, "SendMessage", {"Content": ciphertext()}, from_=keyed.bob.handle)
     with pytest.raises(NotFound):
-        await keyed.alice.send_message(unknown_session(), ciphertext())
+        await keyed.alice.send_message(unknown_session(), ciphertext(), 1)
     assert (await keyed.bob.query_messages(keyed.session)).messages == []
 
 
@@ -464,7 +520,7 @@ async def send_many(p: Pair, n: int) -> list[Sent]:
     sent = []
     for i in range(n):
         sender = p.alice if i % 2 == 0 else p.bob
-        sent.append(await sender.send_message(p.session, ciphertext(i + 1)))
+        sent.append(await sender.send_message(p.session, ciphertext(i + 1), 1))
     return sent
 
 

@@ -563,8 +563,10 @@ export class Client {
     return this.call(sessionId, 'GetKeyByGeneration', { Generation: generation });
   }
 
-  sendMessage(sessionId, content, generation = null) {
-    return this.call(sessionId, 'SendMessage', generation === null ? { Content: content } : { Content: content, Generation: generation });
+  /** generation: the key batch content is encrypted under (required: only the sender knows it, §11.4). */
+  sendMessage(sessionId, content, generation) {
+    if (!Number.isInteger(generation)) throw new TypeError('sendMessage: generation (the key batch of content) is required');
+    return this.call(sessionId, 'SendMessage', { Content: content, Generation: generation });
   }
 
   /** One page; query = {From, Until, Limit, Order, Cursor} (all optional). */

@@ -182,8 +182,8 @@ describe('protocol examples', () => {
   test('notification Id (§12)', () => {
     // The NewMessage example in docs/protocol.md §12 is caused by send-message-from-handle.
     assert.equal(
-      notificationId('9aU3QNuD_duyzRmDuKFgnhw30lzYl2SD_5M0QB9VaBw', 'NewMessage', 'bob'),
-      '4lE4qDELlCZxeRiQtOc9nvd4A0ODzaqVIKFG7wqqx2k',
+      notificationId('Bh2WqMzi_NWOAO72N9VkegqYEs3SPYjuBxgpf5iBNi4', 'NewMessage', 'bob'),
+      'p6fNuuWtv1-MtzQmXGhe8_gMD9xn54oMOD6k3vOQEJg',
     );
   });
 

@@ -29,6 +29,18 @@ def _content(req: SendMessage) -> bytes:
     return content
 
 
+def _unnamed(req: SendMessage) -> AodmError | None:
+    """Why a new message without Generation is refused. Only its sender knows the key it
+    used: the generation current when the service stores the message may be a later one (the
+    peer rotated while the message waited in the queue, or before a resend), and a message
+    filed under it could never be read. Servers before took the current one; a resend of a
+    message one of them stored is still answered from its row."""
+    if req.generation is None:
+        return InvalidArgument("Generation is required: the key generation Content is encrypted under "
+                               "(servers before filled in the current one, which may not be it)")
+    return None
+
+
 def _refused(asked: int | None, current: int) -> AodmError:
     """Why a message was not stored: no key yet, or no such generation."""
     if not current:
@@ -45,7 +57,8 @@ async def send_messages(
     message records its request's Id with it, so a request stored before is answered from
     its message's row, as the first time. The statement also checks each message's shard
     lease: one whose shard another worker has taken since is left to it (FENCED). A sender
-    over its rate is refused before the statement (limits.py); a resend counts too."""
+    over its rate is refused before the statement (limits.py); a resend counts too. A
+    request without Generation is looked up but never stored (_unnamed)."""
     results: list[Sent | AodmError | None] = []
     batch = []
     for ctx, req in zip(ctxs, reqs):
@@ -54,13 +67,14 @@ async def send_messages(
         except AodmError as exc:
             results.append(exc)
             continue
-        if limits is not None and ctx.stale is None and (refused := limits.take(ctx.caller, ctx.envelope.target)):
+        takeable = ctx.stale is None and req.generation is not None
+        if limits is not None and takeable and (refused := limits.take(ctx.caller, ctx.envelope.target)):
             results.append(refused)
             continue
         members: Members = ctx.scope
         shard, epoch = (ctx.lease.shard, ctx.lease.epoch) if ctx.lease is not None else (None, None)
         batch.append((ctx.envelope.target, req.generation, ctx.envelope.id, ctx.caller, members.sign_keys[ctx.caller],
-                      content, ctx.stale is None, shard, epoch))
+                      content, takeable, shard, epoch))
         results.append(None)
     request_messages = limits.request_messages if limits is not None else REQUEST_MESSAGES
     stored = await store.store_messages(ctxs[0].conn, max(ctx.now for ctx in ctxs), batch, request_messages) if batch else {}
@@ -76,7 +90,7 @@ async def send_messages(
         elif row["refused"] is not None:
             results[i] = refusal(row["refused"])
         else:
-            results[i] = ctx.stale or _refused(req.generation, row["current"])
+            results[i] = ctx.stale or _unnamed(req) or _refused(req.generation, row["current"])
     return results
 
 

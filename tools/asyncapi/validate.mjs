@@ -119,7 +119,7 @@ if (existsSync(vectorDir)) {
   for (const c of (await loadVector('secretbox.json')).Cases) {
     vectors += 1;
     check(`vector secretbox ${c.Name} Content`, schemaById('Base64Url'), c.Content);
-    check(`vector secretbox ${c.Name} Content as SendMessage`, schemaById('SendMessageData'), { Content: c.Content });
+    check(`vector secretbox ${c.Name} Content as SendMessage`, schemaById('SendMessageData'), { Content: c.Content, Generation: 1 });
   }
   const b64 = await loadVector('base64url.json');
   for (const c of b64.Accepted) {
