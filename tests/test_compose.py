@@ -51,6 +51,42 @@ def published(service: dict) -> list:
     return [p for p in service.get("ports", []) if ":" in str(p) or isinstance(p, dict)]
 
 
+def bindings(service: dict) -> list[tuple[str, int, int]]:
+    """(host address, host port, container port) of each published port; "" for no address."""
+    out = []
+    for entry in service.get("ports", []):
+        if isinstance(entry, dict):  # the long syntax
+            out.append((str(entry.get("host_ip", "")), int(entry["published"]), int(entry["target"])))
+            continue
+        parts = str(entry).split("/")[0].split(":")  # [[address:]host:]container[/protocol]
+        host = int(parts[-2]) if len(parts) > 1 and parts[-2] else 0
+        out.append((":".join(parts[:-2]), host, int(parts[-1])))
+    return out
+
+
+def test_bindings_parser() -> None:
+    service = {"ports": ["127.0.0.1:5672:5672", "8080:80", "9000", "127.0.0.1:53:53/udp",
+                         {"target": 80, "published": 8081, "host_ip": "127.0.0.1"}]}
+    assert bindings(service) == [("127.0.0.1", 5672, 5672), ("", 8080, 80), ("", 0, 9000), ("127.0.0.1", 53, 53),
+                                 ("127.0.0.1", 8081, 80)]
+
+
+def test_published_ports_listen_on_loopback_only(services: dict) -> None:
+    """The file holds the broker's, the database's and Grafana's passwords: nothing it
+    publishes may listen beyond the host itself unless an operator changes that."""
+    for name, service in services.items():
+        for address, host, container in bindings(service):
+            assert address == "127.0.0.1", f"{name} publishes {container} on {address or 'every address'}:{host}"
+
+
+def test_the_broker_is_reachable_from_the_host(services: dict) -> None:
+    """What a host process uses by default: AMQP at the port of the default AODM_AMQP_URL
+    (the CLI, scripts/up.sh) and the management dashboard."""
+    published = {(host, container) for _, host, container in bindings(services["rabbitmq"])}
+    amqp = urlsplit(config.VARIABLES["AODM_AMQP_URL"][0]).port or 5672
+    assert {(amqp, 5672), (15672, 15672)} <= published
+
+
 def test_expected_services(services: dict) -> None:
     assert set(services) >= {"rabbitmq", "postgres", *APP_SERVICES, "demo"}
 
