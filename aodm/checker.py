@@ -350,7 +350,7 @@ async def _collect_notes(pairs: list[_Pair], expected: set[tuple[str, str]], unt
     consumers = []
     try:
         for client in (c for p in pairs for c in p.members):
-            while True:  # the notifier creates the queue when the handle registers; the broker may be away
+            while True:  # the registry created the queue at Register (servers before: a moment after); the broker may be away
                 try:
                     consume = client.bus.consume(topology.inbox_queue(client.handle), on_note, prefetch=256)
                     consumers.append(await asyncio.wait_for(consume, max(0.1, until - _now())))

@@ -3,8 +3,8 @@
 Notifications are at-least-once; each carries a stable `Id`, and the inbox drops any it has
 already returned. A notification stays in the queue until it is handed to the caller.
 
-The inbox declares nothing: the notifier creates the queue when the handle registers, and a
-handle's own broker user may only read it (docs/security.md)."""
+The inbox declares nothing: the registry creates the queue before it answers the handle's
+Register, and a handle's own broker user may only read it (docs/security.md)."""
 
 import asyncio
 import logging
@@ -29,7 +29,7 @@ class Inbox:
         self._handle = handle
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._remember = remember
-        self._wait = wait  # how long a missing queue may take to appear (right after Register)
+        self._wait = wait  # how long a missing queue may take to appear (servers before declared it after Register answered)
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
         self._consumer = None
         self.dropped = 0  # messages in the queue that were no notification (dropped, not returned)
@@ -50,8 +50,8 @@ class Inbox:
             except QueueMissing:
                 if loop.time() >= deadline:
                     raise InboxUnavailable(
-                        f"{name} does not exist: the notifier creates it when {self._handle} registers "
-                        f"(is {self._handle} registered, and is the notifier running?)"
+                        f"{name} does not exist: the registry creates it when {self._handle} registers "
+                        f"(is {self._handle} registered?)"
                     ) from None
                 await asyncio.sleep(0.2)
 

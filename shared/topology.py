@@ -120,6 +120,12 @@ async def declare_inbox(bus: Bus, handle: str) -> None:
     await bus.bind(inbox_queue(handle), INBOX, handle)
 
 
+async def declare_new_inbox(bus: Bus, handle: str) -> None:
+    """The registry's, at every Register: the same queue and binding, not remembered for
+    a reconnect (see Bus.declare_bound_queue)."""
+    await bus.declare_bound_queue(inbox_queue(handle), INBOX, handle)
+
+
 async def declare_all(bus: Bus, shards: int) -> None:
     """The static topology. Every service declares all of it, so none depends on another
     having started first and no publish finds its queue missing."""

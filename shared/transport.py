@@ -605,6 +605,13 @@ class Bus:
         q = await self._channel.get_queue(queue, ensure=False)
         await q.bind(exchange, routing_key=routing_key)
 
+    async def declare_bound_queue(self, queue: str, exchange: str, routing_key: str) -> None:
+        """A durable queue and its binding, idempotent, not remembered: the robust channel
+        declares again at every reconnect what it declared robustly, which for one queue per
+        handle would grow without end. Callers declare it whenever they need it."""
+        declared = await self._channel.declare_queue(queue, durable=True, robust=False)
+        await declared.bind(exchange, routing_key=routing_key, robust=False)
+
     async def _inspect(self, queue: str):
         # Straight to the AMQP channel: aio-pika's robust channel remembers the first
         # declare of a queue, and these counts must be fresh every time.

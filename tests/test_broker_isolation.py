@@ -203,6 +203,27 @@ async def test_own_user_publishes_requests_gets_replies_and_reads_its_queue(pers
     assert await bob.decrypt(session, note.generation, note.content) == "only bob reads this"
 
 
+async def test_own_user_consumes_its_queue_right_after_register(system, person):
+    """The registry declares the queue, as the services' user, before Register answers: the
+    handle's own user (whose read permission names the queue) consumes it at once, with no
+    retry, and gets what is published to the handle."""
+    for _ in range(5):
+        own = await person("fresh")
+        got: asyncio.Queue = asyncio.Queue()
+        consumer = await own.bus.consume(topology.inbox_queue(own.handle), got.put, prefetch=1)
+        try:
+            service = await Bus.connect(system.settings.amqp_url, name="aodm-test-service")
+            try:
+                await service.publish(topology.INBOX, own.handle, b"{}")
+            finally:
+                await service.close()
+            delivery = await asyncio.wait_for(got.get(), 10)
+            assert delivery.body == b"{}"
+            await delivery.ack()
+        finally:
+            await consumer.close()
+
+
 # -- what it cannot do -----------------------------------------------------------------
 
 

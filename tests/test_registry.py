@@ -12,7 +12,7 @@ from aodm import crypto
 from aodm.client import Client
 from aodm.crypto import Identity
 from aodm.inbox import Inbox
-from shared import envelope
+from shared import envelope, topology
 from shared.encoding import b64encode
 from shared.errors import (
     AlreadyExists,
@@ -24,6 +24,7 @@ from shared.errors import (
 )
 from shared.notifications import SessionEstablished
 from shared.registry_api import REGISTRY_TARGET, Established, HandleInfo
+from shared.transport import QueueMissing, Unroutable
 
 _encoder = msgspec.json.Encoder()
 
@@ -568,3 +569,29 @@ async def test_pairs_are_ordered_the_same_under_a_language_collation():
         finally:
             await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             await conn.close()
+
+
+async def test_the_inbox_exists_and_is_bound_when_register_answers(make_client):
+    """§4.4: the registry declares the handle's queue and binds it before it answers
+    Register, so a consume right after the reply never fails with 404, nor a publish to
+    the handle finds no binding (both happened while only the notifier declared them, after
+    the commit: 2 of 50 here). 50 registrations, each by a key of its own (a key may
+    register 10 handles a day), each consumed at once."""
+    client = await make_client(register=False)
+    missing = []
+    for _ in range(50):
+        identity, handle = Identity.generate(), fresh("inbox")
+        env = envelope.sign(identity.signing_key, target=REGISTRY_TARGET, from_=None, action="Register",
+                            data=msgspec.json.encode({"Handle": handle, "BoxKey": identity.box_public}).decode())
+        assert msgspec.json.decode(await client.send_envelope(env), type=HandleInfo).handle == handle
+        try:
+            consumer = await client.bus.consume(topology.inbox_queue(handle), lambda delivery: delivery.ack(), prefetch=1)
+        except QueueMissing:
+            missing.append(handle)
+            continue
+        await consumer.close()
+        try:
+            await client.bus.publish(topology.INBOX, handle, b"{}")
+        except Unroutable:  # the queue, but not its binding yet
+            missing.append(f"{handle} (unbound)")
+    assert missing == [], f"{len(missing)} of 50 inboxes were missing or unbound right after Register: {missing}"

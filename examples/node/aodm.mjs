@@ -690,7 +690,7 @@ export class Client {
       } catch (error) {
         await channel.close().catch(() => {});
         if (error.code !== 404 || Date.now() >= deadline) throw error;
-        await sleep(100); // 404 NOT_FOUND: the queue is not there yet
+        await sleep(100); // 404 NOT_FOUND: servers before created the queue just after Register answered (§4.4)
       }
     }
   }

@@ -25,6 +25,7 @@ from shared.service import Action, Processor
 from shared.transport import Delivery
 
 from services.registry import credentials, handles, sessions, store
+from services.registry.inboxes import Inboxes
 from services.registry.limits import RegistryLimits
 
 ACTIONS = {
@@ -38,10 +39,13 @@ ACTIONS = {
 }
 
 
-def actions(issuer: credentials.Issuer | None, limits: RegistryLimits = RegistryLimits()) -> dict[str, Action]:
-    """ACTIONS with the broker-credential issuer (None: issuance off) and the limits bound in."""
+def actions(
+    issuer: credentials.Issuer | None, limits: RegistryLimits = RegistryLimits(), inboxes: Inboxes | None = None
+) -> dict[str, Action]:
+    """ACTIONS with the broker-credential issuer (None: issuance off), the limits and the
+    inbox declarer (None: the notifier alone declares the queues) bound in."""
     bound = {
-        "Register": functools.partial(handles.register, issuer=issuer, limits=limits),
+        "Register": functools.partial(handles.register, issuer=issuer, limits=limits, inboxes=inboxes),
         "IssueBrokerCredentials": functools.partial(handles.issue_broker_credentials, issuer=issuer),
         "EstablishSession": functools.partial(sessions.establish_session, limits=limits),
     }
@@ -69,7 +73,7 @@ async def start(rt: runtime.Runtime) -> None:
     processor = Processor(
         name="registry", schema=store.SCHEMA, pool=rt.pool, read_pool=rt.read_pool, bus=rt.bus,
         actions=actions(credentials.Issuer.from_settings(rt.settings),
-                        RegistryLimits(rt.settings.sessions_per_hour, rt.settings.handles_per_day)),
+                        RegistryLimits(rt.settings.sessions_per_hour, rt.settings.handles_per_day), Inboxes(rt.bus)),
         authenticate=authenticate,
         handler_timeout=rt.settings.handler_timeout_s, stopping=rt.stop,
     )

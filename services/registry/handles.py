@@ -20,6 +20,7 @@ from shared.registry_api import (
 from shared.service import Context
 
 from services.registry import credentials, store
+from services.registry.inboxes import Inboxes
 from services.registry.limits import DAY_MS, RegistryLimits, within
 
 
@@ -56,9 +57,12 @@ async def _broker_credentials(issuer: credentials.Issuer | None, handle: str, bo
 
 
 async def register(
-    ctx: Context, req: Register, issuer: credentials.Issuer | None = None, limits: RegistryLimits = RegistryLimits()
+    ctx: Context, req: Register, issuer: credentials.Issuer | None = None, limits: RegistryLimits = RegistryLimits(),
+    inboxes: Inboxes | None = None,
 ) -> Registered:
-    """The envelope's signature by Owner is the proof of possession of the signing key."""
+    """The envelope's signature by Owner is the proof of possession of the signing key.
+    The handle's queue is declared before the reply (inboxes.py); the notifier declares it
+    too on HandleRegistered (without `inboxes`, only it does)."""
     name = check_handle(req.handle)
     sign_key = b64decode(ctx.envelope.owner, field="Owner", length=32)
     key = box_key(req.box_key)  # before anything is written or issued
@@ -67,6 +71,8 @@ async def register(
     if not await store.insert_handle(ctx.conn, name, sign_key, key, ctx.now):
         raise AlreadyExists(f"handle {name!r} is taken")
     ctx.emit(topology.INTERNAL, topology.NOTIFIER_ROUTING_KEY, HandleRegistered(name))
+    if inboxes is not None:  # after the insert: a refused Register makes no queue
+        await inboxes.declare(name)
     # Only after the insert succeeded: a taken name must never reset its owner's password.
     issued = await _broker_credentials(issuer, name, key)
     return Registered(

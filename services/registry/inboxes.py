@@ -1,0 +1,37 @@
+"""Each handle's notification queue exists before its Register is answered (protocol §4.4).
+
+The registry declares `aodm.inbox.<handle>` and its binding itself, after the handle's row
+is written and before the reply, so a client may consume the queue as soon as it has the
+reply. The notifier still declares it on the HandleRegistered event, and again for a
+notification that finds it missing (an operator deleted it): the declare is idempotent,
+and the queue has no arguments (its bound is a policy, shared/topology.py), so any of them
+may come first. A handle's own broker user may read it whoever declared it: permissions go
+by queue name (services/registry/credentials.py).
+
+A broker that does not answer is not the request's fault: like the management API, it
+raises a DependencyUnavailable, and the request waits in its place.
+"""
+
+import asyncio
+
+from shared import topology
+from shared.db import DependencyUnavailable
+from shared.transport import BrokerError, Bus
+
+DECLARE_TIMEOUT_S = 5.0  # well within a handler's time: a broker this slow counts as away
+
+
+class BrokerUnavailable(DependencyUnavailable):
+    """The broker did not declare the queue: retried, never the request's fault."""
+
+
+class Inboxes:
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+
+    async def declare(self, handle: str) -> None:
+        try:
+            async with asyncio.timeout(DECLARE_TIMEOUT_S):
+                await topology.declare_new_inbox(self._bus, handle)
+        except (TimeoutError, *BrokerError) as exc:
+            raise BrokerUnavailable(f"declaring {topology.inbox_queue(handle)}: {exc!r}") from exc
