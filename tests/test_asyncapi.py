@@ -329,3 +329,46 @@ def test_notification_schema_matches_the_struct(kind):
     assert message["x-aodm-kind"] == kind
     assert ref_name(message["payload"]) == entry["schema"]
     check_struct(entry["schema"], KINDS[kind], output=True)
+
+
+# ------------------------------------------------------- what the schemas promise
+
+
+def array_bounds(schema: dict, path: str, root: dict = DOC, seen: set[int] | None = None):
+    """(path, keyword) of every minItems/maxItems in a schema, following its local $refs
+    (into `root`: the document, or a schema of msgspec's with its $defs)."""
+    seen = set() if seen is None else seen
+    while "$ref" in schema:
+        node = root
+        for part in schema["$ref"][2:].split("/"):
+            node = node[part]
+        schema = node
+    if id(schema) in seen:
+        return
+    seen.add(id(schema))
+    for keyword in ("minItems", "maxItems"):
+        if keyword in schema:
+            yield path, keyword
+    for sub in schema.get("allOf", []) + schema.get("oneOf", []) + schema.get("anyOf", []):
+        yield from array_bounds(sub, path, root, seen)
+    for name, prop in schema.get("properties", {}).items():
+        yield from array_bounds(prop, f"{path}.{name}", root, seen)
+    if "items" in schema:
+        yield from array_bounds(schema["items"], f"{path}[]", root, seen)
+
+
+@pytest.mark.parametrize("name", sorted(CODE_ACTIONS))
+def test_no_data_schema_bounds_an_array_the_decoder_does_not(name):
+    """A bound in a Data schema reads as a schema error. No action decodes an array with a
+    length bound: RotateSessionKey's Keys (one per member) is the action's check, answered
+    invalid_argument after authentication, so its schema states no minItems/maxItems."""
+    _, action = CODE_ACTIONS[name]
+    decoder = msgspec.json.schema(action.request)
+    assert list(array_bounds(SCHEMAS[DOC_ACTIONS[name]["data"]], name)) == list(array_bounds(decoder, name, decoder))
+
+
+def test_the_shard_channel_says_what_protocol_9_1_says():
+    """A shard's worker runs what has arrived in batches, committed together (§9.1)."""
+    text = " ".join(DOC["channels"]["sessionShard"]["description"].split())
+    assert "one message at a time" not in text
+    assert "in batches" in text and "committed together" in text
