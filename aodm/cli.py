@@ -1,32 +1,42 @@
 """`aodm`: the command line. Argument parsing, dispatch, and the one place that turns every
-error a user can cause into one line on stderr and exit status 1 (never a traceback)."""
+error a user can cause into one line on stderr and exit status 1 (never a traceback).
+
+Exit status: 0 done; 1 an error (one line on stderr: `aodm: …`, or with --json the
+document {"error": {"code": …, "message": …}}); 2 a usage error (argparse's, JSON too
+with --json); 130 interrupted (Ctrl-C; it ends `listen` and `chat` with 0)."""
 
 import argparse
 import asyncio
 import inspect
+import json
 import logging
+import math
 import os
 import sys
 from datetime import datetime
+from importlib import metadata
 
 import aiormq
 
-from aodm import commands, demo
+import aodm
+from aodm import chat, commands, demo, listen
 from aodm.commands import Context, safe_url
 from aodm.crypto import DecryptionFailed
 from aodm.inbox import InboxUnavailable
+from aodm.output import error_line, refusal
 from aodm.state import CliError
 from shared.errors import AodmError
 from shared.transport import BrokerError
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
-
-HINTS = {
-    "not_found": "check the spelling; `aodm chats` lists your peers",
-    "already_exists": "choose another name",
-    "unauthorized": "is that handle registered to this identity? See --as",
-    "timeout": "are the aodm services running? --timeout S waits longer",
-}
+MIN_TIMEOUT_S, MAX_TIMEOUT_S = 0.1, 3600.0  # below: nothing could answer; above: a typo (ms for s?)
+# How long the tasks still running at the end (cancelled) get to finish. Why not until they
+# do, as asyncio.run waits: a connect cut short by --timeout leaves an aio-pika robust
+# connection that nothing can close (shared/transport.py's _open never returned it), and its
+# reconnect task takes a cancel for "try again in 5 s" unless the connection was closed; so
+# `--timeout 0.001`, or any broker slower than --timeout to accept, hung the CLI forever.
+SHUTDOWN_GRACE_S = 0.5
+ENDED_BY_CTRL_C = {listen.listen, chat.chat}  # Ctrl-C is how these end: exit status 0
 
 
 # -- parsing --------------------------------------------------------------------------
@@ -42,6 +52,17 @@ def since(raw: str) -> int:
         raise argparse.ArgumentTypeError(f"{raw!r} is neither epoch milliseconds nor an ISO 8601 time") from None
 
 
+def seconds(raw: str) -> float:
+    """A wait in seconds: a number from MIN_TIMEOUT_S to MAX_TIMEOUT_S."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds") from None
+    if not math.isfinite(value) or not MIN_TIMEOUT_S <= value <= MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"{raw} is not between {MIN_TIMEOUT_S:g} and {MAX_TIMEOUT_S:g} seconds")
+    return value
+
+
 def positive(raw: str) -> int:
     value = int(raw)
     if value < 1:
@@ -49,7 +70,7 @@ def positive(raw: str) -> int:
     return value
 
 
-def add_globals(parser: argparse.ArgumentParser, *, top: bool, timeout: bool = True) -> None:
+def add_globals(parser: argparse.ArgumentParser, *, top: bool, timeout: bool = True, as_json: bool = True) -> None:
     """Global options are accepted before or after the command. After it they default to
     SUPPRESS, so they override the value given before it only when actually present."""
     default = (lambda value: value) if top else (lambda value: argparse.SUPPRESS)
@@ -61,25 +82,58 @@ def add_globals(parser: argparse.ArgumentParser, *, top: bool, timeout: bool = T
     group.add_argument("--amqp-url", metavar="URL", default=default(os.environ.get("AODM_AMQP_URL", DEFAULT_AMQP_URL)),
                        help="RabbitMQ URL (default: $AODM_AMQP_URL or %s)" % DEFAULT_AMQP_URL)
     if timeout:
-        group.add_argument("--timeout", type=float, metavar="S", default=default(15.0),
-                           help="seconds to wait for each reply (default: 15)")
+        group.add_argument("--timeout", type=seconds, metavar="S", default=default(15.0),
+                           help=f"seconds to wait for each reply, {MIN_TIMEOUT_S:g} to {MAX_TIMEOUT_S:g} (default: 15)")
+    if as_json:
+        group.add_argument("--json", action="store_true", default=default(False),
+                           help="machine-readable output: one JSON document on stdout (JSON lines for listen "
+                           'and chat); errors as {"error": {"code": ..., "message": ...}} on stderr')
 
 
-def command(sub, name: str, run, help: str, description: str, *, timeout: bool = True) -> argparse.ArgumentParser:
+def command(sub, name: str, run, help: str, description: str, *, timeout: bool = True,
+            as_json: bool = True) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help, description=description,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.set_defaults(run=run)
-    add_globals(parser, top=False, timeout=timeout)
+    parser.set_defaults(run=run, narrated=not as_json)
+    add_globals(parser, top=False, timeout=timeout, as_json=as_json)
     return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, its usage errors as JSON documents when the line has --json (the
+    sub-parsers are made of the same class)."""
+
+    json_errors = False
+
+    def error(self, message: str):
+        if not self.json_errors:
+            super().error(message)
+        self.exit(2, error_line("usage", f"{self.prog}: {message}", True) + "\n")
+
+
+class JsonParser(Parser):
+    json_errors = True
+
+
+def version() -> str:
+    """The installed package's version; the source's own when it is not installed."""
+    try:
+        return metadata.version("aodm")
+    except metadata.PackageNotFoundError:
+        return aodm.__version__
+
+
+def build_parser(as_json: bool = False) -> argparse.ArgumentParser:
+    parser = (JsonParser if as_json else Parser)(
         prog="aodm",
         description="Encrypted direct messages between handles. Keys never leave this machine: "
         "the services only ever see sealed keys and ciphertext.",
-        epilog="Start with: aodm identity new; aodm register NAME; aodm send PEER hello",
+        epilog="Start with: aodm identity new; aodm register NAME; aodm send PEER hello. "
+        "--json gives any command but demo machine-readable output. "
+        "Exit status: 0 done, 1 an error (one line on stderr), 2 a usage error.",
     )
+    parser.add_argument("--version", action="version",
+                        version=json.dumps({"version": version()}) if as_json else f"aodm {version()}")
     add_globals(parser, top=True)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     add_identity(sub)
@@ -89,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "the eight steps of the workflow, narrating each: alice generates a session key,\n"
                 "seals it to both box keys, sends both sealed keys and an encrypted message while bob\n"
                 "is offline; bob then finds the notification, fetches and opens his sealed key and\n"
-                "decrypts. Waits for the services to answer first, so it can start with the stack.")
-    p.add_argument("--wait", type=float, default=30.0, metavar="S",
+                "decrypts. Waits for the services to answer first, so it can start with the stack.\n"
+                "It narrates for people: it has no --json output.", as_json=False)
+    p.add_argument("--wait", type=seconds, default=30.0, metavar="S",
                    help="how long to wait for the services to answer (default: 30)")
     return parser
 
@@ -140,7 +195,8 @@ def add_chat_commands(sub) -> None:
     p.add_argument("peer", metavar="PEER")
     p = command(sub, "send", commands.send, "send an encrypted message to PEER",
                 "Encrypt TEXT with the session's current key and send it to PEER, opening the\n"
-                "chat first if needed. Prints the message's sequence number and time.")
+                "chat first if needed. Prints the message's sequence number and time. An empty\n"
+                "message (or only spaces) is refused.")
     p.add_argument("peer", metavar="PEER")
     p.add_argument("text", metavar="TEXT", nargs="+", help="the message (several words are joined by spaces)")
     p = command(sub, "rotate", commands.rotate, "give the chat with PEER a new key",
@@ -149,12 +205,16 @@ def add_chat_commands(sub) -> None:
     p.add_argument("peer", metavar="PEER")
     add_history(sub)
     add_listen(sub)
+    add_chat(sub)
 
 
 def add_history(sub) -> None:
     p = command(sub, "history", commands.history, "show the decrypted messages of the chat with PEER",
-                "Fetch and decrypt the chat with PEER, one line per message:\n"
-                "  [2026-11-26 18:03:12] alice: hello")
+                "Fetch and decrypt the chat with PEER, one line per message, in local time with\n"
+                "its offset from UTC:\n"
+                "  [2026-11-26 18:03:12 +01:00] alice: hello\n"
+                "With --json: one document, {\"peer\", \"session_id\", \"messages\": [{\"seq\", \"sender\",\n"
+                "\"time\" (ISO 8601 with offset), \"timestamp\" (epoch ms), \"generation\", \"text\"}]}.")
     p.add_argument("peer", metavar="PEER")
     p.add_argument("--limit", type=positive, metavar="N", help="at most N messages")
     p.add_argument("--desc", action="store_true", help="newest first")
@@ -163,42 +223,63 @@ def add_history(sub) -> None:
 
 
 def add_listen(sub) -> None:
-    p = command(sub, "listen", commands.listen, "print your notifications as they arrive",
+    p = command(sub, "listen", listen.listen, "print your notifications as they arrive",
                 "Consume your handle's notification queue and print each event: new messages\n"
                 "(decrypted, with sender and time), sessions established, keys rotated, and\n"
                 "requests that failed (with their error code). Notifications wait in the queue\n"
                 "while you are offline, the newest up to a bound. First it shows, chat by chat,\n"
                 "the messages since the last `listen` (from the state file; a chat it has not\n"
                 "seen: the last 50), and a message whose notification the full queue dropped\n"
-                "is read back before the next one: each message once, in order. Ctrl-C stops.",
+                "is read back before the next one: each message once, in order. Ctrl-C stops.\n"
+                "With --json: one event per line (JSON lines), {\"event\": \"message\", ...}; the other\n"
+                "events are catching_up, session_established, key_rotated and request_failed.",
                 timeout=False)
     p.add_argument("--once", action="store_true",
                    help="print what is waiting (or the first to arrive within --timeout), then exit")
-    p.add_argument("--timeout", dest="wait", type=float, metavar="S",
+    p.add_argument("--timeout", dest="wait", type=seconds, metavar="S",
                    help="stop after S seconds without a notification (default: never)")
+
+
+def add_chat(sub) -> None:
+    p = command(sub, "chat", chat.chat, "talk with PEER: recent messages, new ones live, lines you type sent",
+                f"Show the last {chat.RECENT} messages of the chat with PEER, then its new messages as\n"
+                "they arrive, and send each line read from stdin as a message (empty lines are\n"
+                f"ignored; {chat.QUIT}, Ctrl-D or the end of the input leaves). stdin may be a pipe, so\n"
+                "a script can drive it. Another chat's message, or a request from someone else, is\n"
+                "one line (`listen` still shows such a message). A message request works as\n"
+                "elsewhere: replying to one accepts it; yours holds a few messages until the peer\n"
+                "accepts, and a refused line (not_accepted) is one line on stderr while the chat\n"
+                "goes on.\n"
+                "With --json: one event per line (JSON lines): chat (first: the session and its\n"
+                "state), history, message, sent (yours), elsewhere (another chat's message),\n"
+                "message_request, session_established.")
+    p.add_argument("peer", metavar="PEER")
 
 
 # -- running --------------------------------------------------------------------------
 
 
-def explain(exc: BaseException, url: str) -> str:
-    """One line that says what went wrong and what to do about it."""
+def explain(exc: BaseException, url: str) -> tuple[str, str]:
+    """A code for scripts, and one line that says what went wrong and what to do about it."""
     match exc:
-        case CliError() | InboxUnavailable():
-            return str(exc)
+        case CliError():
+            return exc.code, str(exc)
+        case InboxUnavailable():
+            return "inbox_unavailable", str(exc)
         case AodmError():
-            hint = HINTS.get(exc.code)
-            return f"{exc.code}: {exc.message}" + (f" ({hint})" if hint else "")
+            return exc.code, refusal(exc.code, exc.message)
         case DecryptionFailed():
-            return f"cannot decrypt: {exc}"
+            return "cannot_decrypt", f"cannot decrypt: {exc}"
         case OSError() if exc.filename:
-            return f"{exc.filename}: {exc.strerror}"
+            return "file_error", f"{exc.filename}: {exc.strerror}"
         case aiormq.exceptions.ChannelNotFoundEntity():
-            return f"the broker at {safe_url(url)} has no aodm exchanges: are the services running there? ({exc})"
+            return "no_services", (f"the broker at {safe_url(url)} has no aodm exchanges: "
+                                   f"are the services running there? ({exc})")
         case aiormq.exceptions.ProbableAuthenticationError():
-            return f"the broker at {safe_url(url)} refused the login: check the user and password in --amqp-url"
+            return "broker_login_refused", (f"the broker at {safe_url(url)} refused the login: "
+                                            "check the user and password in --amqp-url")
         case _:
-            return f"cannot talk to the broker at {safe_url(url)}: {exc or type(exc).__name__}"
+            return "broker_unreachable", f"cannot talk to the broker at {safe_url(url)}: {exc or type(exc).__name__}"
 
 
 async def dispatch(args) -> int:
@@ -207,17 +288,43 @@ async def dispatch(args) -> int:
     return await result if inspect.isawaitable(result) else result
 
 
+def run(command) -> int:
+    """asyncio.run (Ctrl-C cancels the command, which cleans up), except that the tasks left
+    at the end get SHUTDOWN_GRACE_S to finish, not forever."""
+    runner = asyncio.Runner()
+    try:
+        return runner.run(command)
+    finally:
+        loop = runner.get_loop()
+        leftovers = asyncio.all_tasks(loop)
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            loop.run_until_complete(asyncio.wait(leftovers, timeout=SHUTDOWN_GRACE_S))
+        if all(task.done() for task in leftovers):
+            runner.close()
+        else:  # the stubborn ones are dropped with the loop; their "destroyed but pending" is expected
+            loop.set_exception_handler(lambda loop, context: None)
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in argv  # before parsing: argparse's own errors are JSON too then
+    parser = build_parser(as_json)
+    args = parser.parse_args(argv)
+    if args.json and args.narrated:
+        parser.error("demo narrates the workflow for people: it has no --json output")
     for library in ("aio_pika", "aiormq"):  # their connection chatter would bury our one line
         logging.getLogger(library).setLevel(logging.CRITICAL)
     try:
-        return asyncio.run(dispatch(args))
+        return run(dispatch(args))
     except KeyboardInterrupt:
-        return 0 if args.run is commands.listen else 130
+        return 0 if args.run in ENDED_BY_CTRL_C else 130
     except (CliError, AodmError, DecryptionFailed, InboxUnavailable, *BrokerError, OSError,
             aiormq.exceptions.ChannelInvalidStateError) as exc:
-        print(f"aodm: {explain(exc, args.amqp_url)}", file=sys.stderr)
+        print(error_line(*explain(exc, args.amqp_url), args.json), file=sys.stderr)
         return 1
 
 

@@ -23,7 +23,12 @@ from aodm.crypto import Identity
 
 
 class CliError(Exception):
-    """A problem the user can fix; the CLI prints its message as one line and exits 1."""
+    """A problem the user can fix; the CLI prints its message as one line and exits 1.
+    `code` names it for scripts (`--json` errors carry it)."""
+
+    def __init__(self, message: str, code: str = "error") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def identity_path(explicit: str | None) -> Path:
@@ -42,7 +47,8 @@ def state_path(identity: Path) -> Path:
 def create_identity(path: Path, force: bool) -> Identity:
     """Refuses to overwrite: the old file is the only copy of its private keys."""
     if path.exists() and not force:
-        raise CliError(f"{path} already exists; pass --force to replace it (its handles become unusable)")
+        raise CliError(f"{path} already exists; pass --force to replace it (its handles become unusable)",
+                       "identity_exists")
     identity = Identity.generate()
     identity.save(path)
     path.chmod(0o600)
@@ -51,11 +57,12 @@ def create_identity(path: Path, force: bool) -> Identity:
 
 def load_identity(path: Path) -> Identity:
     if not path.exists():
-        raise CliError(f"no identity at {path}; create one with `aodm identity new` (or pass --identity PATH)")
+        raise CliError(f"no identity at {path}; create one with `aodm identity new` (or pass --identity PATH)",
+                       "no_identity")
     try:
         return Identity.from_json(path.read_bytes())
     except Exception as exc:  # any decoding problem means the same thing to the user
-        raise CliError(f"{path} is not a readable aodm identity: {exc}") from None
+        raise CliError(f"{path} is not a readable aodm identity: {exc}", "bad_identity") from None
 
 
 Cursors = dict[str, dict[str, dict[str, int]]]  # handle -> session id -> {"seq", "timestamp"}
