@@ -674,9 +674,9 @@ class Processor:
             metrics.observe("aodm_request_duration_seconds", elapsed, service=self.name, action=action)
 
     def _log(self, outcomes: list[Outcome], batch: int, elapsed: float) -> None:
-        """One log line per handled request."""
+        """One log line per handled request, at the level of its outcome (_LOG_LEVELS)."""
         for outcome in outcomes:
-            log.info(
+            getattr(log, _LOG_LEVELS.get(outcome.code, "warning"))(
                 "handled",
                 service=self.name,
                 action=outcome.action_name,
@@ -688,6 +688,20 @@ class Processor:
                 batch=batch,
                 duration_ms=round(elapsed * 1000, 2),
             )
+
+
+# The level of a `handled` line by its outcome: a bug is an error; an ordinary answer is
+# info (a lookup that finds nothing included); any other error code is a request refused
+# (unauthorized, invalid_signature, forbidden, malformed_request, not_accepted,
+# rate_limited...), a warning: a client that misbehaves or an attack shows at that level.
+_LOG_LEVELS = {
+    "ok": "info",
+    FENCED: "info",  # left to the shard's new owner, who answers it
+    "not_found": "info",
+    "already_exists": "info",
+    "no_session_key": "info",
+    InternalError.code: "error",
+}
 
 
 def _done() -> "asyncio.Future[None]":

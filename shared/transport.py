@@ -12,6 +12,7 @@ of a publish or a delivery.
 
 import asyncio
 import collections
+import itertools
 import logging
 import random
 import struct
@@ -398,9 +399,11 @@ class Consumer:
     """A subscription on its own channel, worked by `concurrency` tasks."""
 
     def __init__(
-        self, channel: aio_pika.abc.AbstractChannel, handler: Handler, concurrency: int, batch: int | None = None
+        self, channel: aio_pika.abc.AbstractChannel, handler: Handler, concurrency: int, batch: int | None = None,
+        tag: str | None = None,
     ) -> None:
         self._channel = channel
+        self._tag = tag  # the consumer tag (None: aiormq makes one up)
         self._handler = handler
         self._batch = batch
         self._inbox: asyncio.Queue[DeliveredMessage | None] = asyncio.Queue()
@@ -456,7 +459,7 @@ class Consumer:
     async def _consume(self, exclusive: bool) -> None:
         # Set before consuming: deliveries can arrive before basic.consume-ok is handed back.
         self._amqp = amqp = await self._channel.get_underlay_channel()
-        await amqp.basic_consume(self._queue, direct(self._on_message), exclusive=exclusive)
+        await amqp.basic_consume(self._queue, direct(self._on_message), exclusive=exclusive, consumer_tag=self._tag)
 
     async def _start(self, queue: str, exclusive: bool) -> None:
         self._queue = queue
@@ -539,6 +542,7 @@ class Bus:
         self._consuming: AbstractRobustConnection | None = None
         self._consuming_lock = asyncio.Lock()
         self._name = name
+        self._consumers_started = itertools.count(1)  # numbers the consumer tags
         self._amqp: AMQPChannel | None = None  # the AMQP channel under _channel, see _publisher
         self._pending: dict[str, asyncio.Future[bytes]] = {}
         self._reply_channel: AMQPChannel | None = None  # the AMQP channel consuming the replies
@@ -797,7 +801,9 @@ class Bus:
         handler gets a list of the deliveries that are waiting (group commit)."""
         channel = await (await self._consumer_connection()).channel()
         await channel.set_qos(prefetch_count=prefetch)
-        consumer = Consumer(channel, handler, concurrency, batch)
+        # Tagged with the connection's name, which says which process consumes (the
+        # services': service, host and pid), as the management UI lists a queue's consumers.
+        consumer = Consumer(channel, handler, concurrency, batch, tag=f"{self._name} #{next(self._consumers_started)}")
         try:
             await consumer._start(queue, exclusive)
         except aiormq.exceptions.ChannelAccessRefused as exc:

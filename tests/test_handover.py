@@ -51,12 +51,17 @@ async def every_shard_held(settings) -> bool:
         await bus.close()
 
 
+def _is_session_consumers(connection_name: str) -> bool:
+    """A session worker's consumer connection: `aodm-session@<host>[<pid>] (consumers)`."""
+    return connection_name.startswith("aodm-session@") and connection_name.endswith(" (consumers)")
+
+
 def close_a_session_workers_consumer_connection(settings) -> None:
     """What a network fault does: the broker closes the connection (and with it, its channels)."""
     vhost = quote(urlsplit(settings.amqp_url).path.lstrip("/"), safe="")
     connections = json.loads(management("GET", f"/vhosts/{vhost}/connections"))
     name = next(c["name"] for c in connections
-                if c.get("client_properties", {}).get("connection_name") == "aodm-session (consumers)")
+                if _is_session_consumers(c.get("client_properties", {}).get("connection_name", "")))
     management("DELETE", f"/connections/{quote(name, safe='')}")
 
 

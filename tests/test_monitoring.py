@@ -1,16 +1,26 @@
 """Monitoring held to the code: the compose `monitoring` profile, prometheus.yml, the Grafana
 dashboards' PromQL (every metric name must exist), the operations guide's settings table,
-and one real service process's /healthz, /readyz and /metrics."""
+and real service processes: /healthz, /readyz and /metrics, their JSON log lines (at the
+level of each outcome; a broker down or refusing at start), --help, and the names their
+connections and consumers carry in the management API."""
 
 import asyncio
+import importlib
 import json
+import os
+import platform
 import re
 import secrets
 import socket
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgspec
 import pytest
@@ -20,9 +30,14 @@ from aodm.client import Client
 from aodm.crypto import Identity
 from shared import config, envelope, topology
 from shared.encoding import b64encode
-from shared.errors import InternalError, NotFound
+from services.notifier import fanout
+from services.registry.__main__ import ACTIONS
+from shared import runtime
+from shared import service as request_loop
+from shared.errors import ERROR_CODES, InternalError, NotFound, Unauthorized
 from shared.registry_api import QueryHandle
 from tests.conftest import MANAGEMENT, isolated_settings
+from tests.isolation import management
 from tests.processes import ServiceProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -453,6 +468,14 @@ async def test_service_process_health_metrics_and_stop(tmp_path: Path) -> None:
             assert await _poll(f"{base}/healthz", proc) == "ok\n"
             assert await _poll(f"{base}/readyz", proc) == "ready\n"
             assert (await asyncio.to_thread(_get, f"{base}/nothing-here"))[0] == 404
+            # Before any request: every action's series at 0, the process and the build.
+            fresh = _parse_metrics((await asyncio.to_thread(_get, f"{base}/metrics"))[1])
+            for action in ACTIONS:
+                for outcome in ("ok", "internal"):
+                    key = ("aodm_requests_total", frozenset({("service", "registry"), ("action", action), ("outcome", outcome)}))
+                    assert fresh[key] == 0, key
+            assert fresh[("aodm_dead_lettered_total", frozenset({("service", "registry")}))] == 0
+            _check_process_series(fresh, proc)
 
             client = await Client.connect(settings.amqp_url, Identity.generate(), timeout=30)
             with pytest.raises(NotFound):
@@ -465,6 +488,14 @@ async def test_service_process_health_metrics_and_stop(tmp_path: Path) -> None:
             )
             with pytest.raises(InternalError):
                 await client.send_envelope(poison)
+            # From a handle nobody registered: refused.
+            forged = envelope.sign(
+                client.identity.signing_key, target="registry", from_=f"ghost-{secrets.token_hex(4)}",
+                action="QueryHandle", data=msgspec.json.encode(QueryHandle("whoever")).decode(),
+                anchor=b64encode(secrets.token_bytes(16)),
+            )
+            with pytest.raises(Unauthorized):
+                await client.send_envelope(forged)
 
             status, text = await asyncio.to_thread(_get, f"{base}/metrics")
             assert status == 200
@@ -474,20 +505,25 @@ async def test_service_process_health_metrics_and_stop(tmp_path: Path) -> None:
                 ("service", "registry"), ("action", "QueryHandle"), ("outcome", "not_found")}))] == 1
             assert series[("aodm_requests_total", frozenset({
                 ("service", "registry"), ("action", "QueryHandle"), ("outcome", "internal")}))] == 1
+            assert series[("aodm_requests_total", frozenset({
+                ("service", "registry"), ("action", "QueryHandle"), ("outcome", "unauthorized")}))] == 1
             assert series[("aodm_request_duration_seconds_count", frozenset({
-                ("service", "registry"), ("action", "QueryHandle")}))] == 2
+                ("service", "registry"), ("action", "QueryHandle")}))] == 3
             assert series[("aodm_request_duration_seconds_bucket", frozenset({
-                ("service", "registry"), ("action", "QueryHandle"), ("le", "+Inf")}))] == 2
+                ("service", "registry"), ("action", "QueryHandle"), ("le", "+Inf")}))] == 3
             assert "# TYPE aodm_dead_lettered_total counter" in text
             assert series[("aodm_dead_lettered_total", frozenset({("service", "registry")}))] == 1
             assert await client.bus.message_count(topology.DEAD_LETTER_QUEUE) == 1
 
-            # One JSON line per handled request: action, outcome, duration, ids.
+            # One JSON line per handled request: action, outcome, duration, ids; its level by
+            # its outcome. Every line the process wrote is JSON (the libraries' too).
             handled = [
-                line for line in (json.loads(raw) for raw in proc.log().splitlines() if raw.startswith("{"))
+                line for line in _json_lines(proc)
                 if line.get("event") == "handled" and line.get("service") == "registry"
             ]
-            assert {(h["action"], h["outcome"]) for h in handled} >= {("QueryHandle", "not_found"), ("QueryHandle", "internal")}
+            levels = {(h["action"], h["outcome"], h["level"]) for h in handled}
+            assert levels >= {("QueryHandle", "not_found", "info"), ("QueryHandle", "internal", "error"),
+                              ("QueryHandle", "unauthorized", "warning")}
             for line in handled:
                 assert line["request_id"] and isinstance(line["duration_ms"], (int, float)) and line["timestamp"]
             assert settings.amqp_url not in proc.log() and settings.database_url not in proc.log()
@@ -499,6 +535,189 @@ async def test_service_process_health_metrics_and_stop(tmp_path: Path) -> None:
         assert "service stopped" in proc.log()
         with pytest.raises(OSError):
             await asyncio.to_thread(_get, f"{base}/readyz", 2)
+
+
+def _json_lines(proc: ServiceProcess) -> list[dict]:
+    """Every complete line the process wrote (stdout and stderr), each parsed as JSON."""
+    lines = []
+    for raw in proc.log().split("\n")[:-1]:  # the last piece is "" or a line still being written
+        try:
+            lines.append(json.loads(raw))
+        except json.JSONDecodeError:
+            pytest.fail(f"{proc.name} wrote a line that is not JSON: {raw!r}")
+    return lines
+
+
+def _check_process_series(series: dict, proc: ServiceProcess) -> None:
+    def one(name: str) -> float:
+        return series[(name, frozenset())]
+
+    assert one("process_cpu_seconds_total") > 0
+    assert one("process_resident_memory_bytes") > 10 * 2**20 and one("process_virtual_memory_bytes") > 0
+    assert 3 <= one("process_open_fds") <= one("process_max_fds")
+    assert time.time() - 600 < one("process_start_time_seconds") <= time.time()
+    build = frozenset({("version", metadata.version("aodm")), ("python", platform.python_version())})
+    assert series[("aodm_build_info", build)] == 1
+
+
+async def _until(predicate, what: str, proc: ServiceProcess, timeout: float = 30):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (result := await predicate()):
+        assert asyncio.get_running_loop().time() < deadline, f"{what}: not in {timeout} s\n{proc.log()[-3000:]}"
+        await asyncio.sleep(0.2)
+    return result
+
+
+def test_handled_lines_are_logged_at_the_level_of_their_outcome(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ok and the answers that refuse nothing at info, every refusal at warning, a bug at error."""
+    logged: list[tuple[str, str]] = []
+
+    class Recorder:
+        def __getattr__(self, level: str):
+            return lambda event, **fields: logged.append((fields["outcome"], level))
+
+    monkeypatch.setattr(request_loop, "log", Recorder())
+    processor = object.__new__(request_loop.Processor)
+    processor.name = "test"
+    codes = ["ok", request_loop.FENCED, *ERROR_CODES]
+    processor._log([request_loop.Outcome(SimpleNamespace(redelivered=False), code=code) for code in codes], len(codes), 0.01)
+    answers = {"ok", request_loop.FENCED, "not_found", "already_exists", "no_session_key"}
+    expected = [(code, "info" if code in answers else "error" if code == "internal" else "warning") for code in codes]
+    assert logged == expected
+    assert {"unauthorized", "invalid_signature", "forbidden", "malformed_request", "not_accepted", "rate_limited"} <= {
+        code for code, level in logged if level == "warning"}
+
+
+@pytest.mark.parametrize("name", ["registry", "session", "notifier"])
+def test_help_describes_the_service_and_every_setting(name: str) -> None:
+    env = {**os.environ, "AODM_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/"}  # it must not connect anyway
+    done = subprocess.run([sys.executable, "-m", f"services.{name}", "--help"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    description = importlib.import_module(f"services.{name}.__main__").__doc__
+    assert " ".join(description.split()) in " ".join(done.stdout.split())
+    for variable, (default, _, meaning) in config.VARIABLES.items():
+        assert f"  {variable}={default}\n" in done.stdout
+        assert " ".join(meaning.split()) in " ".join(done.stdout.split())
+    assert "service starting" not in done.stdout
+
+
+async def test_broker_down_at_start_is_waited_for_in_json_lines(tmp_path: Path) -> None:
+    """No broker behind the URL: the service retries with growing pauses, a JSON warning an
+    attempt, says alive but not ready meanwhile, and stops cleanly on SIGTERM."""
+    async with isolated_settings() as settings:
+        port = _free_port()
+        base = f"http://127.0.0.1:{port}"
+        proc = ServiceProcess("registry", settings, tmp_path, AODM_HTTP_PORT=str(port),
+                              AODM_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{_free_port()}/").start()
+
+        def attempts() -> list[dict]:
+            return [line for line in _json_lines(proc) if line["event"] == "broker not reachable yet"]
+
+        try:
+            assert await _poll(f"{base}/healthz", proc) == "ok\n"
+
+            async def three_attempts() -> bool:
+                return len(attempts()) >= 3
+
+            await _until(three_attempts, "three connection attempts logged", proc)
+            assert (await asyncio.to_thread(_get, f"{base}/readyz"))[0] == 503
+        finally:
+            code = await asyncio.to_thread(proc.terminate, 30) if proc.alive else proc.proc.returncode
+        assert code == 0, proc.log()[-3000:]
+        assert proc.log().endswith("\n")
+        lines, tried = _json_lines(proc), attempts()
+        assert [a["attempt"] for a in tried] == list(range(1, len(tried) + 1))
+        pauses = [a["retry_in_s"] for a in tried]
+        assert pauses == sorted(pauses) and pauses[0] < pauses[-1] <= runtime.BROKER_RETRY_CAP_S
+        assert {a["level"] for a in tried} == {"warning"} and all(a["error"] for a in tried)
+        assert not [line for line in lines if line["level"] in ("error", "critical")]
+        assert lines[-1]["event"] == "service stopped"
+
+
+async def test_a_refused_login_is_one_json_error_line_and_exit_2(tmp_path: Path) -> None:
+    async with isolated_settings() as settings:
+        url = urllib.parse.urlsplit(settings.amqp_url)
+        wrong = url._replace(netloc=f"{url.username or 'guest'}:not-{secrets.token_hex(4)}@{url.hostname}:{url.port or 5672}")
+        proc = ServiceProcess("notifier", settings, tmp_path, AODM_AMQP_URL=urllib.parse.urlunsplit(wrong)).start()
+        code = await asyncio.to_thread(proc.proc.wait, 60)
+        assert code == 2, proc.log()[-3000:]
+        errors = [line for line in _json_lines(proc) if line["level"] in ("error", "critical")]
+        assert [e["event"] for e in errors] == ["broker refused the connection, check AODM_AMQP_URL"]
+        assert wrong.password not in proc.log()
+
+
+async def test_a_bad_setting_is_one_json_error_line_and_exit_2(tmp_path: Path) -> None:
+    async with isolated_settings() as settings:
+        proc = ServiceProcess("notifier", settings, tmp_path, AODM_PREFETCH="0").start()
+        assert await asyncio.to_thread(proc.proc.wait, 60) == 2
+        (line,) = _json_lines(proc)
+        assert (line["event"], line["level"]) == ("configuration error", "error") and "AODM_PREFETCH" in line["error"]
+
+
+async def test_connections_and_consumers_name_their_process_and_the_notifier_counts(tmp_path: Path) -> None:
+    """In the management API, each service's connections and consumer tags say which
+    process they are (service, host, pid); the notifier's /metrics count what it does."""
+    async with isolated_settings() as settings:
+        vhost = urllib.parse.unquote(urllib.parse.urlsplit(settings.amqp_url).path[1:]) or "/"
+        ports = {name: _free_port() for name in ("registry", "notifier")}
+        procs = {name: ServiceProcess(name, settings, tmp_path, AODM_HTTP_PORT=str(port)).start() for name, port in ports.items()}
+        notifier_metrics = f"http://127.0.0.1:{ports['notifier']}/metrics"
+        client = None
+        try:
+            for name, proc in procs.items():
+                await _poll(f"http://127.0.0.1:{ports[name]}/readyz", proc)
+            fresh = _parse_metrics((await asyncio.to_thread(_get, notifier_metrics))[1])
+            for kind in fanout.EVENT_KINDS:
+                assert fresh[("aodm_notifier_events_total", frozenset({("kind", kind)}))] == 0
+            for reason in fanout.DECLARE_REASONS:
+                assert fresh[("aodm_inboxes_declared_total", frozenset({("reason", reason)}))] == 0
+            for reason in fanout.FAILURE_REASONS:
+                assert fresh[("aodm_notifier_failures_total", frozenset({("reason", reason)}))] == 0
+            for kind in fanout.NOTIFICATION_KINDS:
+                assert fresh[("aodm_notifications_total", frozenset({("kind", kind), ("service", "notifier")}))] == 0
+            _check_process_series(fresh, procs["notifier"])
+
+            client = await Client.connect(settings.amqp_url, Identity.generate(), timeout=30)
+            await client.register(f"seen-{secrets.token_hex(4)}")
+
+            async def counted() -> dict | None:
+                series = _parse_metrics((await asyncio.to_thread(_get, notifier_metrics))[1])
+                if series[("aodm_inboxes_declared_total", frozenset({("reason", "registered")}))] == 1:
+                    return series
+                return None
+
+            series = await _until(counted, "the notifier counting the registration", procs["notifier"])
+            assert series[("aodm_notifier_events_total", frozenset({("kind", "HandleRegistered")}))] == 1
+
+            names = {name: f"aodm-{name}@{socket.gethostname()}[{proc.proc.pid}]" for name, proc in procs.items()}
+
+            async def connections() -> set[str]:
+                listed = json.loads(await asyncio.to_thread(management, "GET", "/connections"))
+                found = {c.get("client_properties", {}).get("connection_name") for c in listed if c["vhost"] == vhost}
+                expected = {*names.values(), *(f"{n} (consumers)" for n in names.values())}
+                return expected <= found
+
+            await _until(connections, "both services' two connections listed", procs["registry"])
+
+            async def consumers() -> dict[str, list[str]]:
+                listed = json.loads(await asyncio.to_thread(management, "GET", f"/consumers/{urllib.parse.quote(vhost, safe='')}"))
+                tags: dict[str, list[str]] = {}
+                for consumer in listed:
+                    tags.setdefault(consumer["queue"]["name"], []).append(consumer["consumer_tag"])
+                wanted = (topology.REGISTRY_QUEUE, topology.ACTIVITY_QUEUE, topology.NOTIFIER_QUEUE)
+                return tags if all(queue in tags for queue in wanted) else {}
+
+            tags = await _until(consumers, "the services' consumers listed", procs["registry"])
+            for queue, owner in ((topology.REGISTRY_QUEUE, "registry"), (topology.ACTIVITY_QUEUE, "registry"),
+                                 (topology.NOTIFIER_QUEUE, "notifier")):
+                assert [re.fullmatch(re.escape(names[owner]) + r" #\d+", tag) is not None for tag in tags[queue]] == [True], tags
+        finally:
+            if client is not None:
+                await client.close()
+            for proc in procs.values():
+                if proc.alive:
+                    assert await asyncio.to_thread(proc.terminate, 30) == 0
 
 
 if __name__ == "__main__":  # `.venv/bin/python -m tests.test_monitoring` prints the settings table for the docs

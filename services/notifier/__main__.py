@@ -1,4 +1,7 @@
-"""The notifier: keeps each handle's own notification queue (see fanout.py)."""
+"""The aodm notifier: keeps one durable notification queue per handle, so an offline
+handle finds its notifications when it returns. It declares a handle's queue when the
+handle registers, and delivers the notifications that found their queue missing (see
+fanout.py). It uses no database."""
 
 import asyncio
 
@@ -22,4 +25,4 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
 
 
 if __name__ == "__main__":
-    runtime.main("notifier", run)
+    runtime.main("notifier", run, __doc__)

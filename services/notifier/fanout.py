@@ -16,27 +16,65 @@ from shared.logs import log
 from shared.notifications import AnyNotification, Fanout, HandleRegistered, NotifierEvent, event_decoder
 from shared.transport import Bus, Delivery, Unroutable, settle_when_confirmed
 
+# aodm_notifications_total (described in shared/service.py) counts what the notifier
+# delivered, service="notifier": notifications redirected to it because their queue was missing.
+metrics.describe("aodm_notifier_events_total", "counter", "Events the notifier took, by kind (HandleRegistered, Fanout).")
+metrics.describe("aodm_inboxes_declared_total", "counter", "Handle inbox queues the notifier declared, by reason (registered, missing).")
+metrics.describe("aodm_notifier_failures_total", "counter", "Notifier events dropped or not delivered, by reason (foreign_user, undecodable, delivery).")
+EVENT_KINDS = ("HandleRegistered", "Fanout")
+DECLARE_REASONS = ("registered", "missing")
+FAILURE_REASONS = ("foreign_user", "undecodable", "delivery")
+NOTIFICATION_KINDS = tuple(kind.__name__ for kind in AnyNotification.__args__)
+
+
+def _count_from_zero() -> None:
+    """Every series exists from the start, so a rate() or an alert sees the first event."""
+    for kind in EVENT_KINDS:
+        metrics.inc("aodm_notifier_events_total", 0, kind=kind)
+    for reason in DECLARE_REASONS:
+        metrics.inc("aodm_inboxes_declared_total", 0, reason=reason)
+    for reason in FAILURE_REASONS:
+        metrics.inc("aodm_notifier_failures_total", 0, reason=reason)
+    for kind in NOTIFICATION_KINDS:
+        metrics.inc("aodm_notifications_total", 0, kind=kind, service="notifier")
+
 
 async def _deliver(bus: Bus, notes: list[AnyNotification]) -> None:
     """Into each handle's queue; one found missing is declared again and published again."""
-    missing = await bus.publish_all([effects.notification(note) for note in notes])
-    for message in missing:
-        await topology.declare_inbox(bus, message.routing_key)
-    if still := await bus.publish_all(missing):  # only if deleted again at once: a bug or an operator
-        raise Unroutable(", ".join(f"{m.exchange}/{m.routing_key}" for m in still))
+    try:
+        missing = await bus.publish_all([effects.notification(note) for note in notes])
+        for message in missing:
+            await topology.declare_inbox(bus, message.routing_key)
+            metrics.inc("aodm_inboxes_declared_total", reason="missing")
+        if still := await bus.publish_all(missing):  # only if deleted again at once: a bug or an operator
+            raise Unroutable(", ".join(f"{m.exchange}/{m.routing_key}" for m in still))
+    except Exception:  # the batch goes back to its queue (settle_when_confirmed) and comes again
+        metrics.inc("aodm_notifier_failures_total", reason="delivery")
+        raise
     for note in notes:
         metrics.inc("aodm_notifications_total", kind=type(note).__name__, service="notifier")
+
+
+async def _declare_registered(bus: Bus, handle: str) -> None:
+    try:
+        await topology.declare_inbox(bus, handle)
+    except Exception:  # the batch goes back to its queue and comes again
+        metrics.inc("aodm_notifier_failures_total", reason="delivery")
+        raise
+    metrics.inc("aodm_inboxes_declared_total", reason="registered")
 
 
 def _accepted(bus: Bus, delivery: Delivery) -> NotifierEvent | None:
     """Events count only when the broker vouches (user_id) that the services' user sent them."""
     if delivery.user_id != bus.user:
         log.warning("notifier event from another broker user dropped", user_id=delivery.user_id)
+        metrics.inc("aodm_notifier_failures_total", reason="foreign_user")
         return None
     try:
         return event_decoder.decode(delivery.body)
     except msgspec.DecodeError as exc:
         log.warning("bad notifier event dropped", error=str(exc))
+        metrics.inc("aodm_notifier_failures_total", reason="undecodable")
         return None
 
 
@@ -49,15 +87,18 @@ class Notifier:
     def __init__(self, bus: Bus) -> None:
         self._bus = bus
         self._settled: asyncio.Future[None] | None = None  # the latest batch's acknowledgement
+        _count_from_zero()
 
     async def on_events(self, deliveries: list[Delivery]) -> "asyncio.Future[None]":
         notes: list[AnyNotification] = []
         for delivery in deliveries:
             match _accepted(self._bus, delivery):
                 case HandleRegistered(handle=handle):
-                    await topology.declare_inbox(self._bus, handle)  # before anything is delivered to it
+                    metrics.inc("aodm_notifier_events_total", kind="HandleRegistered")
+                    await _declare_registered(self._bus, handle)  # before anything is delivered to it
                     log.info("handled", service="notifier", kind="HandleRegistered", handle=handle)
                 case Fanout(notifications=batch):
+                    metrics.inc("aodm_notifier_events_total", kind="Fanout")
                     notes += batch
                     log.info(
                         "handled", service="notifier", kind="Fanout", kinds=[type(n).__name__ for n in batch],

@@ -1,4 +1,8 @@
-"""The handle registry: handles with their owners' keys, and the pair → session map."""
+"""The aodm registry: handles and their owners' keys (Register, QueryHandle, GetHandles),
+the one DM session of each pair of handles (EstablishSession, QuerySession) and each
+handle's chat list (GetChatList). Its state is the PostgreSQL schema `registry`, created
+and migrated at start. With AODM_BROKER_ADMIN_URL set it issues each handle its own
+broker user (IssueBrokerCredentials)."""
 
 import asyncio
 import functools
@@ -78,6 +82,8 @@ async def start(rt: runtime.Runtime) -> None:
         handler_timeout=rt.settings.handler_timeout_s, stopping=rt.stop,
     )
 
+    runtime.requests_from_zero("registry", processor.actions)
+
     async def on_activity(delivery: Delivery) -> None:
         if delivery.user_id != rt.bus.user:  # only the services' own broker user publishes events
             log.warning("activity event from another broker user dropped", user_id=delivery.user_id)
@@ -97,4 +103,4 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
 
 
 if __name__ == "__main__":
-    runtime.main("registry", run)
+    runtime.main("registry", run, __doc__)

@@ -1,4 +1,9 @@
-"""The DM session worker: runs every session process, sharded by session id."""
+"""The aodm session worker: runs every DM session, its key batches (RotateSessionKey,
+GetCurrentKey, GetKeyByGeneration), its messages (SendMessage, QueryMessage) and its
+consent (Accept, Block, Unblock); only a session's two members may call it. Session ids
+are hashed onto AODM_SESSION_SHARDS shard queues, each worked by one worker at a time, in
+order: start more workers to scale out. Its state is the PostgreSQL schema `session`,
+created and migrated at start."""
 
 import asyncio
 import functools
@@ -91,6 +96,7 @@ async def start(rt: runtime.Runtime) -> None:
             log.warning("bad spawn dropped", error=str(exc))
         await delivery.ack()
 
+    runtime.requests_from_zero("session", processor.actions)
     combiner = Combiner(run_batch, limit=COMBINED_BATCH)
     rt.background(combiner.serve())
     rt.background(feed.serve(rt.pool))
@@ -102,4 +108,4 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
 
 
 if __name__ == "__main__":
-    runtime.main("session", run)
+    runtime.main("session", run, __doc__)
