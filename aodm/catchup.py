@@ -25,8 +25,8 @@ from collections.abc import AsyncIterator
 from typing import NamedTuple
 
 from aodm.client import Client
-from shared.notifications import NewMessage
-from shared.session_api import MAX_PAGE, StoredMessage
+from aodm.notifications import NewMessage
+from aodm.session_api import MAX_PAGE, StoredMessage
 
 LAST_PAGE = 50
 

@@ -28,9 +28,9 @@ from aodm.commands import Context, ensure_session
 from aodm.inbox import Inbox
 from aodm.output import local_time, moment, refusal
 from aodm.state import CliError
-from shared.errors import AodmError
-from shared.notifications import NewMessage, SessionEstablished
-from shared.session_api import StoredMessage
+from aodm.errors import AodmError
+from aodm.notifications import NewMessage, SessionEstablished
+from aodm.session_api import StoredMessage
 
 RECENT = 20  # messages shown when the chat opens
 QUIT = "/quit"

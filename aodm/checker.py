@@ -27,14 +27,14 @@ import msgspec
 from aodm import crypto
 from aodm.checker_report import Keys, Note, Report, Sent, Stored, judge
 from aodm.client import Client
-from shared import envelope, topology
-from shared.encoding import b64encode
-from shared.envelope import Tag
-from shared.errors import NoSessionKey, NotFound, Timeout, error_for
-from shared.notifications import NewMessage, notification_decoder
-from shared.registry_api import REGISTRY_TARGET, Established, EstablishSession, Register
-from shared.replies import Err, Ok, reply_decoder
-from shared.session_api import (
+from aodm import envelope, topology
+from aodm.encoding import b64encode
+from aodm.envelope import Tag
+from aodm.errors import NoSessionKey, NotFound, Timeout, error_for
+from aodm.notifications import NewMessage, notification_decoder
+from aodm.registry_api import REGISTRY_TARGET, Established, EstablishSession, Register
+from aodm.replies import Err, Ok, reply_decoder
+from aodm.session_api import (
     Accept,
     Consent,
     GetCurrentKey,
@@ -47,7 +47,7 @@ from shared.session_api import (
     SealedKey,
     SendMessage,
 )
-from shared.session_api import Sent as SentReply
+from aodm.session_api import Sent as SentReply
 from shared.transport import BrokerError, Delivery, QueueMissing
 
 _encoder = msgspec.json.Encoder()

@@ -9,7 +9,7 @@ import json
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 
-from shared.notifications import notification_id
+from aodm.notifications import notification_id
 
 PENDING = "pending"  # no reply before the checker gave up: it may or may not have happened
 

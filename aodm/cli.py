@@ -25,7 +25,7 @@ from aodm.crypto import DecryptionFailed
 from aodm.inbox import InboxUnavailable
 from aodm.output import error_line, refusal
 from aodm.state import CliError
-from shared.errors import AodmError
+from aodm.errors import AodmError
 from shared.transport import BrokerError
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"

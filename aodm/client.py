@@ -14,10 +14,10 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import msgspec
 
 from aodm import crypto
-from shared import envelope, topology
-from shared.encoding import b64encode
-from shared.errors import Timeout, error_for
-from shared.registry_api import (
+from aodm import envelope, topology
+from aodm.encoding import b64encode
+from aodm.errors import Timeout, error_for
+from aodm.registry_api import (
     REGISTRY_TARGET,
     BrokerCredentials,
     ChatList,
@@ -34,8 +34,8 @@ from shared.registry_api import (
     Registered,
     SessionRef,
 )
-from shared.replies import Err, reply_decoder
-from shared.session_api import (
+from aodm.replies import Err, reply_decoder
+from aodm.session_api import (
     Accept,
     Block,
     Consent,

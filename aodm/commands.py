@@ -13,8 +13,8 @@ from aodm.client import Client, with_credentials
 from aodm.crypto import Identity
 from aodm.output import Output, local_time, moment
 from aodm.state import CliError, State
-from shared.errors import AodmError, NoSessionKey
-from shared.session_api import MAX_PAGE
+from aodm.errors import AodmError, NoSessionKey
+from aodm.session_api import MAX_PAGE
 from shared.transport import LoginRefused
 
 

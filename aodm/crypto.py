@@ -17,9 +17,9 @@ from nacl.secret import SecretBox
 from nacl.signing import SigningKey
 from nacl.utils import random
 
-from shared.encoding import b64decode, b64encode  # noqa: F401 (re-exported for clients)
-from shared.errors import MalformedRequest
-from shared.envelope import address_of
+from aodm.encoding import b64decode, b64encode  # noqa: F401 (re-exported for clients)
+from aodm.errors import MalformedRequest
+from aodm.envelope import address_of
 
 
 class DecryptionFailed(Exception):

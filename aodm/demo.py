@@ -12,10 +12,10 @@ from aodm.client import Client
 from aodm.commands import local_time, safe_url
 from aodm.inbox import Inbox
 from aodm.state import CliError
-from shared.encoding import b64decode
-from shared.errors import NotFound
-from shared.notifications import NewMessage
-from shared.session_api import RotateSessionKey, Rotated, SealedKey
+from aodm.encoding import b64decode
+from aodm.errors import NotFound
+from aodm.notifications import NewMessage
+from aodm.session_api import RotateSessionKey, Rotated, SealedKey
 
 
 def short(text: str) -> str:

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 
 import msgspec
 
-from shared import topology
-from shared.notifications import AnyNotification, notification_decoder
+from aodm import topology
+from aodm.notifications import AnyNotification, notification_decoder
 from shared.transport import AccessRefused, BrokerError, Bus, Delivery, QueueMissing
 
 

@@ -16,9 +16,9 @@ from aodm.commands import Context
 from aodm.inbox import Inbox
 from aodm.output import Output, local_time, moment
 from aodm.state import State
-from shared.errors import AodmError
-from shared.notifications import KeyRotated, NewMessage, RequestFailed, SessionEstablished
-from shared.session_api import StoredMessage
+from aodm.errors import AodmError
+from aodm.notifications import KeyRotated, NewMessage, RequestFailed, SessionEstablished
+from aodm.session_api import StoredMessage
 
 DRAIN_QUIET_S = 1.0  # `listen --once`: how long the queue must stay quiet to count as drained
 SAVE_EVERY_S = 2.0  # `listen`: how often, at most, it writes where it got to while messages come

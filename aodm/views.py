@@ -4,7 +4,7 @@ scripts, from the same values (history, requests, listen and chat all show messa
 from aodm.client import Client
 from aodm.crypto import DecryptionFailed
 from aodm.output import local_time, moment
-from shared.errors import NotFound
+from aodm.errors import NotFound
 
 View = tuple[dict, str]  # (JSON document, line)
 

@@ -21,12 +21,12 @@ from aodm.crypto import Identity
 from bench import load
 from bench.progress import Bar
 from bench.stats import summary
-from shared import envelope, topology
-from shared.encoding import b64encode
-from shared.notifications import notification_id
-from shared.registry_api import REGISTRY_TARGET, EstablishSession, Register
-from shared.replies import Err, reply_decoder
-from shared.session_api import MessagePage, QueryMessage, RotateSessionKey, SealedKey, SendMessage
+from aodm import envelope, topology
+from aodm.encoding import b64encode
+from aodm.notifications import notification_id
+from aodm.registry_api import REGISTRY_TARGET, EstablishSession, Register
+from aodm.replies import Err, reply_decoder
+from aodm.session_api import MessagePage, QueryMessage, RotateSessionKey, SealedKey, SendMessage
 from shared.transport import Bus
 
 _encoder = msgspec.json.Encoder()

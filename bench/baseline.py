@@ -35,8 +35,8 @@ from nacl.signing import SigningKey, VerifyKey
 
 from bench.load import ReplyTarget, consume_notifications
 from shared import db
-from shared.encoding import b64encode
-from shared.session_api import MessagePage, StoredMessage
+from aodm.encoding import b64encode
+from aodm.session_api import MessagePage, StoredMessage
 from shared.transport import Bus, Delivery, Message, Unroutable, ack_in_order
 
 IN_QUEUE = "bench.in"

@@ -17,7 +17,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared import config, topology
+from aodm import topology
+from shared import config
 from shared.transport import BrokerError, Bus
 from tests import isolation
 from tests.isolation import DATABASE_BASE, MANAGEMENT, management  # noqa: F401 (used by bench.run)
@@ -198,7 +199,7 @@ async def wait_ready(settings: config.Settings, stack: Stack | None, timeout: fl
     """Ready when the registry answers and every shard and the notifier queue have a consumer."""
     from aodm.client import Client
     from aodm.crypto import Identity
-    from shared.errors import NotFound
+    from aodm.errors import NotFound
 
     client = await Client.connect(settings.amqp_url, Identity.generate(), timeout=2)
     deadline = time.monotonic() + timeout

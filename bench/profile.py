@@ -13,7 +13,7 @@ from pathlib import Path
 
 # A sample belongs to the category of its deepest frame that matches (nearest the leaf).
 CATEGORIES = [
-    ("Ed25519 verify (PyNaCl)", ("nacl/", "envelope.py:verify", "verify (shared/envelope.py")),
+    ("Ed25519 verify (PyNaCl)", ("nacl/", "envelope.py:verify", "verify (aodm/envelope.py")),
     ("logging (structlog JSON)", ("structlog/", "logging/")),
     ("JSON / msgspec", ("msgspec",)),
     ("PostgreSQL client (asyncpg)", ("asyncpg/",)),

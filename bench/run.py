@@ -36,7 +36,7 @@ from bench.env import (
     wait_ready,
 )
 from bench.progress import say
-from shared import topology
+from aodm import topology
 from shared.transport import Bus
 from tests.processes import ROOT
 

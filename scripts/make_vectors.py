@@ -18,8 +18,8 @@ from nacl.public import Box, PrivateKey
 from nacl.signing import SigningKey
 
 from aodm import crypto
-from shared.encoding import b64encode
-from shared.envelope import Tag, encode, envelope_signing_bytes, sign
+from aodm.encoding import b64encode
+from aodm.envelope import Tag, encode, envelope_signing_bytes, sign
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "vectors"
 TIMESTAMP = 1_700_000_000_000  # 2023-11-14T22:13:20Z

@@ -7,9 +7,9 @@ MessagePack, so a redelivery can publish them again."""
 
 import msgspec
 
-from shared import topology
-from shared.notifications import AnyNotification, Fanout, notification_decoder
-from shared.registry_api import Activity, ActivityReport
+from aodm import topology
+from aodm.notifications import AnyNotification, Fanout, notification_decoder
+from aodm.registry_api import Activity, ActivityReport
 from shared.transport import Message
 
 

@@ -13,7 +13,7 @@ import asyncio
 import os
 import random
 
-from shared.envelope import Envelope
+from aodm.envelope import Envelope
 
 
 def _parse(spec: str) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """The inbox bound: at most `AODM_INBOX_MAX_MESSAGES` notifications and
 `AODM_INBOX_MAX_BYTES` bytes wait in a handle's queue; past either, the broker drops the
-oldest (docs/reliability.md, "When an inbox is full"; the policies are in shared/topology.py).
+oldest (docs/reliability.md, "When an inbox is full"; the policies are in aodm/topology.py).
 
 The broker enforces it, through a policy and an operator policy on `^aodm\\.inbox\\.`. They
 need the management API (AMQP cannot set a policy), so every service that has
@@ -11,7 +11,7 @@ or `rabbitmqctl`, docs/operations.md); the notifier, which keeps the inbox queue
 
 import asyncio
 
-from shared import topology
+from aodm import topology
 from shared.config import Settings
 from shared.logs import log
 from shared.management import ManagementApi, ManagementUnavailable, vhost_of

@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from shared import config, db, inbox_bound, logs, metrics, process_metrics, topology
+from aodm import topology
+from shared import config, db, inbox_bound, logs, metrics, process_metrics
 from shared.health import HealthServer
 from shared.logs import log
 from shared.service import prune_requests

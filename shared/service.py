@@ -40,16 +40,17 @@ import asyncpg
 import msgspec
 
 from shared import effects as outgoing
-from shared import envelope as envelopes
-from shared import faults, metrics, strict_json, topology
+from aodm import envelope as envelopes
+from aodm import strict_json, topology
+from shared import faults, metrics
 from shared.db import DatabaseUnavailable, DependencyUnavailable, replace_connections
 from shared.effects import Effects, Outgoing
-from shared.envelope import Envelope
-from shared.errors import AodmError, InternalError, InvalidArgument, MalformedRequest, UnknownAction
+from aodm.envelope import Envelope
+from aodm.errors import AodmError, InternalError, InvalidArgument, MalformedRequest, UnknownAction
 from shared.logs import log
-from shared.notifications import AnyNotification, RequestFailed, notification_id
-from shared.registry_api import Activity
-from shared.replies import err, ok
+from aodm.notifications import AnyNotification, RequestFailed, notification_id
+from aodm.registry_api import Activity
+from aodm.replies import err, ok
 from shared.transport import BrokerError, Bus, Delivery, Message, settle_when_confirmed
 
 metrics.describe("aodm_requests_total", "counter", "Requests handled, by service, action and outcome (ok or error code).")

@@ -48,7 +48,7 @@ async def running_services(settings, names=("registry", "session", "notifier")):
 
 async def wait_ready(settings, tasks, timeout: float = 30) -> None:
     """Ready when a throwaway client gets an answer from the registry and a session shard."""
-    from shared.errors import NotFound
+    from aodm.errors import NotFound
 
     identity = Identity.generate()
     client = await Client.connect(settings.amqp_url, identity, timeout=2)

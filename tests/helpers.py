@@ -6,7 +6,7 @@ from aodm import crypto
 from aodm.client import Client
 import msgspec
 
-from shared.session_api import SendMessage, Sent
+from aodm.session_api import SendMessage, Sent
 
 
 async def open_pair(alice: Client, bob: Client) -> tuple[str, bytes]:

@@ -18,9 +18,9 @@ import yaml
 
 from services.registry.__main__ import ACTIONS as REGISTRY_ACTIONS
 from services.session.__main__ import ACTIONS as SESSION_ACTIONS
-from shared import envelope, notifications, replies
-from shared.errors import ERROR_CODES, AodmError
-from shared.session_api import ConsentState
+from aodm import envelope, notifications, replies
+from aodm.errors import ERROR_CODES, AodmError
+from aodm.session_api import ConsentState
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC_PATH = ROOT / "docs" / "asyncapi.yaml"
@@ -286,7 +286,7 @@ def test_error_codes_are_exactly_the_codes_of_the_code():
     enum = SCHEMAS["ErrorCode"]["enum"]
     assert len(enum) == len(set(enum))
     assert set(enum) == set(ERROR_CODES), (
-        f"only in shared/errors.py: {sorted(set(ERROR_CODES) - set(enum))}; "
+        f"only in aodm/errors.py: {sorted(set(ERROR_CODES) - set(enum))}; "
         f"only in docs/asyncapi.yaml: {sorted(set(enum) - set(ERROR_CODES))}"
     )
     assert set(SCHEMAS["ErrorCode"].get("x-aodm-client-codes", [])) <= CLIENT_ONLY_CODES

@@ -14,14 +14,14 @@ from nacl.signing import SigningKey
 from aodm import crypto
 from aodm.client import Client
 from aodm.inbox import Inbox
-from shared import envelope, topology
-from shared.encoding import b64decode, b64encode
-from shared.envelope import MAX_BODY_BYTES, MAX_DATA_BYTES, MAX_TAGS, Envelope, Tag
-from shared.errors import NoSessionKey
-from shared.notifications import AnyNotification, NewMessage, RequestFailed, SessionEstablished, notification_decoder
-from shared.registry_api import REGISTRY_TARGET, EstablishSession, HandleInfo, Register
-from shared.replies import Err, Ok, reply_decoder
-from shared.session_api import MessagePage, QueryMessage, SendMessage, Sent
+from aodm import envelope, topology
+from aodm.encoding import b64decode, b64encode
+from aodm.envelope import MAX_BODY_BYTES, MAX_DATA_BYTES, MAX_TAGS, Envelope, Tag
+from aodm.errors import NoSessionKey
+from aodm.notifications import AnyNotification, NewMessage, RequestFailed, SessionEstablished, notification_decoder
+from aodm.registry_api import REGISTRY_TARGET, EstablishSession, HandleInfo, Register
+from aodm.replies import Err, Ok, reply_decoder
+from aodm.session_api import MessagePage, QueryMessage, SendMessage, Sent
 
 MINUTE_MS = 60_000
 HOUR_MS = 60 * MINUTE_MS

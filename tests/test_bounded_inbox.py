@@ -19,9 +19,9 @@ from aodm import crypto
 from aodm.catchup import Mark, Tracker, missed
 from aodm.client import Client
 from aodm.inbox import Inbox
-from shared import topology
+from aodm import topology
 from shared.management import vhost_of
-from shared.notifications import NewMessage
+from aodm.notifications import NewMessage
 from shared.transport import Bus, Message
 from tests.conftest import MANAGEMENT, isolated_settings, management, running_services
 from tests.helpers import pipelined_send
@@ -67,7 +67,7 @@ async def depth_reaches(bus: Bus, queue: str, depth: int, timeout: float = 15.0)
 
 async def test_the_services_bound_existing_inboxes_in_place(bounded):
     """An inbox declared before the bound existed is cut to it, with no redeclare, once the
-    services have set the policy and the operator policy of shared/topology.py."""
+    services have set the policy and the operator policy of aodm/topology.py."""
     settings, bus, legacy = bounded
     vhost = vhost_of(settings.amqp_url)
     await depth_reaches(bus, legacy, BOUND)

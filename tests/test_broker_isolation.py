@@ -24,12 +24,12 @@ from aodm.client import Client, with_credentials
 from aodm.crypto import Identity
 from aodm.inbox import Inbox, InboxUnavailable
 from services.registry.credentials import PUBLIC_PERMISSIONS, permissions_for, vhost_of
-from shared import envelope, topology
-from shared.encoding import b64encode
-from shared.errors import InvalidArgument, NoSessionKey, NotFound
-from shared.notifications import Fanout, HandleRegistered, NewMessage, SessionEstablished
-from shared.registry_api import REGISTRY_TARGET, Activity, ActivityReport
-from shared.session_api import Member, Spawn
+from aodm import envelope, topology
+from aodm.encoding import b64encode
+from aodm.errors import InvalidArgument, NoSessionKey, NotFound
+from aodm.notifications import Fanout, HandleRegistered, NewMessage, SessionEstablished
+from aodm.registry_api import REGISTRY_TARGET, Activity, ActivityReport
+from aodm.session_api import Member, Spawn
 from shared.transport import AccessRefused, BrokerError, Bus, LoginRefused, QueueMissing, url_user
 from tests.conftest import MANAGEMENT, isolated_settings, running_services
 from tests.test_cli import aodm
@@ -391,7 +391,7 @@ async def test_issue_broker_credentials_rotates_the_password(system, person):
 
 async def test_only_the_handles_owner_can_rotate(system, person):
     """IssueBrokerCredentials acts as From, which must be signed by the handle's owner."""
-    from shared.errors import Unauthorized
+    from aodm.errors import Unauthorized
 
     alice, mallory = await person("alice"), await person("mallory")
     mallory.handle = alice.handle  # sign as alice's handle with mallory's key

@@ -7,8 +7,8 @@ import json
 from aodm.catchup import LAST_PAGE, Mark, Tracker, missed
 from aodm.crypto import Identity
 from aodm.state import State
-from shared.notifications import NewMessage
-from shared.session_api import MessagePage, StoredMessage
+from aodm.notifications import NewMessage
+from aodm.session_api import MessagePage, StoredMessage
 
 SESSION = "s1"
 

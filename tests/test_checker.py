@@ -7,7 +7,7 @@ import pytest
 
 from aodm.checker import main, run_check
 from aodm.checker_report import PENDING, Keys, Note, Sent, Stored, judge
-from shared.notifications import notification_id
+from aodm.notifications import notification_id
 
 
 def sent(index: int, outcome: str = "ok", sender: str = "alice") -> Sent:

@@ -259,7 +259,7 @@ def test_broker_principals(services: dict, definitions: dict) -> None:
 def test_definitions_bound_the_inboxes_as_the_services_do(services: dict, definitions: dict) -> None:
     """The broker has the inbox bound from its first boot, the same policies (at the default
     bound) that a service with the admin URL puts there (shared/inbox_bound.py)."""
-    from shared import topology
+    from aodm import topology
 
     vhost = _vhost(env_of(services["notifier"])["AODM_AMQP_URL"])
     defaults = config.load({})

@@ -10,9 +10,9 @@ import pytest
 from aodm import crypto
 from aodm.client import Client
 from aodm.inbox import Inbox
-from shared.errors import Forbidden, MalformedRequest, NotAccepted
-from shared.notifications import KeyRotated, NewMessage, SessionEstablished
-from shared.session_api import SendMessage, Sent
+from aodm.errors import Forbidden, MalformedRequest, NotAccepted
+from aodm.notifications import KeyRotated, NewMessage, SessionEstablished
+from aodm.session_api import SendMessage, Sent
 
 from tests.test_session import raw_call
 

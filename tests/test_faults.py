@@ -20,10 +20,11 @@ from aodm import crypto
 from aodm.checker import run_check
 from aodm.checker_report import Report
 from aodm.client import Client
-from shared import config, envelope, topology
-from shared.envelope import Tag
-from shared.errors import InternalError
-from shared.session_api import SendMessage
+from aodm import envelope, topology
+from shared import config
+from aodm.envelope import Tag
+from aodm.errors import InternalError
+from aodm.session_api import SendMessage
 from shared.transport import Bus
 from tests.conftest import drop_database, drop_vhost, new_database, new_vhost, wait_ready
 from tests.helpers import open_pair

@@ -31,11 +31,11 @@ from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
 from aodm.client import Client
-from shared import envelope, topology
-from shared.encoding import b64decode, b64encode
-from shared.envelope import MAX_BODY_BYTES, MAX_DATA_BYTES, MAX_ID_FIELD, MAX_TAG_NAME, MAX_TAG_VALUE, MAX_TAGS, Envelope, Tag
-from shared.errors import ERROR_CODES, AodmError, InvalidArgument, InvalidSignature, MalformedRequest
-from shared.registry_api import (
+from aodm import envelope, topology
+from aodm.encoding import b64decode, b64encode
+from aodm.envelope import MAX_BODY_BYTES, MAX_DATA_BYTES, MAX_ID_FIELD, MAX_TAG_NAME, MAX_TAG_VALUE, MAX_TAGS, Envelope, Tag
+from aodm.errors import ERROR_CODES, AodmError, InvalidArgument, InvalidSignature, MalformedRequest
+from aodm.registry_api import (
     REGISTRY_TARGET,
     BrokerCredentials,
     ChatList,
@@ -45,9 +45,9 @@ from shared.registry_api import (
     Registered,
     SessionRef,
 )
-from shared.replies import Err, Ok, reply_decoder
+from aodm.replies import Err, Ok, reply_decoder
 from shared.service import Action, decode_data
-from shared.session_api import Consent, KeyBatch, MessagePage, Rotated, Sent
+from aodm.session_api import Consent, KeyBatch, MessagePage, Rotated, Sent
 
 from services.registry.__main__ import ACTIONS as REGISTRY_ACTIONS
 from services.session.__main__ import ACTIONS as SESSION_ACTIONS

@@ -16,7 +16,7 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 
-from shared import topology
+from aodm import topology
 from shared.transport import Bus
 from tests.conftest import management
 from tests.test_faults import assert_clean, checked, isolated, services

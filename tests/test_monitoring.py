@@ -28,14 +28,15 @@ import yaml
 
 from aodm.client import Client
 from aodm.crypto import Identity
-from shared import config, envelope, topology
-from shared.encoding import b64encode
+from aodm import envelope, topology
+from shared import config
+from aodm.encoding import b64encode
 from services.notifier import fanout
 from services.registry.__main__ import ACTIONS
 from shared import runtime
 from shared import service as request_loop
-from shared.errors import ERROR_CODES, InternalError, NotFound, Unauthorized
-from shared.registry_api import QueryHandle
+from aodm.errors import ERROR_CODES, InternalError, NotFound, Unauthorized
+from aodm.registry_api import QueryHandle
 from tests.conftest import MANAGEMENT, isolated_settings
 from tests.isolation import management
 from tests.processes import ServiceProcess

@@ -23,8 +23,8 @@ from aodm import crypto
 from aodm.client import Client
 from aodm.crypto import Identity
 from aodm.inbox import Inbox
-from shared.errors import NotAccepted
-from shared.notifications import KeyRotated, NewMessage, SessionEstablished
+from aodm.errors import NotAccepted
+from aodm.notifications import KeyRotated, NewMessage, SessionEstablished
 from tests.conftest import MANAGEMENT, isolated_settings, management, running_services
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,9 +5,9 @@ import msgspec
 import pytest
 
 from aodm import crypto
-from shared import envelope, topology
-from shared.replies import reply_decoder
-from shared.session_api import MAX_PAGE, MAX_PAGE_BYTES, MessagePage, QueryMessage
+from aodm import envelope, topology
+from aodm.replies import reply_decoder
+from aodm.session_api import MAX_PAGE, MAX_PAGE_BYTES, MessagePage, QueryMessage
 from tests.helpers import open_pair
 
 COUNT = 3000

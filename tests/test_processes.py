@@ -10,7 +10,7 @@ import pytest
 from aodm.client import Client
 from aodm.crypto import Identity
 from aodm.inbox import Inbox
-from shared.notifications import NewMessage
+from aodm.notifications import NewMessage
 from tests.conftest import isolated_settings, wait_ready
 from tests.helpers import check_order, decrypt_all, open_pair, pipelined_send
 from tests.processes import ServiceProcess
@@ -146,8 +146,8 @@ async def test_notifier_killed_mid_run_delivers_every_notification(system):
 async def test_a_handler_that_always_hangs_is_dead_lettered_not_waited_for(tmp_path):
     """A timeout while the database answers is the request's fault: after three attempts
     it is answered `internal` and dead-lettered, and the service keeps answering."""
-    from shared import envelope, topology
-    from shared.errors import InternalError, NotFound
+    from aodm import envelope, topology
+    from aodm.errors import InternalError, NotFound
     from shared.transport import Bus
 
     async with isolated_settings() as settings:

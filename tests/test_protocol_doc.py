@@ -7,7 +7,7 @@ from pathlib import Path
 
 import msgspec
 
-from shared import notifications
+from aodm import notifications
 
 DOC = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text(encoding="utf-8")
 KINDS = {t.__struct_config__.tag: t for t in typing.get_args(notifications.AnyNotification)}

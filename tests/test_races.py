@@ -6,7 +6,7 @@ import asyncpg
 import msgspec
 
 from aodm import crypto
-from shared.session_api import SendMessage, Sent
+from aodm.session_api import SendMessage, Sent
 from tests.helpers import check_order, decrypt_all, open_pair, pipelined_send
 
 

@@ -8,10 +8,11 @@ import pytest
 from aodm import crypto
 from aodm.client import Client
 from services.registry import store as registry_store
-from shared import db, envelope, topology
-from shared.errors import NotFound, RateLimited
-from shared.replies import Err, Ok, reply_decoder
-from shared.session_api import SendMessage
+from aodm import envelope, topology
+from shared import db
+from aodm.errors import NotFound, RateLimited
+from aodm.replies import Err, Ok, reply_decoder
+from aodm.session_api import SendMessage
 from tests.conftest import drop_database, isolated_settings, new_database, running_services
 from tests.helpers import open_pair
 

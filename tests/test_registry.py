@@ -12,9 +12,9 @@ from aodm import crypto
 from aodm.client import Client
 from aodm.crypto import Identity
 from aodm.inbox import Inbox
-from shared import envelope, topology
-from shared.encoding import b64encode
-from shared.errors import (
+from aodm import envelope, topology
+from aodm.encoding import b64encode
+from aodm.errors import (
     AlreadyExists,
     Forbidden,
     InvalidArgument,
@@ -22,8 +22,8 @@ from shared.errors import (
     NotFound,
     Unauthorized,
 )
-from shared.notifications import SessionEstablished
-from shared.registry_api import REGISTRY_TARGET, Established, HandleInfo
+from aodm.notifications import SessionEstablished
+from aodm.registry_api import REGISTRY_TARGET, Established, HandleInfo
 from shared.transport import QueueMissing, Unroutable
 
 _encoder = msgspec.json.Encoder()

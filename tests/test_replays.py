@@ -4,7 +4,7 @@ pure logic, no broker or database."""
 from dataclasses import dataclass
 
 from shared import effects
-from shared.notifications import NewMessage
+from aodm.notifications import NewMessage
 from shared.service import Outcome, _no_effects_for_replays
 
 

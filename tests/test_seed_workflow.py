@@ -5,8 +5,8 @@ import urllib.parse
 
 from aodm import crypto
 from aodm.inbox import Inbox
-from shared import topology
-from shared.notifications import KeyRotated, NewMessage, SessionEstablished
+from aodm import topology
+from aodm.notifications import KeyRotated, NewMessage, SessionEstablished
 from tests.conftest import management
 from tests.helpers import open_pair
 

@@ -13,9 +13,9 @@ from aodm import crypto
 from aodm.client import Client
 from aodm.inbox import Inbox
 from services.session import store
-from shared import envelope
-from shared.encoding import b64decode, b64encode
-from shared.errors import (
+from aodm import envelope
+from aodm.encoding import b64decode, b64encode
+from aodm.errors import (
     AodmError,
     Forbidden,
     InvalidArgument,
@@ -25,8 +25,8 @@ from shared.errors import (
     NotFound,
     Unauthorized,
 )
-from shared.notifications import AnyNotification, KeyRotated, NewMessage
-from shared.session_api import (
+from aodm.notifications import AnyNotification, KeyRotated, NewMessage
+from aodm.session_api import (
     MAX_GENERATION,
     SEALED_KEY_BYTES,
     KeyBatch,

@@ -1,4 +1,4 @@
-"""Duplicate keys (shared/strict_json.py), without a broker: the counting filter must never
+"""Duplicate keys (aodm/strict_json.py), without a broker: the counting filter must never
 let a duplicate through, and the exact check must name it."""
 
 import json
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared import strict_json
-from shared.envelope import Envelope, Tag
+from aodm import strict_json
+from aodm.envelope import Envelope, Tag
 
 class Query(msgspec.Struct, rename="pascal"):
     handle: str = ""

@@ -9,7 +9,7 @@ import urllib.parse
 
 import pytest
 
-from shared import topology
+from aodm import topology
 from shared.transport import Bus, Message
 from tests.isolation import drop_vhost, management, new_vhost
 from tests.private_services import RABBIT_TOOLS, missing, private_rabbit

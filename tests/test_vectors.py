@@ -14,10 +14,10 @@ from nacl.public import PrivateKey, SealedBox
 from nacl.signing import SigningKey, VerifyKey
 
 from aodm import crypto
-from shared import envelope as envelopes
-from shared.encoding import b64decode, b64encode
-from shared.errors import InvalidSignature, MalformedRequest
-from shared.session_api import SEALED_KEY_BYTES
+from aodm import envelope as envelopes
+from aodm.encoding import b64decode, b64encode
+from aodm.errors import InvalidSignature, MalformedRequest
+from aodm.session_api import SEALED_KEY_BYTES
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "tests" / "vectors"

@@ -5,7 +5,8 @@ fanout.py). It uses no database."""
 
 import asyncio
 
-from shared import inbox_bound, runtime, topology
+from aodm import topology
+from shared import inbox_bound, runtime
 from shared.config import Settings
 
 from services.notifier import fanout

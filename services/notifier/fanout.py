@@ -11,9 +11,10 @@ import asyncio
 
 import msgspec
 
-from shared import effects, metrics, topology
+from aodm import topology
+from shared import effects, metrics
 from shared.logs import log
-from shared.notifications import AnyNotification, Fanout, HandleRegistered, NotifierEvent, event_decoder
+from aodm.notifications import AnyNotification, Fanout, HandleRegistered, NotifierEvent, event_decoder
 from shared.transport import Bus, Delivery, Unroutable, settle_when_confirmed
 
 # aodm_notifications_total (described in shared/service.py) counts what the notifier

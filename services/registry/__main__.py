@@ -10,13 +10,14 @@ import functools
 import asyncpg
 import msgspec
 
-from shared import db, runtime, topology
+from aodm import topology
+from shared import db, runtime
 from shared.config import Settings
-from shared.encoding import b64decode
-from shared.envelope import Envelope
-from shared.errors import Unauthorized
+from aodm.encoding import b64decode
+from aodm.envelope import Envelope
+from aodm.errors import Unauthorized
 from shared.logs import log
-from shared.registry_api import (
+from aodm.registry_api import (
     EstablishSession,
     GetChatList,
     GetHandles,

@@ -26,10 +26,10 @@ from nacl.public import PublicKey, SealedBox
 
 from shared.config import Settings
 from shared.db import DependencyUnavailable
-from shared.encoding import b64encode
+from aodm.encoding import b64encode
 from shared.logs import log
 from shared.management import ManagementApi, ManagementUnavailable, vhost_of
-from shared.topology import REQUESTS, inbox_queue
+from aodm.topology import REQUESTS, inbox_queue
 from shared.transport import url_user
 
 

@@ -2,11 +2,11 @@
 
 from nacl.bindings import crypto_scalarmult
 
-from shared import topology
-from shared.encoding import b64decode, b64encode
-from shared.errors import AlreadyExists, InvalidArgument, NotFound
-from shared.notifications import HandleRegistered
-from shared.registry_api import (
+from aodm import topology
+from aodm.encoding import b64decode, b64encode
+from aodm.errors import AlreadyExists, InvalidArgument, NotFound
+from aodm.notifications import HandleRegistered
+from aodm.registry_api import (
     BrokerCredentials,
     GetHandles,
     HandleInfo,

@@ -4,7 +4,7 @@ The registry declares `aodm.inbox.<handle>` and its binding itself, after the ha
 is written and before the reply, so a client may consume the queue as soon as it has the
 reply. The notifier still declares it on the HandleRegistered event, and again for a
 notification that finds it missing (an operator deleted it): the declare is idempotent,
-and the queue has no arguments (its bound is a policy, shared/topology.py), so any of them
+and the queue has no arguments (its bound is a policy, aodm/topology.py), so any of them
 may come first. A handle's own broker user may read it whoever declared it: permissions go
 by queue name (services/registry/credentials.py).
 
@@ -14,7 +14,7 @@ raises a DependencyUnavailable, and the request waits in its place.
 
 import asyncio
 
-from shared import topology
+from aodm import topology
 from shared.db import DependencyUnavailable
 from shared.transport import BrokerError, Bus
 

@@ -3,7 +3,7 @@ a day: counted in the database, so every registry replica sees the same count.""
 
 from dataclasses import dataclass
 
-from shared.errors import RateLimited
+from aodm.errors import RateLimited
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS

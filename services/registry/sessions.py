@@ -4,11 +4,11 @@ import secrets
 
 import msgspec
 
-from shared import topology
-from shared.encoding import b64encode
-from shared.errors import Forbidden, NotFound
-from shared.notifications import SessionEstablished
-from shared.registry_api import (
+from aodm import topology
+from aodm.encoding import b64encode
+from aodm.errors import Forbidden, NotFound
+from aodm.notifications import SessionEstablished
+from aodm.registry_api import (
     ActivityReport,
     Chat,
     ChatList,
@@ -20,7 +20,7 @@ from shared.registry_api import (
     check_handle,
 )
 from shared.service import Context
-from shared.session_api import Member, Spawn, consent_state
+from aodm.session_api import Member, Spawn, consent_state
 
 from services.registry import store
 from services.registry.limits import HOUR_MS, RegistryLimits, within

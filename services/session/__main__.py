@@ -10,11 +10,12 @@ import functools
 
 import msgspec
 
-from shared import db, runtime, topology
+from aodm import topology
+from shared import db, runtime
 from shared.config import Settings
 from shared.logs import log
 from shared.service import Action, Processor
-from shared.session_api import (
+from aodm.session_api import (
     Accept,
     Block,
     GetCurrentKey,

@@ -12,10 +12,10 @@ import asyncio
 import asyncpg
 import msgspec
 
-from shared import topology
-from shared.envelope import now_ms
+from aodm import topology
+from aodm.envelope import now_ms
 from shared.logs import log
-from shared.registry_api import Activity, ActivityReport
+from aodm.registry_api import Activity, ActivityReport
 from shared.transport import BrokerError, Bus, Unroutable
 
 INTERVAL_S = 0.2

@@ -9,11 +9,11 @@ refuses its messages from then on; the blocked member is answered `not_accepted`
 request not accepted yet. The session worker is the one writer of a session's consent (its
 shard orders every change with the sends); each change goes to the registry's chat lists."""
 
-from shared import topology
-from shared.errors import Forbidden, NotAccepted
-from shared.registry_api import ActivityReport, ConsentChange
+from aodm import topology
+from aodm.errors import Forbidden, NotAccepted
+from aodm.registry_api import ActivityReport, ConsentChange
 from shared.service import Context
-from shared.session_api import Accept, Block, Consent, Unblock, consent_state
+from aodm.session_api import Accept, Block, Consent, Unblock, consent_state
 
 from services.session import store
 

@@ -1,10 +1,10 @@
 """Key actions: RotateSessionKey, GetCurrentKey, GetKeyByGeneration."""
 
-from shared.encoding import b64decode, b64encode
-from shared.errors import InvalidArgument, NoSessionKey, NotFound
-from shared.notifications import KeyRotated
+from aodm.encoding import b64decode, b64encode
+from aodm.errors import InvalidArgument, NoSessionKey, NotFound
+from aodm.notifications import KeyRotated
 from shared.service import Context
-from shared.session_api import (
+from aodm.session_api import (
     SEALED_KEY_BYTES,
     GetCurrentKey,
     GetKeyByGeneration,

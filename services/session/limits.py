@@ -10,7 +10,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
-from shared.errors import RateLimited
+from aodm.errors import RateLimited
 
 REQUEST_MESSAGES = 3  # messages a message request holds until it is accepted (consent.py)
 MAX_KEYS = 100_000  # buckets kept; the least recently used is dropped (it is as good as full)

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import asyncpg
 import msgspec
 
-from shared.encoding import b64decode
-from shared.envelope import Envelope, now_ms
-from shared.errors import Forbidden, NotFound, Unauthorized
+from aodm.encoding import b64decode
+from aodm.envelope import Envelope, now_ms
+from aodm.errors import Forbidden, NotFound, Unauthorized
 from shared.service import Action
-from shared.session_api import Spawn
+from aodm.session_api import Spawn
 
 from services.session import store
 

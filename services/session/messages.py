@@ -2,11 +2,11 @@
 
 import re
 
-from shared.encoding import b64decode, b64encode
-from shared.errors import AodmError, InvalidArgument, NoSessionKey, NotFound
-from shared.notifications import NewMessage
+from aodm.encoding import b64decode, b64encode
+from aodm.errors import AodmError, InvalidArgument, NoSessionKey, NotFound
+from aodm.notifications import NewMessage
 from shared.service import FENCED, Context
-from shared.session_api import MAX_PAGE, MAX_PAGE_BYTES, MessagePage, QueryMessage, SendMessage, Sent, StoredMessage
+from aodm.session_api import MAX_PAGE, MAX_PAGE_BYTES, MessagePage, QueryMessage, SendMessage, Sent, StoredMessage
 
 from services.session import store
 from services.session.consent import refusal, report

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from shared import topology
+from aodm import topology
 from shared.db import DatabaseUnavailable
 from shared.logs import log
 from shared.runtime import Runtime

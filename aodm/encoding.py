@@ -8,7 +8,7 @@ import base64
 import binascii
 import re
 
-from shared.errors import MalformedRequest
+from aodm.errors import MalformedRequest
 
 _ALPHABET = re.compile(r"[A-Za-z0-9_-]*")
 

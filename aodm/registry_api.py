@@ -5,7 +5,7 @@ from typing import Annotated
 
 import msgspec
 
-from shared.errors import InvalidArgument
+from aodm.errors import InvalidArgument
 
 REGISTRY_TARGET = "registry"
 HANDLE_PATTERN = re.compile(r"[a-z0-9_-]{3,32}")

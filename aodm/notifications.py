@@ -9,7 +9,7 @@ import hashlib
 
 import msgspec
 
-from shared.encoding import b64encode
+from aodm.encoding import b64encode
 
 
 class Notification(msgspec.Struct, tag_field="Kind", rename="pascal"):

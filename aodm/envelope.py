@@ -12,9 +12,9 @@ import msgspec
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
-from shared import strict_json
-from shared.encoding import b64decode, b64encode
-from shared.errors import InvalidSignature, MalformedRequest, PayloadTooLarge, StaleRequest
+from aodm import strict_json
+from aodm.encoding import b64decode, b64encode
+from aodm.errors import InvalidSignature, MalformedRequest, PayloadTooLarge, StaleRequest
 
 SIGNING_DOMAIN = b"aodm-envelope-v1"
 MAX_BODY_BYTES = 96 * 1024

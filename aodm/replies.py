@@ -2,7 +2,7 @@
 
 import msgspec
 
-from shared.errors import AodmError
+from aodm.errors import AodmError
 
 
 class Ok(msgspec.Struct, tag="ok", tag_field="Status", rename="pascal"):

@@ -5,9 +5,13 @@ Names read well on the management UI: `aodm.<owner>.<what>`, so a session shard,
 handle's inbox and the dead letters are told apart at a glance.
 """
 
-import re
+from __future__ import annotations
 
-from shared.transport import Bus
+import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the declarations are the services'; a client only needs the names
+    from shared.transport import Bus
 
 # Clients publish every request here with routing key = Target.
 REQUESTS = "aodm.requests"
