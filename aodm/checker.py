@@ -48,7 +48,7 @@ from aodm.session_api import (
     SendMessage,
 )
 from aodm.session_api import Sent as SentReply
-from shared.transport import BrokerError, Delivery, QueueMissing
+from aodm.transport import BrokerError, Delivery, QueueMissing
 
 _encoder = msgspec.json.Encoder()
 _now = time.monotonic

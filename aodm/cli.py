@@ -26,13 +26,13 @@ from aodm.inbox import InboxUnavailable
 from aodm.output import error_line, refusal
 from aodm.state import CliError
 from aodm.errors import AodmError
-from shared.transport import BrokerError
+from aodm.transport import BrokerError
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 MIN_TIMEOUT_S, MAX_TIMEOUT_S = 0.1, 3600.0  # below: nothing could answer; above: a typo (ms for s?)
 # How long the tasks still running at the end (cancelled) get to finish. Why not until they
 # do, as asyncio.run waits: a connect cut short by --timeout leaves an aio-pika robust
-# connection that nothing can close (shared/transport.py's _open never returned it), and its
+# connection that nothing can close (aodm/transport.py's _open never returned it), and its
 # reconnect task takes a cancel for "try again in 5 s" unless the connection was closed; so
 # `--timeout 0.001`, or any broker slower than --timeout to accept, hung the CLI forever.
 SHUTDOWN_GRACE_S = 0.5

@@ -53,7 +53,7 @@ from aodm.session_api import (
     StoredMessage,
     Unblock,
 )
-from shared.transport import Bus
+from aodm.transport import Bus
 
 T = TypeVar("T")
 _encoder = msgspec.json.Encoder()

@@ -15,7 +15,7 @@ from aodm.output import Output, local_time, moment
 from aodm.state import CliError, State
 from aodm.errors import AodmError, NoSessionKey
 from aodm.session_api import MAX_PAGE
-from shared.transport import LoginRefused
+from aodm.transport import LoginRefused
 
 
 def safe_url(url: str) -> str:

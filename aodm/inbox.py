@@ -15,7 +15,7 @@ import msgspec
 
 from aodm import topology
 from aodm.notifications import AnyNotification, notification_decoder
-from shared.transport import AccessRefused, BrokerError, Bus, Delivery, QueueMissing
+from aodm.transport import AccessRefused, BrokerError, Bus, Delivery, QueueMissing
 
 
 class InboxUnavailable(Exception):

@@ -11,7 +11,7 @@ import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the declarations are the services'; a client only needs the names
-    from shared.transport import Bus
+    from aodm.transport import Bus
 
 # Clients publish every request here with routing key = Target.
 REQUESTS = "aodm.requests"

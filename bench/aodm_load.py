@@ -27,7 +27,7 @@ from aodm.notifications import notification_id
 from aodm.registry_api import REGISTRY_TARGET, EstablishSession, Register
 from aodm.replies import Err, reply_decoder
 from aodm.session_api import MessagePage, QueryMessage, RotateSessionKey, SealedKey, SendMessage
-from shared.transport import Bus
+from aodm.transport import Bus
 
 _encoder = msgspec.json.Encoder()
 MESSAGE_STEP_MS = 1000  # seeded messages are one second apart

@@ -1,6 +1,6 @@
 """The baseline: the least a message pipeline on this RabbitMQ and PostgreSQL must do, tuned
 honestly, run as its own process beside the services (python -m bench.baseline). It talks
-AMQP through aodm's own transport (`shared.transport.Bus`: confirms, mandatory, coalesced
+AMQP through aodm's own transport (`aodm.transport.Bus`: confirms, mandatory, coalesced
 socket writes, consumers on raw aiormq channels), so the comparison measures what aodm does
 per message, not which client library path it takes.
 
@@ -37,7 +37,7 @@ from bench.load import ReplyTarget, consume_notifications
 from shared import db
 from aodm.encoding import b64encode
 from aodm.session_api import MessagePage, StoredMessage
-from shared.transport import Bus, Delivery, Message, Unroutable, ack_in_order
+from aodm.transport import Bus, Delivery, Message, Unroutable, ack_in_order
 
 IN_QUEUE = "bench.in"
 NOTIFY_QUEUE = "bench.notify"

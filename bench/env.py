@@ -19,7 +19,7 @@ from pathlib import Path
 
 from aodm import topology
 from shared import config
-from shared.transport import BrokerError, Bus
+from aodm.transport import BrokerError, Bus
 from tests import isolation
 from tests.isolation import DATABASE_BASE, MANAGEMENT, management  # noqa: F401 (used by bench.run)
 from tests.processes import ROOT, ServiceProcess

@@ -20,7 +20,7 @@ import aio_pika
 from bench.env import CpuMeter
 from bench.progress import Bar
 from bench.stats import RunResult, latency_series, rate_series, summary
-from shared.transport import direct
+from aodm.transport import direct
 
 
 async def consume_notifications(connection: aio_pika.abc.AbstractConnection, queues: list[str], callback) -> aio_pika.abc.AbstractChannel:

@@ -19,7 +19,7 @@ import time
 
 from bench.env import cpu_seconds, pids_named
 from bench.progress import Bar, say
-from shared.transport import Bus, Delivery, Message, ack_in_order
+from aodm.transport import Bus, Delivery, Message, ack_in_order
 from tests.isolation import drop_vhost, new_vhost
 
 BODY = b"x" * 1300

@@ -37,7 +37,7 @@ from bench.env import (
 )
 from bench.progress import say
 from aodm import topology
-from shared.transport import Bus
+from aodm.transport import Bus
 from tests.processes import ROOT
 
 FIXED_RATE = 500.0

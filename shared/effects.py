@@ -10,7 +10,7 @@ import msgspec
 from aodm import topology
 from aodm.notifications import AnyNotification, Fanout, notification_decoder
 from aodm.registry_api import Activity, ActivityReport
-from shared.transport import Message
+from aodm.transport import Message
 
 
 class Outgoing(msgspec.Struct, array_like=True):

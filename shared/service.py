@@ -51,7 +51,7 @@ from shared.logs import log
 from aodm.notifications import AnyNotification, RequestFailed, notification_id
 from aodm.registry_api import Activity
 from aodm.replies import err, ok
-from shared.transport import BrokerError, Bus, Delivery, Message, settle_when_confirmed
+from aodm.transport import BrokerError, Bus, Delivery, Message, settle_when_confirmed
 
 metrics.describe("aodm_requests_total", "counter", "Requests handled, by service, action and outcome (ok or error code).")
 metrics.describe("aodm_request_duration_seconds", "histogram", "Time from delivery to the answer being ready (its transaction committed).")

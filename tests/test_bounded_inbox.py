@@ -22,7 +22,7 @@ from aodm.inbox import Inbox
 from aodm import topology
 from shared.management import vhost_of
 from aodm.notifications import NewMessage
-from shared.transport import Bus, Message
+from aodm.transport import Bus, Message
 from tests.conftest import MANAGEMENT, isolated_settings, management, running_services
 from tests.helpers import pipelined_send
 from tests.test_cli import ROOT, Run, aodm

@@ -30,7 +30,7 @@ from aodm.errors import InvalidArgument, NoSessionKey, NotFound
 from aodm.notifications import Fanout, HandleRegistered, NewMessage, SessionEstablished
 from aodm.registry_api import REGISTRY_TARGET, Activity, ActivityReport
 from aodm.session_api import Member, Spawn
-from shared.transport import AccessRefused, BrokerError, Bus, LoginRefused, QueueMissing, url_user
+from aodm.transport import AccessRefused, BrokerError, Bus, LoginRefused, QueueMissing, url_user
 from tests.conftest import MANAGEMENT, isolated_settings, running_services
 from tests.test_cli import aodm
 

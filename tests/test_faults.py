@@ -25,7 +25,7 @@ from shared import config
 from aodm.envelope import Tag
 from aodm.errors import InternalError
 from aodm.session_api import SendMessage
-from shared.transport import Bus
+from aodm.transport import Bus
 from tests.conftest import drop_database, drop_vhost, new_database, new_vhost, wait_ready
 from tests.helpers import open_pair
 from tests.private_services import POSTGRES_TOOLS, RABBIT_TOOLS, missing, private_postgres, private_rabbit

@@ -17,7 +17,7 @@ from urllib.parse import quote, urlsplit
 import pytest
 
 from aodm import topology
-from shared.transport import Bus
+from aodm.transport import Bus
 from tests.conftest import management
 from tests.test_faults import assert_clean, checked, isolated, services
 

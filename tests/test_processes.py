@@ -148,7 +148,7 @@ async def test_a_handler_that_always_hangs_is_dead_lettered_not_waited_for(tmp_p
     it is answered `internal` and dead-lettered, and the service keeps answering."""
     from aodm import envelope, topology
     from aodm.errors import InternalError, NotFound
-    from shared.transport import Bus
+    from aodm.transport import Bus
 
     async with isolated_settings() as settings:
         registry = ServiceProcess(

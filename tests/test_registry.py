@@ -24,7 +24,7 @@ from aodm.errors import (
 )
 from aodm.notifications import SessionEstablished
 from aodm.registry_api import REGISTRY_TARGET, Established, HandleInfo
-from shared.transport import QueueMissing, Unroutable
+from aodm.transport import QueueMissing, Unroutable
 
 _encoder = msgspec.json.Encoder()
 

@@ -10,7 +10,7 @@ import urllib.parse
 import pytest
 
 from aodm import topology
-from shared.transport import Bus, Message
+from aodm.transport import Bus, Message
 from tests.isolation import drop_vhost, management, new_vhost
 from tests.private_services import RABBIT_TOOLS, missing, private_rabbit
 

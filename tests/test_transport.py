@@ -6,7 +6,7 @@ import secrets
 
 import pytest
 
-from shared.transport import BrokerError, Bus, Consumer, Delivery, ExclusiveConsumerTaken, ack_in_order
+from aodm.transport import BrokerError, Bus, Consumer, Delivery, ExclusiveConsumerTaken, ack_in_order
 from tests.isolation import drop_vhost, new_vhost
 
 

@@ -15,7 +15,7 @@ from aodm import topology
 from shared import effects, metrics
 from shared.logs import log
 from aodm.notifications import AnyNotification, Fanout, HandleRegistered, NotifierEvent, event_decoder
-from shared.transport import Bus, Delivery, Unroutable, settle_when_confirmed
+from aodm.transport import Bus, Delivery, Unroutable, settle_when_confirmed
 
 # aodm_notifications_total (described in shared/service.py) counts what the notifier
 # delivered, service="notifier": notifications redirected to it because their queue was missing.

@@ -27,7 +27,7 @@ from aodm.registry_api import (
     Register,
 )
 from shared.service import Action, Processor
-from shared.transport import Delivery
+from aodm.transport import Delivery
 
 from services.registry import credentials, handles, sessions, store
 from services.registry.inboxes import Inboxes

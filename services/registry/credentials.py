@@ -30,7 +30,7 @@ from aodm.encoding import b64encode
 from shared.logs import log
 from shared.management import ManagementApi, ManagementUnavailable, vhost_of
 from aodm.topology import REQUESTS, inbox_queue
-from shared.transport import url_user
+from aodm.transport import url_user
 
 
 class BrokerAdminUnavailable(DependencyUnavailable):

@@ -16,7 +16,7 @@ import asyncio
 
 from aodm import topology
 from shared.db import DependencyUnavailable
-from shared.transport import BrokerError, Bus
+from aodm.transport import BrokerError, Bus
 
 DECLARE_TIMEOUT_S = 5.0  # well within a handler's time: a broker this slow counts as away
 

@@ -25,7 +25,7 @@ from aodm.session_api import (
     SendMessage,
     Unblock,
 )
-from shared.transport import Delivery
+from aodm.transport import Delivery
 
 from services.session import consent, keys, members, messages, store
 from services.session.activity import ActivityFeed

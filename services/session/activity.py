@@ -16,7 +16,7 @@ from aodm import topology
 from aodm.envelope import now_ms
 from shared.logs import log
 from aodm.registry_api import Activity, ActivityReport
-from shared.transport import BrokerError, Bus, Unroutable
+from aodm.transport import BrokerError, Bus, Unroutable
 
 INTERVAL_S = 0.2
 RECOVER_S = 600  # at start, re-report sessions active this recently

@@ -12,7 +12,7 @@ batch order (see Processor.begin).
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from shared.transport import Delivery, dead_letter
+from aodm.transport import Delivery, dead_letter
 
 # Runs a batch up to its commit; returns what is still under way (publishing, acks), if anything.
 Run = Callable[[list[Delivery]], Awaitable["asyncio.Future | None"]]

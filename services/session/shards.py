@@ -32,7 +32,7 @@ from aodm import topology
 from shared.db import DatabaseUnavailable
 from shared.logs import log
 from shared.runtime import Runtime
-from shared.transport import Consumer, Delivery, ExclusiveConsumerTaken, Handler
+from aodm.transport import Consumer, Delivery, ExclusiveConsumerTaken, Handler
 
 from services.session import store
 
