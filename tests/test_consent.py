@@ -52,9 +52,12 @@ async def test_a_new_session_is_a_request_to_the_peer_and_its_notification_says_
     assert await chat_state(alice, session) == "outgoing"
 
 
-async def test_a_request_holds_a_few_messages_and_notifies_none_of_them(request_pair):
-    alice, bob, session = request_pair
+async def test_a_request_holds_a_few_messages_and_is_notified_once(make_client):
+    alice, bob = await make_client("alice"), await make_client("bob")
     async with Inbox(bob.bus, bob.handle) as bob_inbox:
+        session = (await alice.establish_session(bob.handle)).session_id
+        await alice.rotate_session_key(session, bob.handle)
+        await alice.rotate_session_key(session, bob.handle)  # a second key: not notified to bob
         sent = [await alice.send_text(session, f"hi {i}") for i in range(REQUEST_MESSAGES)]
         with pytest.raises(NotAccepted):
             await alice.send_text(session, "one too many")
