@@ -28,6 +28,8 @@ from aodm.client import Client
 from aodm.notifications import NewMessage
 from aodm.session_api import MAX_PAGE, StoredMessage
 
+__all__ = ["LAST_PAGE", "Mark", "Tracker", "missed"]
+
 LAST_PAGE = 50
 
 

@@ -1,14 +1,18 @@
 """The Python client: a typed method per action, plus the crypto that makes it a DM client.
 
-    client = await Client.connect(url, identity, handle="alice")
-    session = (await client.establish_session("bob")).session_id
-    await client.rotate_session_key(session)
-    await client.send_text(session, "hello")
+    async with Client.connect(url, identity, handle="alice") as client:
+        session = (await client.establish_session("bob")).session_id
+        await client.rotate_session_key(session, "bob")
+        await client.send_text(session, "hello")
+
+`await Client.connect(...)` gives the same client without the block; close it with
+`await client.close()`.
 """
 
 import asyncio
 import secrets
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any, Generic, Self, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import msgspec
@@ -44,6 +48,7 @@ from aodm.session_api import (
     GetKeyByGeneration,
     KeyBatch,
     MessagePage,
+    Order,
     QueryMessage,
     RotateSessionKey,
     Rotated,
@@ -55,7 +60,10 @@ from aodm.session_api import (
 )
 from aodm.transport import Bus
 
+__all__ = ["Client", "Connecting", "NoHandle", "with_credentials"]
+
 T = TypeVar("T")
+C = TypeVar("C", bound="Client")
 _encoder = msgspec.json.Encoder()
 
 
@@ -68,8 +76,45 @@ def with_credentials(url: str, user: str, password: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+class NoHandle(Exception):
+    """The action needs a handle and the client acts as none yet."""
+
+
+class Connecting(Generic[C]):
+    """What `Client.connect` returns: `await` it for a connected client, or enter it with
+    `async with` for one that is closed when the block ends, however it ends.
+
+    Nothing connects until one of the two happens (a plain coroutine would warn that it was
+    never awaited if only entered)."""
+
+    def __init__(self, open_client: Callable[[], Awaitable[C]]) -> None:
+        self._open_client = open_client
+        self._client: C | None = None
+
+    def __await__(self) -> Generator[Any, None, C]:
+        return self._open_client().__await__()
+
+    async def __aenter__(self) -> C:
+        self._client = await self._open_client()
+        return self._client
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+
 class Client:
-    def __init__(self, bus: Bus, identity: crypto.Identity, handle: str | None = None, *, timeout: float = 15.0) -> None:
+    """A connection to an aodm deployment acting for one identity (and, once chosen or
+    registered, one of its handles). Every request is signed by `identity`; session keys are
+    opened with its box key and cached per (session, generation).
+
+    Build one with `Client.connect` (or from an open `Bus`); it is an async context manager
+    that closes its connection at the end of the block."""
+
+    def __init__(
+        self, bus: Bus, identity: crypto.Identity, handle: str | None = None, *, timeout: float = 15.0
+    ) -> None:
+        """`timeout`: seconds to wait for each reply before raising `Timeout`."""
         self.bus = bus
         self.identity = identity
         self.handle = handle
@@ -81,15 +126,36 @@ class Client:
         self.broker_password: str | None = None
 
     @classmethod
-    async def connect(cls, url: str, identity: crypto.Identity, handle: str | None = None, **kw) -> "Client":
-        return cls(await Bus.connect(url, name=f"aodm-client-{handle or identity.address[:8]}"), identity, handle, **kw)
+    def connect(
+        cls, url: str, identity: crypto.Identity, handle: str | None = None, *, timeout: float = 15.0
+    ) -> Connecting[Self]:
+        """Connect to the broker at `url` (amqp://user:password@host:port/vhost) as `identity`,
+        acting as `handle` if given. Use as `await Client.connect(...)` or
+        `async with Client.connect(...) as client:` (closed at the end of the block)."""
+
+        async def open_client() -> Self:
+            bus = await Bus.connect(url, name=f"aodm-client-{handle or identity.address[:8]}")
+            return cls(bus, identity, handle, timeout=timeout)
+
+        return Connecting(open_client)
 
     async def close(self) -> None:
+        """Close the connection (pending replies are cancelled)."""
         await self.bus.close()
+
+    async def __aenter__(self) -> Self:
+        """The client itself: `async with client:` closes it at the end of the block."""
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Close the connection, however the block ended."""
+        await self.close()
 
     # -- the envelope round trip -------------------------------------------------------
 
     def sign(self, target: str, action: str, data: msgspec.Struct, *, as_handle: bool = True) -> envelope.Envelope:
+        """A signed envelope for `action` on `target` carrying `data`, from this client's handle
+        (`as_handle`) or from the identity's own address (actions that need no handle)."""
         return envelope.sign(
             self.identity.signing_key,
             target=target,
@@ -108,6 +174,8 @@ class Client:
         return await self.bus.request(topology.REQUESTS, env.target, envelope.encode(env))
 
     async def result_of(self, env: envelope.Envelope, reply: "asyncio.Future[bytes]") -> msgspec.Raw:
+        """The reply to a `submit`ted envelope: its raw result, or the typed error of an `Err`;
+        `Timeout` after `timeout` seconds."""
         try:
             body = await asyncio.wait_for(reply, self.timeout)
         except TimeoutError:
@@ -118,6 +186,7 @@ class Client:
         return decoded.result
 
     async def call(self, target: str, data: msgspec.Struct, result: type[T], *, as_handle: bool = True) -> T:
+        """Sign `data` as the action named by its type, send it to `target`, decode the result."""
         env = self.sign(target, type(data).__name__, data, as_handle=as_handle)
         return msgspec.json.decode(await self.send_envelope(env), type=result)
 
@@ -144,6 +213,13 @@ class Client:
             self.broker_password = crypto.open_sealed(sealed, self.identity.box_key).decode()
 
     @property
+    def acting_as(self) -> str:
+        """The handle this client acts as; `NoHandle` while it has none."""
+        if self.handle is None:
+            raise NoHandle("this client acts as no handle: register one, or connect with handle=")
+        return self.handle
+
+    @property
     def broker_url(self) -> str | None:
         """This connection's URL (host, port, vhost) with the handle's own broker login."""
         if self.broker_user is None or self.broker_password is None:
@@ -151,19 +227,25 @@ class Client:
         return with_credentials(self.bus.url, self.broker_user, self.broker_password)
 
     async def query_handle(self, handle: str) -> HandleInfo:
+        """A handle's public keys and creation time (`NotFound` if nobody registered it)."""
         return await self.call(REGISTRY_TARGET, QueryHandle(handle), HandleInfo, as_handle=False)
 
     async def get_handles(self, owner: str | None = None) -> list[HandleInfo]:
+        """The handles registered by `owner` (an identity's address; default: this identity)."""
         result = await self.call(REGISTRY_TARGET, GetHandles(owner or self.identity.address), HandleList, as_handle=False)
         return result.handles
 
     async def query_session(self, handle_a: str, handle_b: str) -> str | None:
+        """The id of the session between two handles, or None if there is none yet."""
         return (await self.call(REGISTRY_TARGET, QuerySession(handle_a, handle_b), SessionRef, as_handle=False)).session_id
 
     async def establish_session(self, peer: str) -> Established:
+        """Open (or find) the session between this client's handle and `peer`; `created` says
+        which. A new session is a message request to `peer` until it accepts."""
         return await self.call(REGISTRY_TARGET, EstablishSession(peer), Established)
 
     async def get_chat_list(self) -> ChatList:
+        """Every session of this client's handle, with its peer, last activity and consent state."""
         return await self.call(REGISTRY_TARGET, GetChatList(), ChatList)
 
     # -- session -----------------------------------------------------------------------
@@ -171,9 +253,10 @@ class Client:
     async def rotate_session_key(self, session_id: str, peer: str, session_key: bytes | None = None) -> int:
         """Seal a fresh key to both members' registered box keys (steps 1–4 of the seed)."""
         session_key = session_key or crypto.new_session_key()
+        own = self.acting_as
         keys = []
-        for handle in sorted({self.handle, peer}):
-            box_public = self.identity.box_public if handle == self.handle else (await self.query_handle(handle)).box_key
+        for handle in sorted({own, peer}):
+            box_public = self.identity.box_public if handle == own else (await self.query_handle(handle)).box_key
             keys.append(SealedKey(handle, box_public, crypto.seal_session_key(session_key, box_public)))
         generation = (await self.call(session_id, RotateSessionKey(keys), Rotated)).generation
         self._keys[(session_id, generation)] = session_key
@@ -181,9 +264,11 @@ class Client:
         return generation
 
     async def get_current_key(self, session_id: str) -> KeyBatch:
+        """The session's newest key batch (`NoSessionKey` before the first rotation)."""
         return await self.call(session_id, GetCurrentKey(), KeyBatch)
 
     async def get_key_by_generation(self, session_id: str, generation: int) -> KeyBatch:
+        """The session's key batch of `generation` (to read messages sent under an older key)."""
         return await self.call(session_id, GetKeyByGeneration(generation), KeyBatch)
 
     async def send_message(self, session_id: str, content: str, generation: int) -> Sent:
@@ -198,9 +283,11 @@ class Client:
         from_: int | None = None,
         until: int | None = None,
         limit: int = 50,
-        order: str = "asc",
+        order: Order = "asc",
         cursor: str | None = None,
     ) -> MessagePage:
+        """One page of stored messages, `from_`/`until` bounding their timestamps (ms), oldest
+        first for `order="asc"`; pass the page's `next_cursor` as `cursor` for the next one."""
         return await self.call(session_id, QueryMessage(from_, until, limit, order, cursor), MessagePage)
 
     async def accept(self, session_id: str) -> ConsentState:
@@ -212,6 +299,7 @@ class Client:
         return (await self.call(session_id, Block(), Consent)).state
 
     async def unblock(self, session_id: str) -> ConsentState:
+        """Lift your block of the peer: the session is accepted again; answers the state now."""
         return (await self.call(session_id, Unblock(), Consent)).state
 
     # -- plaintext on top --------------------------------------------------------------
@@ -237,21 +325,36 @@ class Client:
         return generation, self._keys[(session_id, generation)]
 
     async def send_text(self, session_id: str, text: str) -> Sent:
+        """Encrypt `text` under the session's current key and send it."""
         generation, key = await self.session_key(session_id)
         return await self.send_message(session_id, crypto.encrypt(key, text), generation)
 
     async def decrypt(self, session_id: str, generation: int, content: str) -> str:
+        """The plaintext of `content`, encrypted under the session key of `generation`."""
         _, key = await self.session_key(session_id, generation)
         return crypto.decrypt(key, content)
 
     async def read_text(self, session_id: str, message: StoredMessage) -> str:
+        """The plaintext of a stored message (`crypto.DecryptionFailed` if it does not open)."""
         return await self.decrypt(session_id, message.generation, message.content)
 
-    async def history(self, session_id: str, *, cursor: str | None = None, **query) -> list[StoredMessage]:
-        """Every message matching the query, following cursors to the end."""
+    async def history(
+        self,
+        session_id: str,
+        *,
+        from_: int | None = None,
+        until: int | None = None,
+        limit: int = 50,
+        order: Order = "asc",
+        cursor: str | None = None,
+    ) -> list[StoredMessage]:
+        """Every message matching the query (as in `query_messages`; `limit` is the page
+        size), following cursors to the end."""
         messages: list[StoredMessage] = []
         while True:
-            page = await self.query_messages(session_id, cursor=cursor, **query)
+            page = await self.query_messages(
+                session_id, from_=from_, until=until, limit=limit, order=order, cursor=cursor
+            )
             messages += page.messages
             if page.next_cursor is None:
                 return messages

@@ -10,14 +10,19 @@ import re
 
 from aodm.errors import MalformedRequest
 
+__all__ = ["b64encode", "b64decode"]
+
 _ALPHABET = re.compile(r"[A-Za-z0-9_-]*")
 
 
 def b64encode(data: bytes) -> str:
+    """`data` in unpadded base64url."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def b64decode(text: str, *, field: str = "value", length: int | None = None) -> bytes:
+    """The bytes of canonical unpadded base64url `text`, `length` of them if given; else
+    `MalformedRequest` naming `field`."""
     if not _ALPHABET.fullmatch(text) or len(text) % 4 == 1:
         raise MalformedRequest(f"{field}: not unpadded base64url")
     try:

@@ -16,6 +16,30 @@ from aodm import strict_json
 from aodm.encoding import b64decode, b64encode
 from aodm.errors import InvalidSignature, MalformedRequest, PayloadTooLarge, StaleRequest
 
+__all__ = [
+    "SIGNING_DOMAIN",
+    "MAX_BODY_BYTES",
+    "MAX_DATA_BYTES",
+    "MAX_TAGS",
+    "MAX_TAG_NAME",
+    "MAX_TAG_VALUE",
+    "MAX_ID_FIELD",
+    "MAX_AGE_MS",
+    "MAX_FUTURE_MS",
+    "Tag",
+    "Envelope",
+    "signing_bytes",
+    "envelope_signing_bytes",
+    "id_from_signature",
+    "address_of",
+    "now_ms",
+    "sign",
+    "encode",
+    "decode",
+    "verify",
+    "check_fresh",
+]
+
 SIGNING_DOMAIN = b"aodm-envelope-v1"
 MAX_BODY_BYTES = 96 * 1024
 MAX_DATA_BYTES = 64 * 1024

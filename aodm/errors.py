@@ -5,11 +5,36 @@ Anything that is not an `AodmError` is either an infrastructure fault (retried) 
 bug (answered with `internal`).
 """
 
+__all__ = [
+    "AodmError",
+    "MalformedRequest",
+    "PayloadTooLarge",
+    "InvalidSignature",
+    "StaleRequest",
+    "UnknownAction",
+    "Unauthorized",
+    "Forbidden",
+    "InvalidArgument",
+    "NotFound",
+    "AlreadyExists",
+    "NoSessionKey",
+    "NotAccepted",
+    "InternalError",
+    "RateLimited",
+    "Timeout",
+    "ALL_ERRORS",
+    "ERROR_CODES",
+    "error_for",
+]
+
 
 class AodmError(Exception):
+    """The base of every error with a wire `code`; `message` says what went wrong."""
+
     code = "internal"
 
     def __init__(self, message: str = "") -> None:
+        """`message` defaults to the code."""
         super().__init__(message or self.code)
         self.message = message or self.code
 
@@ -21,10 +46,14 @@ class MalformedRequest(AodmError):
 
 
 class PayloadTooLarge(AodmError):
+    """The request, its Data, or its tags are over their caps."""
+
     code = "payload_too_large"
 
 
 class InvalidSignature(AodmError):
+    """The signature does not match the envelope and its Owner."""
+
     code = "invalid_signature"
 
 
@@ -35,6 +64,8 @@ class StaleRequest(AodmError):
 
 
 class UnknownAction(AodmError):
+    """No such action at this target."""
+
     code = "unknown_action"
 
 
@@ -57,10 +88,14 @@ class InvalidArgument(AodmError):
 
 
 class NotFound(AodmError):
+    """No such handle, session or key generation."""
+
     code = "not_found"
 
 
 class AlreadyExists(AodmError):
+    """The handle is taken."""
+
     code = "already_exists"
 
 
@@ -89,6 +124,7 @@ class RateLimited(AodmError):
     code = "rate_limited"
 
     def __init__(self, message: str = "", retry_after_ms: int = 1000) -> None:
+        """`retry_after_ms` is at least 1."""
         super().__init__(message)
         self.retry_after_ms = max(1, int(retry_after_ms))
 

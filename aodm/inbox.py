@@ -17,6 +17,8 @@ from aodm import topology
 from aodm.notifications import AnyNotification, notification_decoder
 from aodm.transport import AccessRefused, BrokerError, Bus, Delivery, QueueMissing
 
+__all__ = ["InboxUnavailable", "Inbox"]
+
 
 class InboxUnavailable(Exception):
     """The handle's notification queue cannot be consumed: it does not exist, or this
@@ -24,7 +26,15 @@ class InboxUnavailable(Exception):
 
 
 class Inbox:
+    """A handle's notifications, without duplicates: `async with Inbox(client.bus, handle) as
+    inbox:` then `await inbox.next()` or `async for note in inbox:`.
+
+    Each notification is acknowledged as it is returned, so one that was taken from the queue
+    but not returned (the connection lost first) is delivered again."""
+
     def __init__(self, bus: Bus, handle: str, *, remember: int = 10_000, wait: float = 5.0) -> None:
+        """`remember`: how many notification ids to keep for dropping duplicates; `wait`:
+        seconds a missing queue may take to appear when entered."""
         self._bus = bus
         self._handle = handle
         self._seen: OrderedDict[str, None] = OrderedDict()
@@ -35,6 +45,7 @@ class Inbox:
         self.dropped = 0  # messages in the queue that were no notification (dropped, not returned)
 
     async def __aenter__(self) -> "Inbox":
+        """Start consuming the handle's queue (`InboxUnavailable` if it cannot be read)."""
         name = topology.inbox_queue(self._handle)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait
@@ -56,6 +67,7 @@ class Inbox:
                 await asyncio.sleep(0.2)
 
     async def __aexit__(self, *exc: object) -> None:
+        """Stop consuming; notifications not returned yet stay in the queue."""
         if self._consumer is not None:
             await self._consumer.close()
 
@@ -85,5 +97,6 @@ class Inbox:
                 return note
 
     async def __aiter__(self) -> AsyncIterator[AnyNotification]:
+        """Every notification not seen before, as `next` returns them, without end."""
         while True:
             yield await self.next()

@@ -11,6 +11,21 @@ import msgspec
 
 from aodm.encoding import b64encode
 
+__all__ = [
+    "Notification",
+    "SessionEstablished",
+    "KeyRotated",
+    "NewMessage",
+    "RequestFailed",
+    "AnyNotification",
+    "Fanout",
+    "HandleRegistered",
+    "NotifierEvent",
+    "notification_decoder",
+    "event_decoder",
+    "notification_id",
+]
+
 
 class Notification(msgspec.Struct, tag_field="Kind", rename="pascal"):
     id: str

@@ -7,6 +7,33 @@ import msgspec
 
 from aodm.errors import InvalidArgument
 
+__all__ = [
+    "REGISTRY_TARGET",
+    "HANDLE_PATTERN",
+    "B64Key",
+    "HandleName",
+    "check_handle",
+    "Request",
+    "Register",
+    "QueryHandle",
+    "GetHandles",
+    "QuerySession",
+    "EstablishSession",
+    "GetChatList",
+    "IssueBrokerCredentials",
+    "HandleInfo",
+    "BrokerCredentials",
+    "Registered",
+    "HandleList",
+    "SessionRef",
+    "Established",
+    "Chat",
+    "ChatList",
+    "Activity",
+    "ConsentChange",
+    "ActivityReport",
+]
+
 REGISTRY_TARGET = "registry"
 HANDLE_PATTERN = re.compile(r"[a-z0-9_-]{3,32}")
 

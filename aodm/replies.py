@@ -4,6 +4,8 @@ import msgspec
 
 from aodm.errors import AodmError
 
+__all__ = ["Ok", "Err", "Reply", "reply_decoder", "ok", "err"]
+
 
 class Ok(msgspec.Struct, tag="ok", tag_field="Status", rename="pascal"):
     request_id: str

@@ -4,6 +4,37 @@ from typing import Annotated, Literal
 
 import msgspec
 
+__all__ = [
+    "MAX_GENERATION",
+    "DEFAULT_PAGE",
+    "MAX_PAGE",
+    "MAX_PAGE_BYTES",
+    "SEALED_KEY_BYTES",
+    "Generation",
+    "Millis",
+    "Order",
+    "Request",
+    "SealedKey",
+    "RotateSessionKey",
+    "GetCurrentKey",
+    "GetKeyByGeneration",
+    "SendMessage",
+    "QueryMessage",
+    "Accept",
+    "Block",
+    "Unblock",
+    "ConsentState",
+    "consent_state",
+    "Consent",
+    "KeyBatch",
+    "Rotated",
+    "Sent",
+    "StoredMessage",
+    "MessagePage",
+    "Member",
+    "Spawn",
+]
+
 MAX_GENERATION = 2**31 - 1
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
@@ -14,6 +45,7 @@ SEALED_KEY_BYTES = 32 + 48  # a 32-byte SecretBox key in a SealedBox (ephemeral 
 
 Generation = Annotated[int, msgspec.Meta(ge=1, le=MAX_GENERATION)]
 Millis = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+Order = Literal["asc", "desc"]
 
 
 class Request(msgspec.Struct, forbid_unknown_fields=True, rename="pascal"):
@@ -47,7 +79,7 @@ class QueryMessage(Request):
     from_: Millis | None = msgspec.field(default=None, name="From")
     until: Millis | None = None
     limit: int = DEFAULT_PAGE
-    order: Literal["asc", "desc"] = "asc"
+    order: Order = "asc"
     cursor: str | None = None
 
 

@@ -13,6 +13,38 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the declarations are the services'; a client only needs the names
     from aodm.transport import Bus
 
+__all__ = [
+    "REQUESTS",
+    "SESSIONS",
+    "SESSIONS_TYPE",
+    "INTERNAL",
+    "INBOX",
+    "INBOX_QUEUE_PREFIX",
+    "DEAD_LETTERS",
+    "REGISTRY_ROUTING_KEY",
+    "REGISTRY_QUEUE",
+    "ACTIVITY_ROUTING_KEY",
+    "ACTIVITY_QUEUE",
+    "NOTIFIER_ROUTING_KEY",
+    "NOTIFIER_QUEUE",
+    "WORKERS_QUEUE",
+    "DEAD_LETTER_QUEUE",
+    "may_reply_to",
+    "shard_queue",
+    "inbox_queue",
+    "INBOX_POLICY",
+    "INBOX_POLICY_PATTERN",
+    "INBOX_POLICY_PRIORITY",
+    "inbox_policies",
+    "declare_exchanges",
+    "declare_registry",
+    "declare_session_shards",
+    "declare_notifier",
+    "declare_inbox",
+    "declare_new_inbox",
+    "declare_all",
+]
+
 # Clients publish every request here with routing key = Target.
 REQUESTS = "aodm.requests"
 # Session requests fall through REQUESTS (alternate exchange) into this modulus-hash
