@@ -22,13 +22,13 @@ the one that revealed the gap, are skipped, and the caller shows a Seq at most o
 """
 
 from collections.abc import AsyncIterator
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from aodm.client import Client
 from aodm.notifications import NewMessage
 from aodm.session_api import MAX_PAGE, StoredMessage
 
-__all__ = ["LAST_PAGE", "Mark", "Tracker", "missed"]
+__all__ = ["LAST_PAGE", "Later", "Mark", "Tracker", "missed"]
 
 LAST_PAGE = 50
 
@@ -38,6 +38,21 @@ class Mark(NamedTuple):
 
     seq: int
     timestamp: int
+
+
+class Later(Protocol):
+    """A message after a gap, as far as a catch-up needs it: a NewMessage, or the `Sent`
+    answer to one's own message."""
+
+    @property
+    def seq(self) -> int:
+        """Its number in the session (1, 2, … without gaps)."""
+        ...
+
+    @property
+    def timestamp(self) -> int:
+        """When it was stored (epoch milliseconds)."""
+        ...
 
 
 class Tracker:
@@ -66,9 +81,9 @@ class Tracker:
 
 
 async def missed(
-    client: Client, session_id: str, mark: Mark | None, before: NewMessage | None = None
+    client: Client, session_id: str, mark: Mark | None, before: Later | None = None
 ) -> AsyncIterator[StoredMessage]:
-    """The messages after `mark` (and before `before`, the notification that revealed the
+    """The messages after `mark` (and before `before`, the message that revealed the
     gap), oldest first, a page at a time: a gap of any size costs no more memory than a
     page. Without a mark: the last page only."""
     until = before.timestamp if before is not None else None

@@ -25,12 +25,12 @@ import threading
 from aodm import catchup, views
 from aodm.client import Client
 from aodm.commands import Context, ensure_session
-from aodm.inbox import Inbox
-from aodm.output import local_time, moment, refusal
-from aodm.state import CliError
 from aodm.errors import AodmError
-from aodm.notifications import NewMessage, SessionEstablished
-from aodm.session_api import StoredMessage
+from aodm.inbox import Inbox
+from aodm.notifications import AnyNotification, NewMessage, SessionEstablished
+from aodm.output import local_time, moment, refusal
+from aodm.session_api import Sent, StoredMessage
+from aodm.state import CliError
 
 RECENT = 20  # messages shown when the chat opens
 QUIT = "/quit"
@@ -49,7 +49,7 @@ async def chat(ctx: Context) -> int:
             raise CliError(f"{client.handle} is you: chat with someone else", "forbidden")
         await client.query_handle(ctx.args.peer)  # not_found before anything else
         conversation = Conversation(ctx, client, ctx.args.peer)
-        async with Inbox(client.bus, client.handle) as inbox:  # before the history: nothing falls between
+        async with Inbox(client.bus, client.acting_as) as inbox:  # before the history: nothing falls between
             await conversation.open()
             await conversation.run(inbox, Lines())
     return 0
@@ -62,6 +62,13 @@ class Conversation:
         self.state: str | None = None  # None: no session yet
         self.keyed = False  # ensure_session done: the session exists and has a key
         self.seen = catchup.Tracker()
+
+    @property
+    def session(self) -> str:
+        """The chat's session id: every step that needs one comes after `adopt`."""
+        if self.session_id is None:
+            raise RuntimeError(f"the chat with {self.peer} has no session yet")
+        return self.session_id
 
     # -- opening ------------------------------------------------------------------------
 
@@ -81,10 +88,10 @@ class Conversation:
 
     def adopt(self, session_id: str, state: str) -> None:
         self.session_id, self.state = session_id, state
-        self.ctx.state.remember_session(self.client.handle, self.peer, session_id)
+        self.ctx.state.remember_session(self.client.acting_as, self.peer, session_id)
 
     async def show_recent(self) -> None:
-        page = await self.client.query_messages(self.session_id, order="desc", limit=RECENT)
+        page = await self.client.query_messages(self.session, order="desc", limit=RECENT)
         recent = sorted(page.messages, key=lambda m: m.seq)
         if recent and recent[0].seq > 1:
             self.out.note(f"* the last {len(recent)} messages (#1–#{recent[0].seq - 1}: `aodm history {self.peer}`)")
@@ -115,7 +122,7 @@ class Conversation:
                 task.cancel()
             await asyncio.gather(reading, waiting, return_exceptions=True)
 
-    async def on_notification(self, note) -> None:
+    async def on_notification(self, note: AnyNotification) -> None:
         match note:
             case NewMessage() if self.session_id is None and note.sender == self.peer:
                 self.adopt(note.session_id, "incoming")  # its SessionEstablished came before the chat opened
@@ -147,22 +154,21 @@ class Conversation:
             await self.catch_up(note)
         await self.show(note, "message")
 
-    async def catch_up(self, before) -> None:
+    async def catch_up(self, before: NewMessage | Sent) -> None:
         """This chat's messages between the newest shown and `before` (anything with the
         `seq` and `timestamp` of a later message: a NewMessage, or what a send answered)."""
         try:
-            async for message in catchup.missed(self.client, self.session_id, self.seen.marks.get(self.session_id),
-                                                before):
+            async for message in catchup.missed(self.client, self.session, self.seen.marks.get(self.session), before):
                 await self.show(message, "message")
         except AodmError as exc:
             self.out.error(exc.code, f"cannot read back the messages before #{before.seq}: {refusal(exc.code, exc.message)}")
 
     async def show(self, message: StoredMessage | NewMessage, event: str) -> None:
-        if self.seen.seen(self.session_id, message.seq):
+        if self.seen.seen(self.session, message.seq):
             return
-        document, text = await views.stored(self.client, self.session_id, self.peer, message)
+        document, text = await views.stored(self.client, self.session, self.peer, message)
         self.out.emit({"event": event, **document}, text)
-        self.seen.advance(self.session_id, message.seq, message.timestamp)
+        self.seen.advance(self.session, message.seq, message.timestamp)
 
     # -- sending ------------------------------------------------------------------------
 
@@ -174,22 +180,22 @@ class Conversation:
                 if session_id != self.session_id:  # opened now, by this line or (just before) by the peer
                     self.adopt(session_id, "outgoing" if created else "incoming")
                 self.keyed = True
-            sent = await self.client.send_text(self.session_id, text)
+            sent = await self.client.send_text(self.session, text)
         except AodmError as exc:
             self.out.error(exc.code, refusal(exc.code, exc.message))
             return
         if sent.seq > self.newest() + 1:  # the peer's, not notified yet: they come first
             await self.catch_up(sent)
-        document, line = views.message(self.session_id, self.peer, sent.seq, self.client.handle, sent.timestamp,
+        document, line = views.message(self.session, self.peer, sent.seq, self.client.acting_as, sent.timestamp,
                                        sent.generation, text)
         self.out.emit({"event": "sent", **document}, line)
-        self.seen.advance(self.session_id, sent.seq, sent.timestamp)
+        self.seen.advance(self.session, sent.seq, sent.timestamp)
         if self.state == "incoming":
             self.state = "accepted"
             self.out.note(f"* you accepted {self.peer}'s message request")
 
     def newest(self) -> int:
-        mark = self.seen.marks.get(self.session_id)
+        mark = self.seen.marks.get(self.session)
         return mark.seq if mark else 0
 
 

@@ -20,14 +20,15 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TextIO, TypeVar
 
 import msgspec
 
-from aodm import crypto
+from aodm import crypto, envelope, topology
 from aodm.checker_report import Keys, Note, Report, Sent, Stored, judge
 from aodm.client import Client
-from aodm import envelope, topology
 from aodm.encoding import b64encode
 from aodm.envelope import Tag
 from aodm.errors import NoSessionKey, NotFound, Timeout, error_for
@@ -42,8 +43,8 @@ from aodm.session_api import (
     KeyBatch,
     MessagePage,
     QueryMessage,
-    RotateSessionKey,
     Rotated,
+    RotateSessionKey,
     SealedKey,
     SendMessage,
 )
@@ -52,6 +53,10 @@ from aodm.transport import BrokerError, Delivery, QueueMissing
 
 _encoder = msgspec.json.Encoder()
 _now = time.monotonic
+T = TypeVar("T")
+# Faults after which a publish or a consume is simply tried again.
+_TRANSIENT: tuple[type[BaseException], ...] = (*BrokerError, TimeoutError, RuntimeError)
+_NOT_CONSUMED_YET: tuple[type[BaseException], ...] = (QueueMissing, *_TRANSIENT)
 
 
 class CheckerError(Exception):
@@ -91,7 +96,7 @@ class _Pair:
 class Progress:
     """A one-line progress bar on stderr (a line every few seconds when it is not a terminal)."""
 
-    def __init__(self, total: int, enabled: bool, stream=sys.stderr) -> None:
+    def __init__(self, total: int, enabled: bool, stream: TextIO = sys.stderr) -> None:
         self.total, self.enabled, self.stream = total, enabled, stream
         self.phase = "setup"
         self.confirmed = self.refused = self.resends = 0
@@ -121,7 +126,9 @@ class Progress:
 # -- one request, resent until answered --------------------------------------------------
 
 
-def _sign(client: Client, target: str, data: msgspec.Struct, *, as_handle: bool = True, tags=()) -> envelope.Envelope:
+def _sign(
+    client: Client, target: str, data: msgspec.Struct, *, as_handle: bool = True, tags: Iterable[Tag] = ()
+) -> envelope.Envelope:
     return envelope.sign(
         client.identity.signing_key,
         target=target,
@@ -138,14 +145,15 @@ async def _publish(client: Client, env: envelope.Envelope, give_up: float) -> "a
     while True:
         try:
             return await asyncio.wait_for(client.submit(env), timeout=max(0.1, min(5.0, give_up - _now())))
-        except (*BrokerError, TimeoutError, RuntimeError) as exc:
+        except _TRANSIENT as exc:
             if _now() >= give_up:
                 raise _GaveUp from exc
             await asyncio.sleep(0.5)
 
 
 async def _roundtrip(client: Client, env: envelope.Envelope, opts: Options, give_up: float,
-                     progress: Progress | None = None, first=None) -> tuple[Ok | Err | None, int]:
+                     progress: Progress | None = None,
+                     first: "asyncio.Future[bytes] | None" = None) -> tuple[Ok | Err | None, int]:
     """The reply to `env` (None if none came before `give_up`) and how often it was resent."""
     futures = [first] if first is not None else []
     published, resends, wait = first is not None, 0, opts.resend_after
@@ -178,8 +186,8 @@ async def _roundtrip(client: Client, env: envelope.Envelope, opts: Options, give
             future.cancel()
 
 
-async def _call(client: Client, target: str, data: msgspec.Struct, result: type, opts: Options, give_up: float,
-                *, as_handle: bool = True):
+async def _call(client: Client, target: str, data: msgspec.Struct, result: type[T], opts: Options, give_up: float,
+                *, as_handle: bool = True) -> T:
     reply, _ = await _roundtrip(client, _sign(client, target, data, as_handle=as_handle), opts, give_up)
     if reply is None:
         raise Timeout(f"no reply to {type(data).__name__} before the checker's deadline")
@@ -193,8 +201,8 @@ async def _call(client: Client, target: str, data: msgspec.Struct, result: type,
 
 async def _rotate(pair: _Pair, opts: Options, give_up: float) -> None:
     key = crypto.new_session_key()
-    entries = [SealedKey(c.handle, c.identity.box_public, crypto.seal_session_key(key, c.identity.box_public))
-               for c in sorted(pair.members, key=lambda c: c.handle)]
+    entries = [SealedKey(c.acting_as, c.identity.box_public, crypto.seal_session_key(key, c.identity.box_public))
+               for c in sorted(pair.members, key=lambda c: c.acting_as)]
     rotator = pair.members[0]
     reply, _ = await _roundtrip(rotator, _sign(rotator, pair.session_id, RotateSessionKey(entries)), opts, give_up)
     if reply is None:
@@ -221,7 +229,7 @@ async def _setup(url: str, run: str, opts: Options, give_up: float) -> list[_Pai
     async def open_session(pair: _Pair) -> None:
         await asyncio.gather(*(register(c, f"chk-{run}-{pair.index}{'ab'[i]}") for i, c in enumerate(pair.members)))
         a, b = pair.members
-        pair.session_id = (await _call(a, REGISTRY_TARGET, EstablishSession(b.handle), Established, opts, give_up)).session_id
+        pair.session_id = (await _call(a, REGISTRY_TARGET, EstablishSession(b.acting_as), Established, opts, give_up)).session_id
         await _call(b, pair.session_id, Accept(), Consent, opts, give_up)  # both send more than a request holds
         await _rotate(pair, opts, give_up)
         if not pair.current:
@@ -236,12 +244,12 @@ async def _send_all(pair: _Pair, who: int, run: str, opts: Options, progress: Pr
     """One sender: pipelined publishes in index order, each answered (or given up) later."""
     client, peer = pair.members[who], pair.members[1 - who]
     records: list[Sent] = []
-    waiting: set[asyncio.Task] = set()
+    waiting: set[asyncio.Task[None]] = set()
     window = asyncio.Semaphore(opts.window)
     interval = opts.sessions * opts.senders_per_session / opts.rate if opts.rate else 0.0
     next_at = _now()
 
-    async def settle(env: envelope.Envelope, first, record: Sent) -> None:
+    async def settle(env: envelope.Envelope, first: "asyncio.Future[bytes]", record: Sent) -> None:
         try:
             reply, record.resends = await _roundtrip(client, env, opts, give_up, progress, first)
             if isinstance(reply, Err):
@@ -271,7 +279,7 @@ async def _send_all(pair: _Pair, who: int, run: str, opts: Options, progress: Pr
         generation = pair.current
         env = _sign(client, pair.session_id, SendMessage(crypto.encrypt(pair.keys[generation], text), generation),
                     tags=tags)
-        record = Sent(pair.index, client.handle, peer.handle, i, text, env.id)
+        record = Sent(pair.index, client.acting_as, peer.acting_as, i, text, env.id)
         records.append(record)
         try:
             first = await _publish(client, env, give_up)
@@ -352,10 +360,10 @@ async def _collect_notes(pairs: list[_Pair], expected: set[tuple[str, str]], unt
         for client in (c for p in pairs for c in p.members):
             while True:  # the registry created the queue at Register (servers before: a moment after); the broker may be away
                 try:
-                    consume = client.bus.consume(topology.inbox_queue(client.handle), on_note, prefetch=256)
+                    consume = client.bus.consume(topology.inbox_queue(client.acting_as), on_note, prefetch=256)
                     consumers.append(await asyncio.wait_for(consume, max(0.1, until - _now())))
                     break
-                except (QueueMissing, TimeoutError, RuntimeError, *BrokerError):
+                except _NOT_CONSUMED_YET:
                     if _now() >= until:
                         break
                     await asyncio.sleep(0.5)
@@ -437,6 +445,10 @@ def _tag(raw: str) -> tuple[str, str]:
     return name, value
 
 
+# Why a run may not get as far as a report (exit status 2).
+_CANNOT_CHECK: tuple[type[BaseException], ...] = (CheckerError, ValueError, ConnectionError, *BrokerError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m aodm.checker",
@@ -477,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             window=args.window, resend_after=args.resend_after, rotate_every=args.rotate_every,
             tag=args.tag, tag_every=args.tag_every, progress=not args.no_progress,
         ))
-    except (CheckerError, ValueError, ConnectionError, *BrokerError) as exc:
+    except _CANNOT_CHECK as exc:
         print(f"checker: {exc}", file=sys.stderr)
         return 2
     print(report.to_json() if args.json else report.summary())

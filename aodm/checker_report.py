@@ -8,6 +8,7 @@ every NewMessage notification found in the recipients' queues. `judge` compares 
 import json
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from aodm.notifications import notification_id
 
@@ -53,10 +54,8 @@ class Keys:
         number of rotations made (a pending rotation may or may not count)."""
         missing = len(set(range(1, self.current + 1)) - set(self.present))
         extra = len([g for g in self.present if g > self.current])
-        if self.confirmed <= self.current <= self.confirmed + self.unknown:
-            off = 0
-        else:
-            off = abs(self.current - self.confirmed)
+        within = self.confirmed <= self.current <= self.confirmed + self.unknown
+        off = 0 if within else abs(self.current - self.confirmed)
         return missing + extra + off + self.mismatched
 
 
@@ -90,7 +89,7 @@ class Report:
     notifications_duplicated: int = 0  # a NewMessage Id seen again (allowed: at-least-once)
     notifications_bad_id: int = 0  # a NewMessage whose Id is not the one derived from its request
     errors: dict[str, int] = field(default_factory=dict)  # error replies by code
-    per_session: list[dict] = field(default_factory=list)
+    per_session: list[dict[str, Any]] = field(default_factory=list)
     examples: dict[str, list[str]] = field(default_factory=dict)  # a few of each problem
     elapsed_s: float = 0.0
 
@@ -109,7 +108,7 @@ class Report:
     def ok(self) -> bool:
         return not self.problems()
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok, "problems": self.problems()}
 
     def to_json(self) -> str:
@@ -186,7 +185,7 @@ def judge(sent: list[Sent], stored: list[Stored], keys: list[Keys], notes: list[
             example("duplicated", text)
     for m in stored:
         origin = by_text.get(m.text) if m.text is not None else None
-        if origin is None or origin.sender != m.sender or origin.outcome not in ("ok", PENDING):
+        if m.text is None or origin is None or origin.sender != m.sender or origin.outcome not in ("ok", PENDING):
             report.unexpected += 1
             example("unexpected", f"session {m.session} seq {m.seq} ({m.text or 'undecryptable'})")
         elif origin.seq is not None and origin.seq != m.seq and counts[m.text] == 1:

@@ -13,8 +13,10 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from importlib import metadata
+from typing import Any, NoReturn, Protocol
 
 import aiormq
 
@@ -22,10 +24,10 @@ import aodm
 from aodm import chat, commands, demo, listen
 from aodm.commands import Context, safe_url
 from aodm.crypto import DecryptionFailed
+from aodm.errors import AodmError
 from aodm.inbox import InboxUnavailable
 from aodm.output import error_line, refusal
 from aodm.state import CliError
-from aodm.errors import AodmError
 from aodm.transport import BrokerError
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -37,6 +39,19 @@ MIN_TIMEOUT_S, MAX_TIMEOUT_S = 0.1, 3600.0  # below: nothing could answer; above
 # `--timeout 0.001`, or any broker slower than --timeout to accept, hung the CLI forever.
 SHUTDOWN_GRACE_S = 0.5
 ENDED_BY_CTRL_C = {listen.listen, chat.chat}  # Ctrl-C is how these end: exit status 0
+# What `explain` turns into one line on stderr and exit status 1.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    CliError, AodmError, DecryptionFailed, InboxUnavailable, *BrokerError, OSError,
+    aiormq.exceptions.ChannelInvalidStateError,
+)
+
+Run = Callable[[Context], int | Awaitable[int]]  # a command: aodm/commands.py and the like
+
+
+class Subcommands(Protocol):
+    """What `ArgumentParser.add_subparsers` returns, as far as the commands are added to it."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser: ...
 
 
 # -- parsing --------------------------------------------------------------------------
@@ -80,7 +95,7 @@ def add_globals(parser: argparse.ArgumentParser, *, top: bool, timeout: bool = T
     group.add_argument("--as", dest="as_handle", metavar="HANDLE", default=default(None),
                        help="act as this handle (default: the one last registered)")
     group.add_argument("--amqp-url", metavar="URL", default=default(os.environ.get("AODM_AMQP_URL", DEFAULT_AMQP_URL)),
-                       help="RabbitMQ URL (default: $AODM_AMQP_URL or %s)" % DEFAULT_AMQP_URL)
+                       help=f"RabbitMQ URL (default: $AODM_AMQP_URL or {DEFAULT_AMQP_URL})")
     if timeout:
         group.add_argument("--timeout", type=seconds, metavar="S", default=default(15.0),
                            help=f"seconds to wait for each reply, {MIN_TIMEOUT_S:g} to {MAX_TIMEOUT_S:g} (default: 15)")
@@ -90,7 +105,7 @@ def add_globals(parser: argparse.ArgumentParser, *, top: bool, timeout: bool = T
                            'and chat); errors as {"error": {"code": ..., "message": ...}} on stderr')
 
 
-def command(sub, name: str, run, help: str, description: str, *, timeout: bool = True,
+def command(sub: Subcommands, name: str, run: Run, help: str, description: str, *, timeout: bool = True,
             as_json: bool = True) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help, description=description,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,7 +120,7 @@ class Parser(argparse.ArgumentParser):
 
     json_errors = False
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         if not self.json_errors:
             super().error(message)
         self.exit(2, error_line("usage", f"{self.prog}: {message}", True) + "\n")
@@ -150,7 +165,7 @@ def build_parser(as_json: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
-def add_identity(sub) -> None:
+def add_identity(sub: Subcommands) -> None:
     identity = sub.add_parser("identity", help="create or show this machine's identity (your keys)",
                               description="An identity is a signing key (it signs every request) and a box "
                               "key (session keys are sealed to it). It lives in one file; keep it private.")
@@ -164,7 +179,7 @@ def add_identity(sub) -> None:
             "Print the identity file's path, address, public box key and default handle.")
 
 
-def add_chat_commands(sub) -> None:
+def add_chat_commands(sub: Subcommands) -> None:
     p = command(sub, "register", commands.register, "claim a handle for this identity",
                 "Register HANDLE (3-32 of a-z 0-9 _ -) with this identity's keys and make it the\n"
                 "default handle for later commands. Fails with already_exists if someone has it.")
@@ -208,7 +223,7 @@ def add_chat_commands(sub) -> None:
     add_chat(sub)
 
 
-def add_history(sub) -> None:
+def add_history(sub: Subcommands) -> None:
     p = command(sub, "history", commands.history, "show the decrypted messages of the chat with PEER",
                 "Fetch and decrypt the chat with PEER, one line per message, in local time with\n"
                 "its offset from UTC:\n"
@@ -222,7 +237,7 @@ def add_history(sub) -> None:
                    help="only messages from TIME on: ISO 8601 (2026-11-26T18:00) or epoch milliseconds")
 
 
-def add_listen(sub) -> None:
+def add_listen(sub: Subcommands) -> None:
     p = command(sub, "listen", listen.listen, "print your notifications as they arrive",
                 "Consume your handle's notification queue and print each event: new messages\n"
                 "(decrypted, with sender and time), sessions established, keys rotated, and\n"
@@ -240,7 +255,7 @@ def add_listen(sub) -> None:
                    help="stop after S seconds without a notification (default: never)")
 
 
-def add_chat(sub) -> None:
+def add_chat(sub: Subcommands) -> None:
     p = command(sub, "chat", chat.chat, "talk with PEER: recent messages, new ones live, lines you type sent",
                 f"Show the last {chat.RECENT} messages of the chat with PEER, then its new messages as\n"
                 "they arrive, and send each line read from stdin as a message (empty lines are\n"
@@ -282,13 +297,13 @@ def explain(exc: BaseException, url: str) -> tuple[str, str]:
             return "broker_unreachable", f"cannot talk to the broker at {safe_url(url)}: {exc or type(exc).__name__}"
 
 
-async def dispatch(args) -> int:
-    ctx = Context(args)
-    result = args.run(ctx)
+async def dispatch(args: argparse.Namespace) -> int:
+    run: Run = args.run
+    result = run(Context(args))
     return await result if inspect.isawaitable(result) else result
 
 
-def run(command) -> int:
+def run(command: Coroutine[Any, Any, int]) -> int:
     """asyncio.run (Ctrl-C cancels the command, which cleans up), except that the tasks left
     at the end get SHUTDOWN_GRACE_S to finish, not forever."""
     runner = asyncio.Runner()
@@ -322,8 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(dispatch(args))
     except KeyboardInterrupt:
         return 0 if args.run in ENDED_BY_CTRL_C else 130
-    except (CliError, AodmError, DecryptionFailed, InboxUnavailable, *BrokerError, OSError,
-            aiormq.exceptions.ChannelInvalidStateError) as exc:
+    except USER_ERRORS as exc:
         print(error_line(*explain(exc, args.amqp_url), args.json), file=sys.stderr)
         return 1
 

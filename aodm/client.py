@@ -17,8 +17,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import msgspec
 
-from aodm import crypto
-from aodm import envelope, topology
+from aodm import crypto, envelope, topology
 from aodm.encoding import b64encode
 from aodm.errors import Timeout, error_for
 from aodm.registry_api import (
@@ -50,8 +49,8 @@ from aodm.session_api import (
     MessagePage,
     Order,
     QueryMessage,
-    RotateSessionKey,
     Rotated,
+    RotateSessionKey,
     SealedKey,
     SendMessage,
     Sent,

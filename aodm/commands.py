@@ -3,7 +3,9 @@ in `aodm.cli`; every function here returns the exit status and shows its result 
 `ctx.out` (text for people, or one JSON document with --json: aodm/output.py). `listen`
 and `chat` live in aodm/listen.py and aodm/chat.py."""
 
+import argparse
 import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
@@ -11,10 +13,11 @@ from aodm import state as files
 from aodm import views
 from aodm.client import Client, with_credentials
 from aodm.crypto import Identity
-from aodm.output import Output, local_time, moment
-from aodm.state import CliError, State
 from aodm.errors import AodmError, NoSessionKey
-from aodm.session_api import MAX_PAGE
+from aodm.output import Document, Output, local_time, moment
+from aodm.registry_api import Chat
+from aodm.session_api import MAX_PAGE, Order, StoredMessage
+from aodm.state import CliError, State
 from aodm.transport import LoginRefused
 
 
@@ -27,7 +30,7 @@ def safe_url(url: str) -> str:
 class Context:
     """The identity, its state and a connection, opened only by the commands that need them."""
 
-    def __init__(self, args) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.path = files.identity_path(args.identity)
         self.out = Output(getattr(args, "json", False))
@@ -49,7 +52,7 @@ class Context:
         return self.state.brokers.get(handle) if handle else None
 
     @asynccontextmanager
-    async def client(self, *, need_handle: bool = True, own_login: bool = True):
+    async def client(self, *, need_handle: bool = True, own_login: bool = True) -> AsyncIterator[Client]:
         """A connected client acting as the chosen handle (when the command needs one). It
         logs in to the broker as the handle's own broker user when the state holds one
         (host, port and vhost still come from --amqp-url), else with --amqp-url's login."""
@@ -79,8 +82,9 @@ class Context:
 
     async def handle(self, client: Client) -> str:
         """--as, else the remembered default, else the identity's only registered handle."""
-        if self.args.as_handle:
-            return self.args.as_handle
+        chosen: str | None = self.args.as_handle
+        if chosen:
+            return chosen
         if self.state.default_handle:
             return self.state.default_handle
         handles = sorted(h.handle for h in await client.get_handles())
@@ -113,7 +117,7 @@ def identity_show(ctx: Context) -> int:
     return 0
 
 
-def public_keys(identity: Identity) -> dict:
+def public_keys(identity: Identity) -> Document:
     return {"address": identity.address, "box_key": identity.box_public}
 
 
@@ -141,9 +145,10 @@ async def register(ctx: Context) -> int:
     ctx.state.default_handle = info.handle
     ctx.state.save()
     text = f"{status.replace('_', ' ')}: {info.handle} (since {local_time(info.created_at)}); it is now the default handle"
-    broker_user = client.broker_user if client.broker_password else None
-    if broker_user:
-        ctx.state.remember_broker(info.handle, broker_user, client.broker_password)
+    password = client.broker_password
+    broker_user = client.broker_user if password else None
+    if broker_user and password:
+        ctx.state.remember_broker(info.handle, broker_user, password)
         text += (f"\nbroker login: {broker_user} (it may read only {info.handle}'s notifications); "
                  f"kept in {ctx.state.path}")
     ctx.out.emit({"handle": info.handle, "status": status, "created_at": moment(info.created_at),
@@ -161,7 +166,7 @@ async def credentials(ctx: Context) -> int:
                      f"the broker at {safe_url(ctx.args.amqp_url)} issues no per-handle broker users; "
                      "--amqp-url's login is used for everything")
         return 0
-    ctx.state.remember_broker(client.handle, client.broker_user, client.broker_password)
+    ctx.state.remember_broker(client.acting_as, client.broker_user, client.broker_password)
     ctx.out.emit({"handle": client.handle, "issued": True, "broker_user": client.broker_user,
                   "state_file": str(ctx.state.path)},
                  f"new broker password for {client.broker_user} ({client.handle}); the old one no longer logs in. "
@@ -173,7 +178,7 @@ async def chats(ctx: Context) -> int:
     async with ctx.client() as client:
         chat_list = sorted((await client.get_chat_list()).chats, key=lambda c: c.last_activity, reverse=True)
     for chat in chat_list:
-        ctx.state.remember_session(client.handle, chat.peer, chat.session_id)
+        ctx.state.remember_session(client.acting_as, chat.peer, chat.session_id)
     document = {"handle": client.handle, "chats": [
         {"peer": c.peer, "state": c.state, "session_id": c.session_id, "last_activity": moment(c.last_activity)}
         for c in chat_list]}
@@ -182,7 +187,7 @@ async def chats(ctx: Context) -> int:
     return 0
 
 
-def chat_table(chat_list: list) -> str:
+def chat_table(chat_list: list[Chat]) -> str:
     width = max(len("PEER"), *(len(c.peer) for c in chat_list))
     rows = [f"{'PEER':<{width}}  {'STATE':<8}  {'LAST ACTIVITY':<26}  SESSION"]
     rows += [f"{c.peer:<{width}}  {c.state:<8}  {local_time(c.last_activity)}  {c.session_id}" for c in chat_list]
@@ -198,7 +203,7 @@ async def requests(ctx: Context) -> int:
     async with ctx.client() as client:
         incoming = [c for c in (await client.get_chat_list()).chats if c.state == "incoming"]
         for chat in incoming:
-            ctx.state.remember_session(client.handle, chat.peer, chat.session_id)
+            ctx.state.remember_session(client.acting_as, chat.peer, chat.session_id)
             messages = (await client.query_messages(chat.session_id)).messages
             shown = [await views.stored(client, chat.session_id, chat.peer, m) for m in messages]
             found.append({"peer": chat.peer, "session_id": chat.session_id, "messages": [doc for doc, _ in shown]})
@@ -211,14 +216,14 @@ async def requests(ctx: Context) -> int:
 
 
 async def session_with(ctx: Context, client: Client, peer: str) -> str:
-    session_id = await client.query_session(client.handle, peer)
+    session_id = await client.query_session(client.acting_as, peer)
     if session_id is None:
         raise CliError(f"{client.handle} has no chat with {peer}", "no_chat")
-    ctx.state.remember_session(client.handle, peer, session_id)
+    ctx.state.remember_session(client.acting_as, peer, session_id)
     return session_id
 
 
-def consent(change: str):
+def consent(change: str) -> Callable[[Context], Awaitable[int]]:
     """`aodm accept|block|unblock PEER`."""
     async def run(ctx: Context) -> int:
         async with ctx.client() as client:
@@ -238,7 +243,7 @@ async def ensure_session(ctx: Context, client: Client, peer: str) -> tuple[str, 
     Returns the session id, whether it is new, and the current key generation."""
     established = await client.establish_session(peer)
     session_id = established.session_id
-    ctx.state.remember_session(client.handle, peer, session_id)
+    ctx.state.remember_session(client.acting_as, peer, session_id)
     try:
         generation, _ = await client.session_key(session_id)
     except NoSessionKey:
@@ -277,7 +282,7 @@ async def send(ctx: Context) -> int:
 async def rotate(ctx: Context) -> int:
     async with ctx.client() as client:
         session_id = (await client.establish_session(ctx.args.peer)).session_id
-        ctx.state.remember_session(client.handle, ctx.args.peer, session_id)
+        ctx.state.remember_session(client.acting_as, ctx.args.peer, session_id)
         generation = await client.rotate_session_key(session_id, ctx.args.peer)
     ctx.out.emit({"peer": ctx.args.peer, "session_id": session_id, "generation": generation},
                  f"rotated the key of the session with {ctx.args.peer}: now generation {generation}")
@@ -287,26 +292,27 @@ async def rotate(ctx: Context) -> int:
 async def history(ctx: Context) -> int:
     peer = ctx.args.peer
     async with ctx.client() as client:
-        session_id = await client.query_session(client.handle, peer)
+        session_id = await client.query_session(client.acting_as, peer)
         if session_id is None:
             await client.query_handle(peer)  # not_found when the peer does not exist
             raise CliError(f"{client.handle} has no chat with {peer} yet; `aodm open {peer}` starts one", "no_chat")
-        ctx.state.remember_session(client.handle, peer, session_id)
+        ctx.state.remember_session(client.acting_as, peer, session_id)
         shown = [await views.stored(client, session_id, peer, m) for m in await fetch(client, session_id, ctx.args)]
     document = {"peer": peer, "session_id": session_id, "messages": [doc for doc, _ in shown]}
     ctx.out.emit(document, "\n".join(text for _, text in shown) if shown else None)
     return 0
 
 
-async def fetch(client: Client, session_id: str, args) -> list:
+async def fetch(client: Client, session_id: str, args: argparse.Namespace) -> list[StoredMessage]:
     """All matching messages, or at most --limit of them (pages are capped at MAX_PAGE)."""
-    query = {"from_": args.since, "order": "desc" if args.desc else "asc"}
+    order: Order = "desc" if args.desc else "asc"
     if args.limit is None:
-        return await client.history(session_id, limit=MAX_PAGE, **query)
-    messages, cursor = [], None
+        return await client.history(session_id, from_=args.since, order=order, limit=MAX_PAGE)
+    messages: list[StoredMessage] = []
+    cursor = None
     while len(messages) < args.limit:
         size = min(MAX_PAGE, args.limit - len(messages))
-        page = await client.query_messages(session_id, limit=size, cursor=cursor, **query)
+        page = await client.query_messages(session_id, from_=args.since, order=order, limit=size, cursor=cursor)
         messages += page.messages
         if (cursor := page.next_cursor) is None:
             break

@@ -18,8 +18,8 @@ from nacl.signing import SigningKey
 from nacl.utils import random
 
 from aodm.encoding import b64decode, b64encode
-from aodm.errors import MalformedRequest
 from aodm.envelope import address_of
+from aodm.errors import MalformedRequest
 
 __all__ = [
     "DecryptionFailed",

@@ -9,13 +9,14 @@ from datetime import datetime
 
 from aodm import crypto
 from aodm.client import Client
-from aodm.commands import local_time, safe_url
-from aodm.inbox import Inbox
-from aodm.state import CliError
+from aodm.commands import Context, safe_url
 from aodm.encoding import b64decode
 from aodm.errors import NotFound
+from aodm.inbox import Inbox
 from aodm.notifications import NewMessage
-from aodm.session_api import RotateSessionKey, Rotated, SealedKey
+from aodm.output import local_time
+from aodm.session_api import Rotated, RotateSessionKey, SealedKey
+from aodm.state import CliError
 
 
 def short(text: str) -> str:
@@ -26,18 +27,16 @@ def fingerprint(key: bytes) -> str:
     return hashlib.sha256(key).hexdigest()[:16]
 
 
-async def run(ctx) -> int:
+async def run(ctx: Context) -> int:
     url, timeout = ctx.args.amqp_url, ctx.args.timeout
     print(f"Waiting for the aodm services at {safe_url(url)} ...", flush=True)
     await wait_for_services(url, ctx.args.wait)
     print("They answer.\n", flush=True)
-    alice = await Client.connect(url, crypto.Identity.generate(), timeout=timeout)
-    bob = await Client.connect(url, crypto.Identity.generate(), timeout=timeout)
-    try:
+    async with (
+        Client.connect(url, crypto.Identity.generate(), timeout=timeout) as alice,
+        Client.connect(url, crypto.Identity.generate(), timeout=timeout) as bob,
+    ):
         await narrate(alice, bob, timeout)
-    finally:
-        await alice.close()
-        await bob.close()
     return 0
 
 
@@ -77,7 +76,7 @@ async def narrate(alice: Client, bob: Client, timeout: float) -> None:
             print()
         await workflow(clients[0], clients[1], a, b, timeout)
     finally:
-        for original, client in zip((alice, bob), clients):
+        for original, client in zip((alice, bob), clients, strict=True):
             if client is not original:
                 await client.close()
 
@@ -117,7 +116,7 @@ async def setup(alice: Client, bob: Client) -> tuple[str, str]:
 
 
 async def share_key(alice: Client, session: str, b: str) -> tuple[bytes, int]:
-    a, a_box = alice.handle, alice.identity.box_public
+    a, a_box = alice.acting_as, alice.identity.box_public
     sk = crypto.new_session_key()
     print(f"1. {a} generates a random 32-byte session key SK (fingerprint {fingerprint(sk)}).")
     sk_ea = crypto.seal_session_key(sk, a_box)
@@ -143,7 +142,7 @@ async def send(alice: Client, session: str, sk: bytes, generation: int, text: st
 async def receive(bob: Client, timeout: float) -> NewMessage:
     """Bob's first consumer on his durable queue: everything sent while he was away waits there."""
     kinds = []
-    async with Inbox(bob.bus, bob.handle) as inbox:
+    async with Inbox(bob.bus, bob.acting_as) as inbox:
         while True:
             try:
                 note = await inbox.next(timeout)

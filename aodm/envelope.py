@@ -7,6 +7,7 @@ produce them; nothing here depends on how Python serialises an object.
 import hashlib
 import struct
 import time
+from typing import TypedDict
 
 import msgspec
 from nacl.exceptions import BadSignatureError
@@ -133,6 +134,18 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+class _SignedFields(TypedDict):
+    """The fields the signature covers (the keyword arguments of `signing_bytes`)."""
+
+    target: str
+    from_: str
+    owner: str
+    anchor: str
+    timestamp: int
+    tags: list[Tag]
+    data: str
+
+
 def sign(
     signing_key: SigningKey,
     *,
@@ -144,9 +157,11 @@ def sign(
     timestamp: int | None = None,
     extra_tags: list[Tag] | None = None,
 ) -> Envelope:
+    """An envelope signed by `signing_key`, acting as `from_` (None: the signer's own
+    address), with `action` as its Action tag; `timestamp` defaults to now."""
     owner = address_of(bytes(signing_key.verify_key))
     tags = [Tag("Action", action), *(extra_tags or [])]
-    fields = dict(
+    fields = _SignedFields(
         target=target,
         from_=owner if from_ is None else from_,
         owner=owner,

@@ -15,7 +15,7 @@ import msgspec
 
 from aodm import topology
 from aodm.notifications import AnyNotification, notification_decoder
-from aodm.transport import AccessRefused, BrokerError, Bus, Delivery, QueueMissing
+from aodm.transport import AccessRefused, BrokerError, Bus, Consumer, Delivery, QueueMissing
 
 __all__ = ["InboxUnavailable", "Inbox"]
 
@@ -41,7 +41,7 @@ class Inbox:
         self._remember = remember
         self._wait = wait  # how long a missing queue may take to appear (servers before declared it after Register answered)
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
-        self._consumer = None
+        self._consumer: Consumer | None = None
         self.dropped = 0  # messages in the queue that were no notification (dropped, not returned)
 
     async def __aenter__(self) -> "Inbox":

@@ -13,12 +13,12 @@ import time
 from aodm import catchup, views
 from aodm.client import Client
 from aodm.commands import Context
-from aodm.inbox import Inbox
-from aodm.output import Output, local_time, moment
-from aodm.state import State
 from aodm.errors import AodmError
-from aodm.notifications import KeyRotated, NewMessage, RequestFailed, SessionEstablished
+from aodm.inbox import Inbox
+from aodm.notifications import AnyNotification, KeyRotated, NewMessage, RequestFailed, SessionEstablished
+from aodm.output import Document, Output, local_time, moment
 from aodm.session_api import StoredMessage
+from aodm.state import State
 
 DRAIN_QUIET_S = 1.0  # `listen --once`: how long the queue must stay quiet to count as drained
 SAVE_EVERY_S = 2.0  # `listen`: how often, at most, it writes where it got to while messages come
@@ -32,11 +32,12 @@ async def listen(ctx: Context) -> int:
     """Print notifications as they come. With --once: what is waiting (or the first to
     arrive within --timeout), then exit. Without: until Ctrl-C or --timeout of silence."""
     async with ctx.client() as client:
-        await client.query_handle(client.handle)  # a typo must not create a queue for nobody
-        marks = Marks(ctx.state, client.handle)
+        handle = client.acting_as
+        await client.query_handle(handle)  # a typo must not create a queue for nobody
+        marks = Marks(ctx.state, handle)
         listener = Listener(client, ctx.out, marks)
         try:
-            async with Inbox(client.bus, client.handle) as inbox:
+            async with Inbox(client.bus, handle) as inbox:
                 shown = await listener.catch_up_chats()
                 ctx.out.note(f"listening as {client.handle} (Ctrl-C to stop)")
                 wait = DRAIN_QUIET_S if ctx.args.once and shown else ctx.args.wait
@@ -113,7 +114,7 @@ class Listener:
             self.out.error(exc.code, f"cannot catch up the chat with {peer}: {exc}")
         return shown
 
-    def emit_message(self, document: dict, text: str) -> None:
+    def emit_message(self, document: Document, text: str) -> None:
         self.out.emit({"event": "message", **document}, text)
 
     async def catching_up(self, session_id: str, mark: catchup.Mark | None, first: StoredMessage) -> views.View:
@@ -125,7 +126,7 @@ class Listener:
                     "after_seq": after, **moment(first.timestamp)}
         return document, f"[{local_time(first.timestamp)}] * catching up the chat with {peer} from #{first.seq}{skipped}"
 
-    async def show(self, note) -> int:
+    async def show(self, note: AnyNotification) -> int:
         """One notification; a NewMessage past a gap after the messages it skipped, one already
         shown not again. Returns how many messages or events it showed."""
         if not isinstance(note, NewMessage):
@@ -140,7 +141,7 @@ class Listener:
         self.marks.advance(note.session_id, note.seq, note.timestamp)
         return shown + 1
 
-    async def describe(self, note) -> views.View:
+    async def describe(self, note: AnyNotification) -> views.View:
         """An event other than a message."""
         at = f"[{local_time(note.at)}]"
         match note:

@@ -9,6 +9,9 @@ the exit status says whether the command failed (1) or only one step of a stream
 import json
 import sys
 from datetime import datetime, timedelta
+from typing import Any
+
+Document = dict[str, Any]  # one JSON object as --json prints it
 
 
 def local(ms: int) -> datetime:
@@ -34,7 +37,7 @@ def iso_time(ms: int) -> str:
     return local(ms).isoformat(timespec="milliseconds")
 
 
-def moment(ms: int) -> dict:
+def moment(ms: int) -> Document:
     """A time in a JSON document: readable and exact."""
     return {"time": iso_time(ms), "timestamp": ms}
 
@@ -59,7 +62,7 @@ class Output:
     def __init__(self, as_json: bool = False) -> None:
         self.json = as_json
 
-    def emit(self, document: dict, text: str | None) -> None:
+    def emit(self, document: Document, text: str | None) -> None:
         """One result or event: `document` with --json, else `text` (None: nothing)."""
         if self.json:
             print(json.dumps(document, ensure_ascii=False), flush=True)

@@ -11,12 +11,15 @@ the objects themselves account for.
 
 import json
 import re
+from typing import AnyStr
 
 import msgspec
 
 
 class _Duplicate(Exception):
-    pass
+    def __init__(self, keys: list[str]) -> None:
+        super().__init__(keys)
+        self.keys = keys
 
 
 def _refuse_duplicates(pairs: list[tuple[str, object]]) -> None:
@@ -30,7 +33,7 @@ def duplicate_keys(text: str | bytes) -> list[str]:
     try:
         json.loads(text, object_pairs_hook=_refuse_duplicates)
     except _Duplicate as found:
-        return found.args[0]
+        return found.keys
     return []
 
 
@@ -58,14 +61,20 @@ class FlatObject:
 
     def __init__(self, struct: type[msgspec.Struct]) -> None:
         names = list(top_level_keys(struct))
-        self._literals = {False: [f'"{name}"' for name in names], True: [f'"{name}"'.encode() for name in names]}
+        self._literals = [f'"{name}"' for name in names]
+        self._byte_literals = [literal.encode() for literal in self._literals]
 
     def duplicates(self, text: str | bytes) -> list[str]:
         """Its duplicate keys. Counted when it is flat and spells its keys plainly: each at
         most once (fields may be absent). Parsed again when it nests objects or might spell
         a key otherwise (\\u), or a literal shows up twice (a duplicate, or a look-alike)."""
-        binary = isinstance(text, bytes)
-        plain = text.count(b"{" if binary else "{") <= 1 and (b"\\u" if binary else "\\u") not in text
-        if plain and all(text.count(literal) <= 1 for literal in self._literals[binary]):
-            return []
-        return duplicate_keys(text)
+        if isinstance(text, bytes):
+            plain = _flat_and_plain(text, b"{", b"\\u", self._byte_literals)
+        else:
+            plain = _flat_and_plain(text, "{", "\\u", self._literals)
+        return [] if plain else duplicate_keys(text)
+
+
+def _flat_and_plain(text: AnyStr, brace: AnyStr, escape: AnyStr, literals: list[AnyStr]) -> bool:
+    """At most one object, no \\u escape, and each key's literal at most once."""
+    return text.count(brace) <= 1 and escape not in text and all(text.count(literal) <= 1 for literal in literals)

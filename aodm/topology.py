@@ -8,7 +8,7 @@ handle's inbox and the dead letters are told apart at a glance.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the declarations are the services'; a client only needs the names
     from aodm.transport import Bus
@@ -110,7 +110,7 @@ INBOX_POLICY_PATTERN = "^" + INBOX_QUEUE_PREFIX.replace(".", "\\.")
 INBOX_POLICY_PRIORITY = 10
 
 
-def inbox_policies(max_messages: int, max_bytes: int) -> dict[str, dict]:
+def inbox_policies(max_messages: int, max_bytes: int) -> dict[str, dict[str, Any]]:
     """The management API's kind of policy ("policies", "operator-policies") -> its body."""
     bound = {"max-length": max_messages, "max-length-bytes": max_bytes}
     common = {"pattern": INBOX_POLICY_PATTERN, "apply-to": "queues", "priority": INBOX_POLICY_PRIORITY}

@@ -3,10 +3,12 @@ scripts, from the same values (history, requests, listen and chat all show messa
 
 from aodm.client import Client
 from aodm.crypto import DecryptionFailed
-from aodm.output import local_time, moment
 from aodm.errors import NotFound
+from aodm.notifications import NewMessage
+from aodm.output import Document, local_time, moment
+from aodm.session_api import StoredMessage
 
-View = tuple[dict, str]  # (JSON document, line)
+View = tuple[Document, str]  # (JSON document, line)
 
 
 def line(when: int, sender: str, text: str) -> str:
@@ -20,7 +22,7 @@ def message(session_id: str, peer: str | None, seq: int, sender: str, timestamp:
                 "generation": generation, "text": text}
     if problem is not None:
         document["error"] = problem
-    return document, line(timestamp, sender, text if problem is None else f"<{problem}>")
+    return document, line(timestamp, sender, text if text is not None and problem is None else f"<{problem}>")
 
 
 async def opened(client: Client, session_id: str, generation: int, content: str) -> tuple[str | None, str | None]:
@@ -31,7 +33,7 @@ async def opened(client: Client, session_id: str, generation: int, content: str)
         return None, f"cannot decrypt (generation {generation}): {exc}"
 
 
-async def stored(client: Client, session_id: str, peer: str | None, m) -> View:
+async def stored(client: Client, session_id: str, peer: str | None, m: StoredMessage | NewMessage) -> View:
     """A StoredMessage or a NewMessage (both carry what a message shows), decrypted."""
     text, problem = await opened(client, session_id, m.generation, m.content)
     return message(session_id, peer, m.seq, m.sender, m.timestamp, m.generation, text, problem)

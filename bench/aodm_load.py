@@ -15,19 +15,18 @@ import aio_pika
 import asyncpg
 import msgspec
 
-from aodm import crypto
+from aodm import crypto, envelope, topology
 from aodm.client import Client
 from aodm.crypto import Identity
-from bench import load
-from bench.progress import Bar
-from bench.stats import summary
-from aodm import envelope, topology
 from aodm.encoding import b64encode
 from aodm.notifications import notification_id
 from aodm.registry_api import REGISTRY_TARGET, EstablishSession, Register
 from aodm.replies import Err, reply_decoder
 from aodm.session_api import MessagePage, QueryMessage, RotateSessionKey, SealedKey, SendMessage
 from aodm.transport import Bus
+from bench import load
+from bench.progress import Bar
+from bench.stats import summary
 
 _encoder = msgspec.json.Encoder()
 MESSAGE_STEP_MS = 1000  # seeded messages are one second apart
@@ -112,7 +111,7 @@ async def seed(buses: list[Bus], n_handles: int, n_sessions: int, concurrency: i
     ]
     measured["EstablishSession"] = await pipelined(buses, establishes, concurrency, timeout, "EstablishSession")
     sessions = []
-    for (a, b), result in zip(pairs, measured["EstablishSession"].pop("results")):
+    for (a, b), result in zip(pairs, measured["EstablishSession"].pop("results"), strict=True):
         if result is None:
             raise RuntimeError(f"EstablishSession {a} -> {b} failed: {measured['EstablishSession']['errors']}")
         sessions.append(Session(msgspec.json.decode(result)["SessionId"], a, b, crypto.new_session_key()))

@@ -33,11 +33,11 @@ import msgspec
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
-from bench.load import ReplyTarget, consume_notifications
-from shared import db
 from aodm.encoding import b64encode
 from aodm.session_api import MessagePage, StoredMessage
 from aodm.transport import Bus, Delivery, Message, Unroutable, ack_in_order
+from bench.load import ReplyTarget, consume_notifications
+from shared import db
 
 IN_QUEUE = "bench.in"
 NOTIFY_QUEUE = "bench.notify"

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aodm import topology
-from shared import config
 from aodm.transport import BrokerError, Bus
+from shared import config
 from tests import isolation
 from tests.isolation import DATABASE_BASE, MANAGEMENT, management  # noqa: F401 (used by bench.run)
 from tests.processes import ROOT, ServiceProcess

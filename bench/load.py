@@ -17,10 +17,10 @@ import time
 
 import aio_pika
 
+from aodm.transport import direct
 from bench.env import CpuMeter
 from bench.progress import Bar
 from bench.stats import RunResult, latency_series, rate_series, summary
-from aodm.transport import direct
 
 
 async def consume_notifications(connection: aio_pika.abc.AbstractConnection, queues: list[str], callback) -> aio_pika.abc.AbstractChannel:

@@ -47,7 +47,7 @@ async def record(pid: int, seconds: float, svg: Path, raw: Path, rate: int = 100
                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE),
     ]
     outputs = [await p.communicate() for p in procs]
-    failures = [err.decode(errors="replace")[-400:] for p, (_, err) in zip(procs, outputs) if p.returncode != 0]
+    failures = [err.decode(errors="replace")[-400:] for p, (_, err) in zip(procs, outputs, strict=True) if p.returncode != 0]
     if failures or not raw.exists():
         return {"error": "py-spy failed: " + " | ".join(failures)}
     return summarise(raw.read_text())

@@ -17,9 +17,9 @@ import argparse
 import asyncio
 import time
 
+from aodm.transport import Bus, Delivery, Message, ack_in_order
 from bench.env import cpu_seconds, pids_named
 from bench.progress import Bar, say
-from aodm.transport import Bus, Delivery, Message, ack_in_order
 from tests.isolation import drop_vhost, new_vhost
 
 BODY = b"x" * 1300

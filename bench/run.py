@@ -21,6 +21,8 @@ from pathlib import Path
 import aio_pika
 import asyncpg
 
+from aodm import topology
+from aodm.transport import Bus
 from bench import aodm_load, baseline, load, profile, report
 from bench.env import (
     DATABASE_BASE,
@@ -36,8 +38,6 @@ from bench.env import (
     wait_ready,
 )
 from bench.progress import say
-from aodm import topology
-from aodm.transport import Bus
 from tests.processes import ROOT
 
 FIXED_RATE = 500.0
@@ -362,14 +362,15 @@ class Bench:
         """Open loop at 500 msg/s and at 70 % of each one's own maximum; the median round by
         p99 counts (a single stall of the shared machine decides a single run's p99)."""
         cfg = self.cfg
-        for load, rate_of in (("500", lambda who: FIXED_RATE), ("70", lambda who: 0.7 * best[who])):
+        for pace, rate_of in (("500", lambda who: FIXED_RATE), ("70", lambda who: 0.7 * best[who])):
+            # The defaults bind each run's own target and rate (a closure would see the last).
             runs = {
-                f"{who}_{load}": (mode, lambda target=target, rate=rate_of(who): (
+                f"{who}_{pace}": (mode, lambda target=target, rate=rate_of(who): (  # noqa: B008
                     target(), dict(rate=rate, duration=cfg.latency_seconds, warmup=cfg.latency_warmup)))
                 for who, mode, target in (("baseline_a", "a", self.pipeline_target),
                                           ("baseline_b", "b", self.pipeline_target), ("aodm", None, self.send_target))
             }
-            await self.interleaved(f"latency at {'500 msg/s' if load == '500' else '70% of own max'}", runs,
+            await self.interleaved(f"latency at {'500 msg/s' if pace == '500' else '70% of own max'}", runs,
                                    key=lambda run: run["latency_ms"].get("p99") or 0.0)
 
     async def standard(self, connections: list) -> None:
@@ -385,13 +386,15 @@ class Bench:
         for c in (1, 32):
             closed = dict(inflight=c, duration=cfg.query_seconds, warmup=cfg.query_warmup, kind="rpc")
 
-            def pages(pick=aodm_load.page_picker(self.world, random.Random(5))) -> tuple[str, int]:
+            # One picker per round, made once (a default) and drawn from at every call.
+            def pages(pick=aodm_load.page_picker(self.world, random.Random(5))) -> tuple[str, int]:  # noqa: B008
                 session, from_ts = pick()
                 return session.session_id, from_ts
 
+            # B023: the runs are made and awaited within this iteration, with its own c.
             runs = {
-                f"rpc_{c}": ("rpc", lambda: (baseline.RpcTarget(readers[:c], pages, cfg.timeout), closed)),
-                f"query_{c}": (None, lambda: (aodm_load.QueryTarget(self.world, readers[:c], cfg.timeout), closed)),
+                f"rpc_{c}": ("rpc", lambda: (baseline.RpcTarget(readers[:c], pages, cfg.timeout), closed)),  # noqa: B023
+                f"query_{c}": (None, lambda: (aodm_load.QueryTarget(self.world, readers[:c], cfg.timeout), closed)),  # noqa: B023
             }
             await self.interleaved(f"QueryMessage vs raw RPC, 50-message pages, {c} client{'s' if c > 1 else ''}",
                                    runs, key=lambda run: run["throughput"])
@@ -548,9 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(report.text(results))
     report.write_markdown(out / "performance.md", results)
-    if results["mode"] != "workers":
-        if not report.plot(out / "performance.png", results):
-            say("matplotlib not installed (pip install -e '.[bench]'): no plot")
+    if results["mode"] != "workers" and not report.plot(out / "performance.png", results):
+        say("matplotlib not installed (pip install -e '.[bench]'): no plot")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     say(f"written: {out / 'performance.md'}" + ("" if results["mode"] == "workers" else f", {out / 'performance.png'}"))

@@ -7,6 +7,7 @@ import asyncpg
 
 from shared.logs import log
 
+
 class DependencyUnavailable(ConnectionError):
     """Another system a handler relies on (the broker's management API) does not answer:
     like a database outage, waited out and never the request's fault."""

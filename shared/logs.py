@@ -11,7 +11,6 @@ import sys
 import msgspec
 import structlog
 
-
 # JSON lines by msgspec, as bytes straight to stderr: a service writes one per request, and
 # this costs a third less than structlog's default (the standard library's json).
 _json = msgspec.json.Encoder(enc_hook=repr)

@@ -68,8 +68,8 @@ def render() -> str:
         lines.append(f"{name}{_labels(pairs)} {value}")
     for (name, pairs), series in sorted(_histograms.items()):
         lines += _head(name, seen)
-        for bound, count in zip(_bucket_sets.get(name, _BUCKETS), series):
-            le = 'le="%s"' % bound
+        for bound, count in zip(_bucket_sets.get(name, _BUCKETS), series, strict=False):  # series ends with +Inf, sum
+            le = f'le="{bound}"'
             lines.append(f"{name}_bucket{_labels(pairs, le)} {count}")
         inf = 'le="+Inf"'
         lines.append(f"{name}_bucket{_labels(pairs, inf)} {series[-2]}")

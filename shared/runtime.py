@@ -18,11 +18,11 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from aodm import topology
+from aodm.transport import BrokerError, Bus, Consumer, Handler, LoginRefused
 from shared import config, db, inbox_bound, logs, metrics, process_metrics
 from shared.health import HealthServer
 from shared.logs import log
 from shared.service import prune_requests
-from aodm.transport import BrokerError, Bus, Consumer, Handler, LoginRefused
 
 # Waiting for the broker at start: the pause doubles from the first to the cap.
 BROKER_RETRY_FIRST_S = 0.5

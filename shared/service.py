@@ -39,19 +39,19 @@ from typing import Any, Literal
 import asyncpg
 import msgspec
 
-from shared import effects as outgoing
 from aodm import envelope as envelopes
 from aodm import strict_json, topology
-from shared import faults, metrics
-from shared.db import DatabaseUnavailable, DependencyUnavailable, replace_connections
-from shared.effects import Effects, Outgoing
 from aodm.envelope import Envelope
 from aodm.errors import AodmError, InternalError, InvalidArgument, MalformedRequest, UnknownAction
-from shared.logs import log
 from aodm.notifications import AnyNotification, RequestFailed, notification_id
 from aodm.registry_api import Activity
 from aodm.replies import err, ok
 from aodm.transport import BrokerError, Bus, Delivery, Message, settle_when_confirmed
+from shared import effects as outgoing
+from shared import faults, metrics
+from shared.db import DatabaseUnavailable, DependencyUnavailable, replace_connections
+from shared.effects import Effects, Outgoing
+from shared.logs import log
 
 metrics.describe("aodm_requests_total", "counter", "Requests handled, by service, action and outcome (ok or error code).")
 metrics.describe("aodm_request_duration_seconds", "histogram", "Time from delivery to the answer being ready (its transaction committed).")
@@ -542,7 +542,7 @@ class Processor:
         return _RequestFailed(ready[0][0], error)
 
     async def _call(self, action: Action, ready: list[tuple[Outcome, Context]]) -> list[object]:
-        for outcome, ctx in ready:
+        for _, ctx in ready:
             await faults.before_handler(ctx.envelope, self.handler_timeout)
         if action.batched:
             return await action.handler([ctx for _, ctx in ready], [outcome.request for outcome, _ in ready])

@@ -2,10 +2,10 @@
 
 import asyncio
 
-from aodm import crypto
-from aodm.client import Client
 import msgspec
 
+from aodm import crypto
+from aodm.client import Client
 from aodm.session_api import SendMessage, Sent
 
 

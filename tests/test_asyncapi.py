@@ -16,11 +16,11 @@ import msgspec
 import pytest
 import yaml
 
-from services.registry.__main__ import ACTIONS as REGISTRY_ACTIONS
-from services.session.__main__ import ACTIONS as SESSION_ACTIONS
 from aodm import envelope, notifications, replies
 from aodm.errors import ERROR_CODES, AodmError
 from aodm.session_api import ConsentState
+from services.registry.__main__ import ACTIONS as REGISTRY_ACTIONS
+from services.session.__main__ import ACTIONS as SESSION_ACTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC_PATH = ROOT / "docs" / "asyncapi.yaml"

@@ -11,13 +11,12 @@ import msgspec
 import pytest
 from nacl.signing import SigningKey
 
-from aodm import crypto
+from aodm import crypto, envelope, topology
 from aodm.client import Client
-from aodm.inbox import Inbox
-from aodm import envelope, topology
 from aodm.encoding import b64decode, b64encode
 from aodm.envelope import MAX_BODY_BYTES, MAX_DATA_BYTES, MAX_TAGS, Envelope, Tag
 from aodm.errors import NoSessionKey
+from aodm.inbox import Inbox
 from aodm.notifications import AnyNotification, NewMessage, RequestFailed, SessionEstablished, notification_decoder
 from aodm.registry_api import REGISTRY_TARGET, EstablishSession, HandleInfo, Register
 from aodm.replies import Err, Ok, reply_decoder
@@ -204,7 +203,7 @@ CASES: list[Case] = [
     ("id_array", lambda r: edited(r, Id=["x"]), M, False),
     # missing and unknown fields
     *[
-        (f"missing_{name}", (lambda name: lambda r: edited(r, **{name: None}))(name), M, False)
+        (f"missing_{name}", (lambda name: lambda r: edited(r, **{name: None}))(name), M, False)  # noqa: B023 (bound)
         for name in ("Id", "Target", "From", "Owner", "Anchor", "Timestamp", "Tags", "Data", "Signature")
     ],
     ("unknown_field", lambda r: edited(r, Extra=1), M, False),
@@ -268,7 +267,8 @@ CASES: list[Case] = [
     ("empty_action", lambda r: body(signed(r, tags=[Tag("Action", "")])), U, True),
     ("action_wrong_case", lambda r: body(signed(r, tags=[Tag("Action", r.action.lower())])), U, True),
     ("action_with_space", lambda r: body(signed(r, tags=[Tag("Action", r.action + " ")])), U, True),
-    ("action_of_the_other_service", lambda r: body(signed(r, tags=[Tag("Action", "SendMessage" if r.target == REGISTRY_TARGET else "Register")])), U, True),
+    ("action_of_the_other_service",
+     lambda r: body(signed(r, tags=[Tag("Action", "SendMessage" if r.target == REGISTRY_TARGET else "Register")])), U, True),
     ("action_dunder", lambda r: body(signed(r, tags=[Tag("Action", "__init__")])), U, True),
     ("missing_action_tag", lambda r: body(signed(r, tags=[])), M, True),
     ("action_tag_name_lowercase", lambda r: body(signed(r, tags=[Tag("action", r.action)])), M, True),

@@ -13,8 +13,8 @@ import asyncpg
 import pytest
 
 from bench import report
-from bench.queues import LAYOUTS, table
 from bench.env import DATABASE_BASE, management
+from bench.queues import LAYOUTS, table
 from tests.processes import ROOT
 
 
@@ -32,7 +32,7 @@ def smoke(tmp_path_factory):
 
 @pytest.mark.timeout(300)
 def test_smoke_produces_every_figure(smoke):
-    run, results, out = smoke
+    _run, results, _out = smoke
     assert report.missing_figures(results) == []
     assert results["store"]["rows"] >= results["config"]["store"]
     for action in ("Register", "EstablishSession", "RotateSessionKey"):

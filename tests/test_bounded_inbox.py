@@ -15,14 +15,13 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from aodm import crypto
+from aodm import crypto, topology
 from aodm.catchup import Mark, Tracker, missed
 from aodm.client import Client
 from aodm.inbox import Inbox
-from aodm import topology
-from shared.management import vhost_of
 from aodm.notifications import NewMessage
 from aodm.transport import Bus, Message
+from shared.management import vhost_of
 from tests.conftest import MANAGEMENT, isolated_settings, management, running_services
 from tests.helpers import pipelined_send
 from tests.test_cli import ROOT, Run, aodm

@@ -20,17 +20,17 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from aodm import envelope, topology
 from aodm.client import Client, with_credentials
 from aodm.crypto import Identity
-from aodm.inbox import Inbox, InboxUnavailable
-from services.registry.credentials import PUBLIC_PERMISSIONS, permissions_for, vhost_of
-from aodm import envelope, topology
 from aodm.encoding import b64encode
 from aodm.errors import InvalidArgument, NoSessionKey, NotFound
+from aodm.inbox import Inbox, InboxUnavailable
 from aodm.notifications import Fanout, HandleRegistered, NewMessage, SessionEstablished
 from aodm.registry_api import REGISTRY_TARGET, Activity, ActivityReport
 from aodm.session_api import Member, Spawn
 from aodm.transport import AccessRefused, BrokerError, Bus, LoginRefused, QueueMissing, url_user
+from services.registry.credentials import PUBLIC_PERMISSIONS, permissions_for, vhost_of
 from tests.conftest import MANAGEMENT, isolated_settings, running_services
 from tests.test_cli import aodm
 
@@ -286,7 +286,8 @@ async def test_the_public_user_registers_but_reads_no_queue(system, person):
     try:
         await public.register(f"pub-{secrets.token_hex(4)}")  # requests and replies work
         for handle in (public.handle, alice.handle):
-            await refused(system.public_url, lambda bus: bus.consume(topology.inbox_queue(handle), ignore, prefetch=1))
+            # B023: `refused` calls it and is awaited within this iteration.
+            await refused(system.public_url, lambda bus: bus.consume(topology.inbox_queue(handle), ignore, prefetch=1))  # noqa: B023
         await refused(system.public_url, lambda bus: bus.publish(topology.INTERNAL, topology.NOTIFIER_ROUTING_KEY, b"{}"))
         await refused(system.public_url, declare_server_named)
     finally:
@@ -315,7 +316,7 @@ async def test_the_broker_refuses_a_forged_user_id(system, person):
                                         (topology.INTERNAL, topology.NOTIFIER_ROUTING_KEY, event)]:
         async def forge_internal(bus: Bus) -> None:
             bus.user = system.service_user
-            await bus.publish(exchange, routing_key, body)
+            await bus.publish(exchange, routing_key, body)  # noqa: B023 (awaited within this iteration)
 
         await refused(rogue_url, forge_internal, code="PRECONDITION_FAILED")
 

@@ -6,9 +6,9 @@ import json
 
 from aodm.catchup import LAST_PAGE, Mark, Tracker, missed
 from aodm.crypto import Identity
-from aodm.state import State
 from aodm.notifications import NewMessage
 from aodm.session_api import MessagePage, StoredMessage
+from aodm.state import State
 
 SESSION = "s1"
 

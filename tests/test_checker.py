@@ -42,7 +42,7 @@ def test_each_kind_of_problem_is_seen():
     refused = sent(9, "internal")
     stranger = Stored(0, 9, "alice", 1, "id-x", "r.0.alice.77")
     report = verdict(
-        a + [refused],
+        [*a, refused],
         # a[1] lost, a[2] stored twice, a[3] before a[0], a refused one stored, an unknown one
         [stored(1, a[3]), stored(2, a[0]), stored(3, a[2]), stored(4, a[2]), stored(5, refused), stranger],
         notes=[note(a[0]), note(a[0]), note(a[2], "forged"), note(a[3])],

@@ -406,7 +406,7 @@ async def test_chat_as_a_request_in_json(person):
 
 
 async def test_an_empty_message_is_refused_and_nothing_sent(person):
-    alice, as_alice = await person("alice")
+    _, as_alice = await person("alice")
     bob, _ = await person("bob")
     for text in ("", "   ", "\t\n"):
         refused = await as_alice("send", bob, text)

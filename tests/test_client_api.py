@@ -58,7 +58,7 @@ def test_all_names_exist_and_cover_the_module(name: str) -> None:
 
 
 def public_members(cls: type) -> list[tuple[str, object]]:
-    """A class's own public methods and properties, and its context-manager methods."""
+    """A class's own public methods and properties, its __init__ and its context-manager methods."""
     found = []
     for name, member in vars(cls).items():
         if name.startswith("_") and name not in {"__init__", "__aenter__", "__aexit__", "__aiter__"}:
@@ -66,7 +66,8 @@ def public_members(cls: type) -> list[tuple[str, object]]:
         function = member.__func__ if isinstance(member, classmethod | staticmethod) else member
         if isinstance(function, property):
             function = function.fget
-        if inspect.isfunction(function):
+        # Not what the library adds (a Protocol's __init__, say): the class's own code.
+        if inspect.isfunction(function) and function.__module__ == cls.__module__:
             found.append((name, function))
     return found
 

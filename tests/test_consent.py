@@ -9,11 +9,10 @@ import pytest
 
 from aodm import crypto
 from aodm.client import Client
-from aodm.inbox import Inbox
 from aodm.errors import Forbidden, MalformedRequest, NotAccepted
+from aodm.inbox import Inbox
 from aodm.notifications import KeyRotated, NewMessage, SessionEstablished
 from aodm.session_api import SendMessage, Sent
-
 from tests.test_session import raw_call
 
 REQUEST_MESSAGES = 3  # the default AODM_REQUEST_MESSAGES

@@ -67,7 +67,7 @@ async def test_the_upgrade_keeps_sessions_and_messages_and_makes_them_accepted()
         await db.migrate(pool, registry_store.SCHEMA, registry_store.MIGRATIONS[:-1])
         await pool.execute("INSERT INTO session.sessions (session_id, created_at, key_generation) VALUES ('s', 0, 1)")
         previous = "SELECT * FROM session.append_messages($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
-        await pool.fetch(previous, 1, *map(list, zip(*[message("alice") for _ in range(5)])))
+        await pool.fetch(previous, 1, *map(list, zip(*[message("alice") for _ in range(5)], strict=True)))
         for handle in ("alice", "bob"):
             await registry_store.insert_handle(pool, handle, handle.encode() * 8, b"x" * 32, 0)
         await pool.execute("""INSERT INTO registry.sessions (session_id, handle_lo, handle_hi, created_at, last_activity,

@@ -16,16 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from aodm import crypto
+from aodm import crypto, envelope, topology
 from aodm.checker import run_check
 from aodm.checker_report import Report
 from aodm.client import Client
-from aodm import envelope, topology
-from shared import config
 from aodm.envelope import Tag
 from aodm.errors import InternalError
 from aodm.session_api import SendMessage
 from aodm.transport import Bus
+from shared import config
 from tests.conftest import drop_database, drop_vhost, new_database, new_vhost, wait_ready
 from tests.helpers import open_pair
 from tests.private_services import POSTGRES_TOOLS, RABBIT_TOOLS, missing, private_postgres, private_rabbit
@@ -165,7 +164,7 @@ async def test_active_session_worker_killed_five_times_standby_takes_over(tmp_pa
                 assert len(active) == 1 and len(standby) == 1, "one active worker and one standby"
                 active[0].kill()
                 killed_at = asyncio.get_running_loop().time()
-                await until(lambda: holds_shards(standby[0]), 15, "the standby to take over")
+                await until(lambda: holds_shards(standby[0]), 15, "the standby to take over")  # noqa: B023 (awaited here)
                 takeovers.append(asyncio.get_running_loop().time() - killed_at)
                 stack.start("session")  # the next standby
 

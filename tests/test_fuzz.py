@@ -30,10 +30,19 @@ from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
-from aodm.client import Client
 from aodm import envelope, topology
+from aodm.client import Client
 from aodm.encoding import b64decode, b64encode
-from aodm.envelope import MAX_BODY_BYTES, MAX_DATA_BYTES, MAX_ID_FIELD, MAX_TAG_NAME, MAX_TAG_VALUE, MAX_TAGS, Envelope, Tag
+from aodm.envelope import (
+    MAX_BODY_BYTES,
+    MAX_DATA_BYTES,
+    MAX_ID_FIELD,
+    MAX_TAG_NAME,
+    MAX_TAG_VALUE,
+    MAX_TAGS,
+    Envelope,
+    Tag,
+)
 from aodm.errors import ERROR_CODES, AodmError, InvalidArgument, InvalidSignature, MalformedRequest
 from aodm.registry_api import (
     REGISTRY_TARGET,
@@ -46,11 +55,10 @@ from aodm.registry_api import (
     SessionRef,
 )
 from aodm.replies import Err, Ok, reply_decoder
-from shared.service import Action, decode_data
 from aodm.session_api import Consent, KeyBatch, MessagePage, Rotated, Sent
-
 from services.registry.__main__ import ACTIONS as REGISTRY_ACTIONS
 from services.session.__main__ import ACTIONS as SESSION_ACTIONS
+from shared.service import Action, decode_data
 
 SCALE = int(os.environ.get("AODM_FUZZ_SCALE", "1"))
 PURE = settings(
@@ -237,7 +245,10 @@ def fuzzed_data(cls: type[msgspec.Struct], strings: st.SearchStrategy[str], *, n
         st.builds(dumps, struct_objects(cls, strings, nul=nul), st.booleans()),
         st.builds(dumps, struct_objects(cls, strings, nul=nul), st.booleans()),
         raw_object({
-            f.encode_name: st.one_of(raw_fragments(nul), st.builds(dumps, typed_values(msgspec.inspect.type_info(f.type), strings, nul), st.booleans()))
+            f.encode_name: st.one_of(
+                raw_fragments(nul),
+                st.builds(dumps, typed_values(msgspec.inspect.type_info(f.type), strings, nul), st.booleans()),
+            )
             for f in msgspec.structs.fields(cls)
         }),
         st.builds(dumps, json_values(nul=nul), st.booleans()),
@@ -319,7 +330,10 @@ def test_decode_raw_json_text(text):
 
 ENVELOPE_VALUES = {
     "Tags": st.one_of(
-        st.lists(st.fixed_dictionaries({}, optional={"name": json_values(leaves=3), "value": json_values(leaves=3)}), max_size=MAX_TAGS + 2),
+        st.lists(
+            st.fixed_dictionaries({}, optional={"name": json_values(leaves=3), "value": json_values(leaves=3)}),
+            max_size=MAX_TAGS + 2,
+        ),
         st.lists(st.builds(lambda t: {"name": t.name, "value": t.value}, tags), min_size=MAX_TAGS - 1, max_size=MAX_TAGS + 1),
         json_values(),
     ),
@@ -375,7 +389,9 @@ def test_decode_byte_mutations_of_a_signed_body(env, data):
         elif op == "drop" and body:
             del body[i]
         elif op == "insert":
-            body[i:i] = data.draw(st.sampled_from([b"\x00", b"\xff", b"\xc3", b"\xed\xa0\x80", b"\\", b'"', b"\\u0000", b"\\ud800", b",", b"[", b" "]))
+            body[i:i] = data.draw(st.sampled_from(
+                [b"\x00", b"\xff", b"\xc3", b"\xed\xa0\x80", b"\\", b'"', b"\\u0000", b"\\ud800", b",", b"[", b" "]
+            ))
         elif body:
             body[i] = data.draw(st.integers(0, 255))
     check_decode(bytes(body))
@@ -416,14 +432,17 @@ def mutated_envelopes(draw) -> tuple[str, Envelope]:
         other = st.one_of(
             any_text,
             st.binary(min_size=64, max_size=64).map(b64encode),
-            st.integers(0, 63 * 8 + 7).map(lambda bit: b64encode(bytes(b ^ (1 << (bit % 8)) if i == bit // 8 else b for i, b in enumerate(sig)))),
+            st.integers(0, 63 * 8 + 7).map(
+                lambda bit: b64encode(bytes(b ^ (1 << (bit % 8)) if i == bit // 8 else b for i, b in enumerate(sig)))
+            ),
             st.sampled_from("AQgw").map(lambda c: env.signature[:-1] + c),  # re-spelling the unused trailing bits
             st.just(env.signature + "="),
             st.just(env.signature.replace("-", "+").replace("_", "/")),
         )
         return field, msgspec.structs.replace(env, signature=_different(draw, other, env.signature))
     if field == "id":
-        return field, msgspec.structs.replace(env, id=_different(draw, st.one_of(any_text, st.binary(min_size=32, max_size=32).map(b64encode)), env.id))
+        other_ids = st.one_of(any_text, st.binary(min_size=32, max_size=32).map(b64encode))
+        return field, msgspec.structs.replace(env, id=_different(draw, other_ids, env.id))
     tags_ = list(env.tags)
     if field == "tag_added":
         tags_.insert(draw(st.integers(0, len(tags_))), draw(tags))
@@ -444,7 +463,7 @@ def mutated_envelopes(draw) -> tuple[str, Envelope]:
 @PURE
 @given(mutated_envelopes())
 def test_any_single_field_change_fails_verify(mutation):
-    field, env = mutation
+    _field, env = mutation
     with pytest.raises((InvalidSignature, MalformedRequest)):
         envelope.verify(env)
     # and the same over the wire, when the changed envelope still passes decode's bounds
@@ -476,7 +495,7 @@ def near_base64(draw) -> str:
     if kind == "alphabet":
         return draw(st.text(st.sampled_from(B64_CHARS), max_size=90))
     if kind == "neighbours":
-        return draw(st.text(st.sampled_from(B64_CHARS + "+/=.\n \t\x00é٣Ａ"), max_size=90))
+        return draw(st.text(st.sampled_from(B64_CHARS + "+/=.\n \t\x00é٣Ａ"), max_size=90))  # noqa: RUF001 (a look-alike, on purpose)
     if kind == "any":
         return draw(texts(max_size=90))
     text = b64encode(draw(st.binary(max_size=80)))
@@ -626,7 +645,8 @@ def near_valid_data(m: Members, name: str, action: Action) -> st.SearchStrategy[
         st.one_of(entry(a.handle, a.identity.box_public), entry(b.handle, b.identity.box_public)), min_size=0, max_size=3
     )
     exact = st.permutations([
-        {"Handle": h, "BoxKey": c.identity.box_public, "SealedKey": b64encode(secrets.token_bytes(80))} for h, c in ((a.handle, a), (b.handle, b))
+        {"Handle": h, "BoxKey": c.identity.box_public, "SealedKey": b64encode(secrets.token_bytes(80))}
+        for h, c in ((a.handle, a), (b.handle, b))
     ])
     valid = {
         "Register": st.fixed_dictionaries({"Handle": handles, "BoxKey": st.one_of(st.just(a.identity.box_public), b64(32, 32))}),
@@ -660,7 +680,10 @@ def near_valid_data(m: Members, name: str, action: Action) -> st.SearchStrategy[
         obj = dict(draw(valid))
         if fields:
             key = draw(st.sampled_from(sorted(fields)))
-            obj[key] = draw(st.one_of(typed_values(msgspec.inspect.type_info(fields[key].type), strings, False), json_values(nul=False, leaves=4)))
+            obj[key] = draw(st.one_of(
+                typed_values(msgspec.inspect.type_info(fields[key].type), strings, False),
+                json_values(nul=False, leaves=4),
+            ))
         return obj
 
     return st.builds(dumps, st.one_of(valid, valid, one_fuzzed()), st.booleans())
@@ -707,7 +730,7 @@ async def answer_all(cases: list, one) -> tuple[list[tuple[Any, Any]], dict[str,
     results, codes = [], {}
     for start in range(0, len(cases), CONCURRENCY):
         chunk = cases[start : start + CONCURRENCY]
-        for case, result in zip(chunk, await asyncio.gather(*(one(c) for c in chunk), return_exceptions=True)):
+        for case, result in zip(chunk, await asyncio.gather(*(one(c) for c in chunk), return_exceptions=True), strict=True):
             results.append((case, result))
             if not isinstance(result, BaseException):
                 reply = result[2]
@@ -756,7 +779,8 @@ def valid_data(m: Members) -> dict[str, dict]:
         "QuerySession": {"HandleA": a.handle, "HandleB": b.handle},
         "EstablishSession": {"Handle": b.handle},
         "RotateSessionKey": {"Keys": [
-            {"Handle": h, "BoxKey": c.identity.box_public, "SealedKey": b64encode(secrets.token_bytes(80))} for h, c in sorted(((a.handle, a), (b.handle, b)))
+            {"Handle": h, "BoxKey": c.identity.box_public, "SealedKey": b64encode(secrets.token_bytes(80))}
+            for h, c in sorted(((a.handle, a), (b.handle, b)))
         ]},
         "GetKeyByGeneration": {"Generation": 1},
         "SendMessage": {"Content": b64encode(secrets.token_bytes(48))},
@@ -787,9 +811,18 @@ async def test_stack_answers_fuzzed_envelope_fields(members, service):
             "target": targets,
             "from_": id_text,
             "anchor": st.text(CHARS_NO_NUL, max_size=MAX_ID_FIELD),
-            "action": st.one_of(st.sampled_from(sorted(actions)), st.sampled_from(sorted(actions)), st.sampled_from(sorted(REGISTRY_ACTIONS) + sorted(SESSION_ACTIONS)), st.text(CHARS_NO_NUL, max_size=20)),
+            "action": st.one_of(
+                st.sampled_from(sorted(actions)),
+                st.sampled_from(sorted(actions)),
+                st.sampled_from(sorted(REGISTRY_ACTIONS) + sorted(SESSION_ACTIONS)),
+                st.text(CHARS_NO_NUL, max_size=20),
+            ),
             "timestamp": st.one_of(st.just(now), st.integers(now - 20 * 60_000, now + 5 * 60_000), st.integers(-(2**63), 2**64 - 1)),
-            "extra_tags": st.one_of(st.just([]), st.lists(st.builds(Tag, st.text(CHARS_NO_NUL, max_size=MAX_TAG_NAME), st.text(CHARS_NO_NUL, max_size=MAX_TAG_VALUE)) | st.just(Tag("Action", "QueryMessage")), max_size=3)),
+            "extra_tags": st.one_of(st.just([]), st.lists(
+                st.builds(Tag, st.text(CHARS_NO_NUL, max_size=MAX_TAG_NAME), st.text(CHARS_NO_NUL, max_size=MAX_TAG_VALUE))
+                | st.just(Tag("Action", "QueryMessage")),
+                max_size=3,
+            )),
         }),
         STACK_EXAMPLES,
     )

@@ -44,9 +44,10 @@ asyncio.run(main(*sys.argv[1:]))
 
 
 def kib(pid: int, field: str) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
     raise LookupError(field)
 
 

@@ -26,17 +26,16 @@ import msgspec
 import pytest
 import yaml
 
+from aodm import envelope, topology
 from aodm.client import Client
 from aodm.crypto import Identity
-from aodm import envelope, topology
-from shared import config
 from aodm.encoding import b64encode
-from services.notifier import fanout
-from services.registry.__main__ import ACTIONS
-from shared import runtime
-from shared import service as request_loop
 from aodm.errors import ERROR_CODES, InternalError, NotFound, Unauthorized
 from aodm.registry_api import QueryHandle
+from services.notifier import fanout
+from services.registry.__main__ import ACTIONS
+from shared import config, runtime
+from shared import service as request_loop
 from tests.conftest import MANAGEMENT, isolated_settings
 from tests.isolation import management
 from tests.processes import ServiceProcess
@@ -227,7 +226,9 @@ def test_grafana_service_is_provisioned(compose: dict) -> None:
     assert datasources and datasources.is_dir() and providers and providers.is_dir()
     (provider,) = [p for f in providers.glob("*.y*ml") for p in load_yaml(f)["providers"]]
     dashboards = host_path(provider["options"]["path"])
-    assert dashboards and dashboards.resolve() == (GRAFANA / "dashboards").resolve(), "the dashboards folder is not mounted where the provider reads"
+    assert dashboards and dashboards.resolve() == (GRAFANA / "dashboards").resolve(), (
+        "the dashboards folder is not mounted where the provider reads"
+    )
     (source,) = [d for f in datasources.glob("*.y*ml") for d in load_yaml(f)["datasources"]]
     assert source["type"] == "prometheus" and source.get("isDefault")
     url = urllib.parse.urlsplit(source["url"])
@@ -324,7 +325,7 @@ def test_dashboard_is_well_formed(path: Path) -> None:
     for panel in dashboard["panels"]:
         ids.append(panel["id"])
         pos = panel["gridPos"]
-        assert 0 <= pos["x"] and pos["x"] + pos["w"] <= 24, panel["title"]
+        assert pos["x"] >= 0 and pos["x"] + pos["w"] <= 24, panel["title"]
         for target in panel.get("targets", []):
             source = target.get("datasource") or panel.get("datasource")
             assert source and source.get("type") == "prometheus", panel["title"]

@@ -22,8 +22,8 @@ import pytest
 from aodm import crypto
 from aodm.client import Client
 from aodm.crypto import Identity
-from aodm.inbox import Inbox
 from aodm.errors import NotAccepted
+from aodm.inbox import Inbox
 from aodm.notifications import KeyRotated, NewMessage, SessionEstablished
 from tests.conftest import MANAGEMENT, isolated_settings, management, running_services
 

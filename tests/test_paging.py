@@ -4,8 +4,7 @@ import asyncpg
 import msgspec
 import pytest
 
-from aodm import crypto
-from aodm import envelope, topology
+from aodm import crypto, envelope, topology
 from aodm.replies import reply_decoder
 from aodm.session_api import MAX_PAGE, MAX_PAGE_BYTES, MessagePage, QueryMessage
 from tests.helpers import open_pair
@@ -51,7 +50,7 @@ async def test_bounds_are_inclusive_and_new_messages_land_after_the_cursor(crowd
     assert len(page.messages) == 100 and page.next_cursor
     sent = await bob.send_text(session, "late")
     rest = await alice.history(session, cursor=page.next_cursor, limit=500)
-    assert [m.seq for m in rest] == list(range(101, COUNT + 1)) + [sent.seq]
+    assert [m.seq for m in rest] == [*range(101, COUNT + 1), sent.seq]
     assert await alice.query_messages(session, from_=0, until=1699999999999) == type(page)([], None)
 
 

@@ -72,20 +72,20 @@ async def _wait_for(predicate, timeout=20.0):
 
 
 async def test_two_session_workers_split_shards_and_keep_order(system):
-    settings, procs, spawn, client = system
+    _settings, procs, spawn, client = system
     second = spawn("session", "session-2")
     # Each takes its fair share (8 shards / 2 workers) once it sees the other.
     await _wait_for(lambda: '"shard taken"' in second.log() and '"shard released"' in procs["session"].log())
     pairs = [(await client("alice"), await client("bob")) for _ in range(4)]
     sessions = [await open_pair(a, b) for a, b in pairs]
-    results = await asyncio.gather(*(_conversation(a, b, s, k, 150) for (a, b), (s, k) in zip(pairs, sessions)))
-    for (alice, _), (session, key), (texts, sent) in zip(pairs, sessions, results):
+    results = await asyncio.gather(*(_conversation(a, b, s, k, 150) for (a, b), (s, k) in zip(pairs, sessions, strict=True)))
+    for (alice, _), (session, key), (texts, sent) in zip(pairs, sessions, results, strict=True):
         assert sorted(s.seq for batch in sent for s in batch) == list(range(1, 301))
         check_order(decrypt_all(key, await alice.history(session, limit=500)), texts)
 
 
 async def test_session_worker_killed_mid_run_loses_and_doubles_nothing(system):
-    settings, procs, spawn, client = system
+    _settings, procs, spawn, client = system
     alice, bob = await client("alice"), await client("bob")
     session, key = await open_pair(alice, bob)
     standby = spawn("session", "session-2")
@@ -103,7 +103,7 @@ async def test_session_worker_killed_mid_run_loses_and_doubles_nothing(system):
 
 
 async def test_registry_killed_mid_run_answers_every_request_once(system):
-    settings, procs, spawn, client = system
+    _settings, procs, spawn, client = system
     alice = await client("alice")
     peers = [await client("peer") for _ in range(30)]
 
@@ -122,7 +122,7 @@ async def test_registry_killed_mid_run_answers_every_request_once(system):
 
 
 async def test_notifier_killed_mid_run_delivers_every_notification(system):
-    settings, procs, spawn, client = system
+    _settings, procs, spawn, client = system
     alice, bob = await client("alice"), await client("bob")
     session, key = await open_pair(alice, bob)
 
@@ -132,7 +132,7 @@ async def test_notifier_killed_mid_run_delivers_every_notification(system):
         await asyncio.sleep(1.0)
         spawn("notifier")
 
-    texts, sent = (await asyncio.gather(_conversation(alice, bob, session, key, 200), kill_and_restart()))[0]
+    _texts, sent = (await asyncio.gather(_conversation(alice, bob, session, key, 200), kill_and_restart()))[0]
     expected = {s.message_id for s in sent[0]}
     seen: set[str] = set()
     async with Inbox(bob.bus, bob.handle) as inbox:
@@ -181,7 +181,7 @@ async def test_a_handler_that_always_hangs_is_dead_lettered_not_waited_for(tmp_p
 async def test_chat_list_activity_lost_by_a_killed_worker_is_re_reported_at_its_start(system):
     settings, procs, spawn, client = system
     alice, bob = await client("alice"), await client("bob")
-    session, key = await open_pair(alice, bob)
+    session, _key = await open_pair(alice, bob)
     procs["session"].kill()
     # What the dead worker had committed but not yet reported: the database is the truth.
     later = (await alice.get_chat_list()).chats[0].last_activity + 5_000

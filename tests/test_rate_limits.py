@@ -5,14 +5,13 @@ import secrets
 
 import pytest
 
-from aodm import crypto
+from aodm import crypto, envelope, topology
 from aodm.client import Client
-from services.registry import store as registry_store
-from aodm import envelope, topology
-from shared import db
 from aodm.errors import NotFound, RateLimited
 from aodm.replies import Err, Ok, reply_decoder
 from aodm.session_api import SendMessage
+from services.registry import store as registry_store
+from shared import db
 from tests.conftest import drop_database, isolated_settings, new_database, running_services
 from tests.helpers import open_pair
 

@@ -8,11 +8,9 @@ from dataclasses import replace
 import msgspec
 import pytest
 
-from aodm import crypto
+from aodm import crypto, envelope, topology
 from aodm.client import Client
 from aodm.crypto import Identity
-from aodm.inbox import Inbox
-from aodm import envelope, topology
 from aodm.encoding import b64encode
 from aodm.errors import (
     AlreadyExists,
@@ -22,6 +20,7 @@ from aodm.errors import (
     NotFound,
     Unauthorized,
 )
+from aodm.inbox import Inbox
 from aodm.notifications import SessionEstablished
 from aodm.registry_api import REGISTRY_TARGET, Established, HandleInfo
 from aodm.transport import QueueMissing, Unroutable
@@ -114,8 +113,8 @@ async def test_register_accepts_every_allowed_shape(private_registry, name):
         "a" * 65,  # over the type's own cap
         "Alice",  # uppercase
         "ALICE",
-        "\u0430lice",  # Cyrillic 'а'
-        "alic\u0435",  # Cyrillic 'е'
+        "\u0430lice",  # Cyrillic 'а'  # noqa: RUF003 (the look-alike under test)
+        "alic\u0435",  # Cyrillic 'е'  # noqa: RUF003 (the look-alike under test)
         "\uff41\uff4c\uff49\uff43\uff45",  # fullwidth "alice"
         "ali\u200bce",  # zero-width space
         "\u200balice",

@@ -3,8 +3,8 @@ pure logic, no broker or database."""
 
 from dataclasses import dataclass
 
-from shared import effects
 from aodm.notifications import NewMessage
+from shared import effects
 from shared.service import Outcome, _no_effects_for_replays
 
 

@@ -3,9 +3,8 @@ B is offline (no consumer on its queue) until step 8."""
 
 import urllib.parse
 
-from aodm import crypto
+from aodm import crypto, topology
 from aodm.inbox import Inbox
-from aodm import topology
 from aodm.notifications import KeyRotated, NewMessage, SessionEstablished
 from tests.conftest import management
 from tests.helpers import open_pair

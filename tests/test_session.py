@@ -9,11 +9,8 @@ import asyncpg
 import msgspec
 import pytest
 
-from aodm import crypto
+from aodm import crypto, envelope
 from aodm.client import Client
-from aodm.inbox import Inbox
-from services.session import store
-from aodm import envelope
 from aodm.encoding import b64decode, b64encode
 from aodm.errors import (
     AodmError,
@@ -25,6 +22,7 @@ from aodm.errors import (
     NotFound,
     Unauthorized,
 )
+from aodm.inbox import Inbox
 from aodm.notifications import AnyNotification, KeyRotated, NewMessage
 from aodm.session_api import (
     MAX_GENERATION,
@@ -32,13 +30,14 @@ from aodm.session_api import (
     KeyBatch,
     MessagePage,
     QueryMessage,
-    RotateSessionKey,
     Rotated,
+    RotateSessionKey,
     SealedKey,
     SendMessage,
     Sent,
     StoredMessage,
 )
+from services.session import store
 
 _encoder = msgspec.json.Encoder()
 
@@ -163,12 +162,12 @@ async def test_rotate_with_a_missing_member_is_invalid(pair):
 
 async def test_rotate_with_an_extra_member_is_invalid(pair, make_client):
     carol = await make_client("carol")
-    keys = both(pair) + [entry(carol.handle, carol.identity.box_public)]
+    keys = [*both(pair), entry(carol.handle, carol.identity.box_public)]
     with pytest.raises(InvalidArgument):
         await rotate(pair.alice, pair.session, keys)
     # a third entry with a made-up name
     with pytest.raises(InvalidArgument):
-        await rotate(pair.alice, pair.session, both(pair) + [entry("zzz-nobody", pair.bob.identity.box_public)])
+        await rotate(pair.alice, pair.session, [*both(pair), entry("zzz-nobody", pair.bob.identity.box_public)])
 
 
 async def test_rotate_with_a_duplicated_member_is_invalid(pair):

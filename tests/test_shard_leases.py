@@ -104,7 +104,7 @@ async def test_the_lease_migration_upgrades_a_database_holding_messages():
         await pool.execute("INSERT INTO session.sessions (session_id, created_at, key_generation) VALUES ('s', 0, 1)")
         previous = "SELECT * FROM session.append_messages($1, $2, $3, $4, $5, $6, $7, $8)"
         before = [message(0, 0)[:7] for _ in range(3)]
-        await pool.fetch(previous, 1, *map(list, zip(*before)))
+        await pool.fetch(previous, 1, *map(list, zip(*before, strict=True)))
         await db.migrate(pool, store.SCHEMA, store.MIGRATIONS)
         async with pool.acquire() as conn:
             epoch = await store.take_shard(conn, 0, "new")
@@ -112,7 +112,7 @@ async def test_the_lease_migration_upgrades_a_database_holding_messages():
             assert [row["seq"] for row in rows.values()] == [4]
             assert [r["seq"] for r in await conn.fetch(previous, 3, *map(list, zip(message(1, 1)[:7])))] == [5]
             assert await stored(conn) == 5
-            assert (await store.store_messages(conn, 4, [before[0][:7] + (0, epoch)], 3))[before[0][2]]["stored_before"]
+            assert (await store.store_messages(conn, 4, [(*before[0][:7], 0, epoch)], 3))[before[0][2]]["stored_before"]
     finally:
         await pool.close()
         await drop_database(name)

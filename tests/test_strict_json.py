@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from aodm import strict_json
 from aodm.envelope import Envelope, Tag
 
+
 class Query(msgspec.Struct, rename="pascal"):
     handle: str = ""
     limit: int = 0

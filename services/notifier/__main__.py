@@ -6,10 +6,9 @@ fanout.py). It uses no database."""
 import asyncio
 
 from aodm import topology
+from services.notifier import fanout
 from shared import inbox_bound, runtime
 from shared.config import Settings
-
-from services.notifier import fanout
 
 EVENT_BATCH = 64  # events handled together when they are waiting
 

@@ -12,16 +12,19 @@ import asyncio
 import msgspec
 
 from aodm import topology
-from shared import effects, metrics
-from shared.logs import log
 from aodm.notifications import AnyNotification, Fanout, HandleRegistered, NotifierEvent, event_decoder
 from aodm.transport import Bus, Delivery, Unroutable, settle_when_confirmed
+from shared import effects, metrics
+from shared.logs import log
 
 # aodm_notifications_total (described in shared/service.py) counts what the notifier
 # delivered, service="notifier": notifications redirected to it because their queue was missing.
 metrics.describe("aodm_notifier_events_total", "counter", "Events the notifier took, by kind (HandleRegistered, Fanout).")
 metrics.describe("aodm_inboxes_declared_total", "counter", "Handle inbox queues the notifier declared, by reason (registered, missing).")
-metrics.describe("aodm_notifier_failures_total", "counter", "Notifier events dropped or not delivered, by reason (foreign_user, undecodable, delivery).")
+metrics.describe(
+    "aodm_notifier_failures_total", "counter",
+    "Notifier events dropped or not delivered, by reason (foreign_user, undecodable, delivery).",
+)
 EVENT_KINDS = ("HandleRegistered", "Fanout")
 DECLARE_REASONS = ("registered", "missing")
 FAILURE_REASONS = ("foreign_user", "undecodable", "delivery")

@@ -11,12 +11,9 @@ import asyncpg
 import msgspec
 
 from aodm import topology
-from shared import db, runtime
-from shared.config import Settings
 from aodm.encoding import b64decode
 from aodm.envelope import Envelope
 from aodm.errors import Unauthorized
-from shared.logs import log
 from aodm.registry_api import (
     EstablishSession,
     GetChatList,
@@ -26,12 +23,14 @@ from aodm.registry_api import (
     QuerySession,
     Register,
 )
-from shared.service import Action, Processor
 from aodm.transport import Delivery
-
 from services.registry import credentials, handles, sessions, store
 from services.registry.inboxes import Inboxes
 from services.registry.limits import RegistryLimits
+from shared import db, runtime
+from shared.config import Settings
+from shared.logs import log
+from shared.service import Action, Processor
 
 ACTIONS = {
     "Register": Action(Register, handles.register, "send", needs_handle=False),

@@ -24,13 +24,13 @@ from collections.abc import Callable
 
 from nacl.public import PublicKey, SealedBox
 
-from shared.config import Settings
-from shared.db import DependencyUnavailable
 from aodm.encoding import b64encode
-from shared.logs import log
-from shared.management import ManagementApi, ManagementUnavailable, vhost_of
 from aodm.topology import REQUESTS, inbox_queue
 from aodm.transport import url_user
+from shared.config import Settings
+from shared.db import DependencyUnavailable
+from shared.logs import log
+from shared.management import ManagementApi, ManagementUnavailable, vhost_of
 
 
 class BrokerAdminUnavailable(DependencyUnavailable):

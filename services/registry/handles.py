@@ -17,12 +17,10 @@ from aodm.registry_api import (
     Registered,
     check_handle,
 )
-from shared.service import Context
-
 from services.registry import credentials, store
 from services.registry.inboxes import Inboxes
 from services.registry.limits import DAY_MS, RegistryLimits, within
-
+from shared.service import Context
 
 _PROBE = bytes(range(1, 33))  # any scalar: clamped, it clears the small-order part of a point
 

@@ -15,8 +15,8 @@ raises a DependencyUnavailable, and the request waits in its place.
 import asyncio
 
 from aodm import topology
-from shared.db import DependencyUnavailable
 from aodm.transport import BrokerError, Bus
+from shared.db import DependencyUnavailable
 
 DECLARE_TIMEOUT_S = 5.0  # well within a handler's time: a broker this slow counts as away
 

@@ -19,11 +19,10 @@ from aodm.registry_api import (
     SessionRef,
     check_handle,
 )
-from shared.service import Context
 from aodm.session_api import Member, Spawn, consent_state
-
 from services.registry import store
 from services.registry.limits import HOUR_MS, RegistryLimits, within
+from shared.service import Context
 
 
 async def query_session(ctx: Context, req: QuerySession) -> SessionRef:

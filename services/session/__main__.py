@@ -11,10 +11,6 @@ import functools
 import msgspec
 
 from aodm import topology
-from shared import db, runtime
-from shared.config import Settings
-from shared.logs import log
-from shared.service import Action, Processor
 from aodm.session_api import (
     Accept,
     Block,
@@ -26,12 +22,15 @@ from aodm.session_api import (
     Unblock,
 )
 from aodm.transport import Delivery
-
 from services.session import consent, keys, members, messages, store
 from services.session.activity import ActivityFeed
 from services.session.batches import Combiner
 from services.session.limits import SendLimits
 from services.session.shards import BATCH_SIZE, ShardOwner, fence
+from shared import db, runtime
+from shared.config import Settings
+from shared.logs import log
+from shared.service import Action, Processor
 
 COMBINED_BATCH = 4 * BATCH_SIZE  # deliveries of all held shards run as one batch
 

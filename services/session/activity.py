@@ -14,9 +14,9 @@ import msgspec
 
 from aodm import topology
 from aodm.envelope import now_ms
-from shared.logs import log
 from aodm.registry_api import Activity, ActivityReport
 from aodm.transport import BrokerError, Bus, Unroutable
+from shared.logs import log
 
 INTERVAL_S = 0.2
 RECOVER_S = 600  # at start, re-report sessions active this recently

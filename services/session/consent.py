@@ -12,10 +12,9 @@ shard orders every change with the sends); each change goes to the registry's ch
 from aodm import topology
 from aodm.errors import Forbidden, NotAccepted
 from aodm.registry_api import ActivityReport, ConsentChange
-from shared.service import Context
 from aodm.session_api import Accept, Block, Consent, Unblock, consent_state
-
 from services.session import store
+from shared.service import Context
 
 REQUEST_GENERATIONS = 3  # key generations the opener of a request may create before it is accepted
 

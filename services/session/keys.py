@@ -3,20 +3,19 @@
 from aodm.encoding import b64decode, b64encode
 from aodm.errors import InvalidArgument, NoSessionKey, NotFound
 from aodm.notifications import KeyRotated
-from shared.service import Context
 from aodm.session_api import (
     SEALED_KEY_BYTES,
     GetCurrentKey,
     GetKeyByGeneration,
     KeyBatch,
-    RotateSessionKey,
     Rotated,
+    RotateSessionKey,
     SealedKey,
 )
-
 from services.session import store
 from services.session.consent import REQUEST_GENERATIONS, refusal
 from services.session.members import Members
+from shared.service import Context
 
 
 def _checked_entries(members: Members, req: RotateSessionKey) -> list[tuple[str, bytes, bytes]]:

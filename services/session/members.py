@@ -11,10 +11,9 @@ import msgspec
 from aodm.encoding import b64decode
 from aodm.envelope import Envelope, now_ms
 from aodm.errors import Forbidden, NotFound, Unauthorized
-from shared.service import Action
 from aodm.session_api import Spawn
-
 from services.session import store
+from shared.service import Action
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,12 @@ import re
 from aodm.encoding import b64decode, b64encode
 from aodm.errors import AodmError, InvalidArgument, NoSessionKey, NotFound
 from aodm.notifications import NewMessage
-from shared.service import FENCED, Context
 from aodm.session_api import MAX_PAGE, MAX_PAGE_BYTES, MessagePage, QueryMessage, SendMessage, Sent, StoredMessage
-
 from services.session import store
 from services.session.consent import refusal, report
 from services.session.limits import REQUEST_MESSAGES, SendLimits
 from services.session.members import Members
+from shared.service import FENCED, Context
 
 MIN_CONTENT_BYTES = 24 + 16  # SecretBox nonce + MAC: anything shorter cannot be a message
 NO_BOUND = 2**62
@@ -61,7 +60,7 @@ async def send_messages(
     request without Generation is looked up but never stored (_unnamed)."""
     results: list[Sent | AodmError | None] = []
     batch = []
-    for ctx, req in zip(ctxs, reqs):
+    for ctx, req in zip(ctxs, reqs, strict=True):
         try:
             content = _content(req)
         except AodmError as exc:
@@ -78,7 +77,7 @@ async def send_messages(
         results.append(None)
     request_messages = limits.request_messages if limits is not None else REQUEST_MESSAGES
     stored = await store.store_messages(ctxs[0].conn, max(ctx.now for ctx in ctxs), batch, request_messages) if batch else {}
-    for i, (ctx, req) in enumerate(zip(ctxs, reqs)):
+    for i, (ctx, req) in enumerate(zip(ctxs, reqs, strict=True)):
         if results[i] is not None:
             continue
         row = stored[ctx.envelope.id]

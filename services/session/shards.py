@@ -29,12 +29,11 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from aodm import topology
+from aodm.transport import Consumer, Delivery, ExclusiveConsumerTaken, Handler
+from services.session import store
 from shared.db import DatabaseUnavailable
 from shared.logs import log
 from shared.runtime import Runtime
-from aodm.transport import Consumer, Delivery, ExclusiveConsumerTaken, Handler
-
-from services.session import store
 
 TICK_SECONDS = 1.0
 BATCH_SIZE = 100  # requests of one shard committed together when they are waiting

@@ -423,7 +423,7 @@ async def store_messages(
     the consent's say: `refused`, `quiet`, `accepted` (with the `consent_version` then)."""
     rows = await conn.fetch(
         "SELECT * FROM session.store_messages($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-        now, *map(list, zip(*messages)), request_messages,
+        now, *map(list, zip(*messages, strict=True)), request_messages,
     )
     return {row["message_id"]: row for row in rows}
 
@@ -454,7 +454,7 @@ _END_HOLDERS = f"""
 async def lost_leases(conn: asyncpg.Connection, leases: list[tuple[int, int]]) -> set[tuple[int, int]]:
     """Within a transaction: hold these (shard, epoch) leases until it ends, and name those
     whose shard has moved on to a later epoch (another worker holds it now)."""
-    shards, epochs = zip(*leases)
+    shards, epochs = zip(*leases, strict=True)
     rows = await conn.fetch("SELECT shard, epoch FROM session.lost_leases($1, $2)", list(shards), list(epochs))
     return {(row["shard"], row["epoch"]) for row in rows}
 
