@@ -5,34 +5,46 @@ returns only once the broker has taken responsibility for the message, and an un
 one raises instead of being silently confirmed.
 
 aio-pika keeps the connection and channels robust (reconnect, re-declare, restore QoS);
-messages themselves go straight through its underlying aiormq channels: aio-pika's
-`Message`/`IncomingMessage` wrappers and its drain-per-publish cost more CPU than the rest
-of a publish or a delivery.
+messages themselves go straight through its underlying aiormq channels (aio-pika's
+`get_underlay_channel`): aio-pika's `Message`/`IncomingMessage` wrappers cost more CPU than
+the rest of a publish or a delivery.
+
+Two paths, chosen per `Bus.connect`:
+- the plain path (the default, what clients get): aiormq's and aio-pika's public API only;
+- the fast path (`fast=True`, what the services ask for): a batch of publishes written as
+  one frame run under the channel's lock, and deliveries handed straight to the consumer's
+  callback instead of a task each. It leans on aiormq internals, so it is checked against
+  the installed aiormq when first asked for (`fast_path_problems`), and a process whose
+  aiormq lacks what it needs logs one line and takes the plain path. It only touches the
+  channels a fast `Bus` opened: importing this module changes nothing in aiormq, aio-pika
+  or asyncio. docs/performance.md has what each path costs.
 """
 
 import asyncio
-import collections
+import functools
+import inspect
 import itertools
 import logging
 import random
-import struct
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from importlib import metadata
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractRobustConnection, ConnectionParameter
-from yarl import URL
+from aio_pika.abc import AbstractRobustConnection
+from aio_pika.connection import make_url
 from aio_pika.exceptions import MessageProcessError
 from aiormq.abc import AbstractChannel as AMQPChannel
 from aiormq.abc import ChannelFrame, DeliveredMessage
 from aiormq.exceptions import PublishError
-import pamqp.exceptions
-import pamqp.frame
+from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
+
+log = logging.getLogger("aodm.transport")
 
 # What a broker fault looks like to callers: retry or reconnect, never treat as poison.
 BrokerError: tuple[type[BaseException], ...] = (
@@ -81,150 +93,143 @@ class AccessRefused(Exception):
     """The broker user may not do this (its permissions on the vhost do not match)."""
 
 
-class _CoalescingWriter(asyncio.StreamWriter):
-    """Joins the frames written during one event-loop pass into one socket write.
+# -- the fast path: what it relies on ----------------------------------------------------
 
-    aiormq writes every publish and ack on its own, and each write to a TCP_NODELAY socket is
-    a send() and a segment the broker must read. With a batch's replies and notifications
-    going out together, one write instead of one each cut a publish's client CPU by about
-    40 % here (with the deeper frame queue below). Writes are deferred by one loop
-    pass at most, and never reordered."""
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self._pending: list[bytes] = []
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._pending:
-            self._loop.call_soon(self._flush)
-        self._pending.append(bytes(data))
-
-    def _flush(self) -> None:
-        if self._pending:
-            data = b"".join(self._pending)
-            self._pending.clear()
-            if not self.transport.is_closing():
-                super().write(data)
-
-    async def drain(self) -> None:
-        self._flush()
-        await super().drain()
-
-    def write_eof(self) -> None:
-        self._flush()
-        super().write_eof()
-
-    def close(self) -> None:
-        self._flush()
-        super().close()
+# The aiormq release series the fast path was written and measured against. Any other
+# series takes the plain path until someone has read its channel code again: the names
+# below can keep their spelling and change their meaning.
+FAST_PATH_AIORMQ = "7.2"
 
 
-class _CoalescingTransportFactory(aiormq.connection.TCPTransportFactory):
-    """aiormq's plain TCP connection, with the coalescing writer (amqps keeps aiormq's own)."""
+def _code_names(function: Any) -> set[str]:
+    """The global and attribute names a function's code refers to."""
+    code = getattr(function, "__code__", None)
+    return set(code.co_names) if code is not None else set()
 
-    async def create(self, url: Any, **kwargs: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        kwargs.pop("ssl_context_provider", None)
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(loop=loop)
-        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+
+def _parameters(function: Any) -> list[str] | None:
+    try:
+        return list(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def fast_path_problems(channel_class: type = aiormq.Channel, aiormq_version: str | None = None) -> list[str]:
+    """What the fast path needs from aiormq's channel and this aiormq lacks; empty when
+    it has it all. Read from the class, without a broker:
+
+    - batched publishes put one frame run on the channel's `write_queue` under its `lock`,
+      numbering them from its `delivery_tag` and registering each confirm where aiormq's
+      own `basic_publish` does (`confirmations`, `message_id_delivery_tag`), so that
+      aiormq's confirm, return and close handling settle them;
+    - direct deliveries replace the channel's `_on_deliver_frame` (per channel, on the
+      channels a fast Bus consumes on), which the channel's `_reader` awaits with the
+      basic.deliver frame, and read the content frames with `_get_frame`."""
+    version = aiormq_version if aiormq_version is not None else metadata.version("aiormq")
+    problems = []
+    if version.split(".")[:2] != FAST_PATH_AIORMQ.split("."):
+        problems.append(f"aiormq {version} is not the {FAST_PATH_AIORMQ} series the fast path was checked against")
+    if not isinstance(inspect.getattr_static(channel_class, "lock", None), property):
+        problems.append("Channel.lock is not a property")
+    set_up = _code_names(inspect.getattr_static(channel_class, "__init__", None))
+    for name in ("delivery_tag", "confirmations", "message_id_delivery_tag", "write_queue", "max_content_size"):
+        if name not in set_up:
+            problems.append(f"Channel.__init__ sets no {name}")
+    if not {"confirmations"} <= _code_names(getattr(channel_class, "_confirm_delivery", None)):
+        problems.append("Channel._confirm_delivery does not settle `confirmations`")
+    if not {"confirmations", "message_id_delivery_tag"} <= _code_names(getattr(channel_class, "_on_return_frame", None)):
+        problems.append("Channel._on_return_frame does not look returns up in `message_id_delivery_tag`")
+    if not callable(getattr(channel_class, "create_future", None)):
+        problems.append("Channel.create_future is missing")
+    hook = getattr(channel_class, "_on_deliver_frame", None)
+    if not inspect.iscoroutinefunction(hook) or _parameters(hook) != ["self", "frame"]:
+        problems.append("Channel._on_deliver_frame(self, frame) is missing or changed")
+    if "_on_deliver_frame" not in _code_names(getattr(channel_class, "_reader", None)):
+        problems.append("Channel._reader does not call _on_deliver_frame")
+    get_frame = getattr(channel_class, "_get_frame", None)
+    if not inspect.iscoroutinefunction(get_frame) or _parameters(get_frame) != ["self"]:
+        problems.append("Channel._get_frame(self) is missing or changed")
+    return problems
+
+
+@functools.cache
+def fast_path_available() -> bool:
+    """Whether this process's aiormq has what the fast path relies on: checked once, and
+    when it has not, said once (a warning naming what is missing)."""
+    problems = fast_path_problems()
+    if problems:
+        log.warning("fast AMQP path unavailable, using the plain path: %s", "; ".join(problems))
+    return not problems
+
+
+# -- the fast path: direct deliveries ----------------------------------------------------
+
+
+class _DirectDeliveries:
+    """A fast Bus's consumers on one aiormq channel: each delivery goes straight to its
+    consumer's callback (a plain function that only queues it), where aiormq's channel
+    runs every callback as a task of its own (a task and its bookkeeping per delivery:
+    about 20 µs of client CPU per message here, docs/performance.md).
+
+    Installed as this channel's `_on_deliver_frame`, the step of aiormq's channel reader
+    for a basic.deliver; the content header and body frames follow it on the channel."""
+
+    def __init__(self, amqp: AMQPChannel) -> None:
+        self._amqp = amqp
+        self.callbacks: dict[str, Callable[[DeliveredMessage], None]] = {}
+        amqp._on_deliver_frame = self._on_deliver_frame  # type: ignore[attr-defined]
+
+    @classmethod
+    def on(cls, amqp: AMQPChannel) -> "_DirectDeliveries":
+        """The channel's, installed now if it has none yet."""
+        installed = getattr(vars(amqp).get("_on_deliver_frame"), "__self__", None)
+        return installed if isinstance(installed, cls) else cls(amqp)
+
+    async def _on_deliver_frame(self, frame: aiormq.spec.Basic.Deliver) -> None:
+        amqp: Any = self._amqp
+        header = await amqp._get_frame()
+        if not isinstance(header, ContentHeader):
+            raise ValueError(f"Unexpected frame {header!r} instead of ContentHeader", header)
+        parts, size = [], 0
+        while size < header.body_size:
+            content = await amqp._get_frame()
+            if not isinstance(content, ContentBody):
+                raise ValueError(f"Unexpected frame {content!r}", content)
+            parts.append(content.value)
+            size += len(content.value)
+        if size != header.body_size:  # the broker broke the frame sizes: the channel closes on this
+            raise ValueError(f"a delivery of {size} bytes where its header says {header.body_size}")
+        message = DeliveredMessage(delivery=frame, header=header, body=b"".join(parts), channel=amqp)
+        callback = self.callbacks.get(frame.consumer_tag or "")
+        if callback is None:  # as aiormq does for a consumer it no longer has
+            return
         try:
-            transport, _ = await loop.create_connection(lambda: protocol, url.host, url.port, **kwargs)
-        except OSError as exc:
-            raise aiormq.exceptions.AMQPConnectionError(*exc.args) from exc
-        return reader, _CoalescingWriter(transport, protocol, reader, loop)
-
-
-class _BufferedFrameReceiver(aiormq.connection.FrameReceiver):
-    """aiormq's frame reader, parsing every frame a socket read brought in one go, where
-    aiormq awaits three reads (and a lock) for each frame: a delivery is three frames, and
-    under load one read holds dozens of them."""
-
-    def __init__(self, reader: asyncio.StreamReader) -> None:
-        super().__init__(reader)
-        self._buffer = bytearray()
-        self._frames: collections.deque = collections.deque()
-
-    async def get_frame(self) -> Any:
-        while not self._frames:
-            try:
-                data = await self.reader.read(READ_SIZE)
-            except OSError as exc:  # ConnectionError among them
-                raise aiormq.exceptions.AMQPConnectionError(f"Server communication error: {exc!r}") from exc
-            if not data:
-                if self._buffer:
-                    raise aiormq.exceptions.AMQPConnectionError(
-                        f"Server connection unexpectedly closed with {len(self._buffer)} bytes of a frame read")
-                raise StopAsyncIteration
-            if not self.started and not self._buffer and data.startswith(b"AMQP"):
-                raise aiormq.exceptions.ProtocolSyntaxError("Unexpected AMQP protocol header")
-            self.started = True
-            self._buffer += data
-            self._parse()
-        return self._frames.popleft()
-
-    def _parse(self) -> None:
-        buffer, offset = self._buffer, 0
-        while len(buffer) - offset >= FRAME_OVERHEAD:
-            (size,) = _FRAME_SIZE.unpack_from(buffer, offset + 3)
-            end = offset + FRAME_OVERHEAD + size
-            if end > len(buffer):
-                break
-            try:
-                self._frames.append(pamqp.frame.unmarshal(bytes(buffer[offset:end])))
-            except pamqp.exceptions.PAMQPException as exc:
-                raise aiormq.exceptions.InvalidFrameError(str(exc)) from exc
-            offset = end
-        del buffer[:offset]
-
-
-class _Channel(aiormq.channel.Channel):
-    """aiormq's channel, handing a delivery straight to a consumer callback marked `direct`
-    (a plain function that only queues it) where aiormq runs every callback as a task."""
-
-    async def _on_deliver_frame(self, frame: Any) -> None:
-        consumer = self.consumers.get(frame.consumer_tag)
-        direct = getattr(consumer, "__wrapped__", None)  # aiormq wraps plain functions
-        if not getattr(direct, "direct", False):
-            return await super()._on_deliver_frame(frame)
-        # aiormq's private Channel.__get_content_header, by its mangled name: the two
-        # steps of aiormq's own _on_deliver_frame before it makes the task.
-        header = await self._Channel__get_content_header()
-        message = await self._read_content(frame, header)
-        try:
-            direct(message)
+            callback(message)
         except Exception:  # as aiormq does for a failed callback task: the channel goes on
-            logging.getLogger("aodm.transport").exception("consumer callback failed")
+            log.exception("consumer callback failed")
 
 
-def direct(callback: Callable[[DeliveredMessage], None]) -> Callable[[DeliveredMessage], None]:
-    """A consumer callback that only queues what it gets, for basic_consume: called directly."""
+async def subscribe(
+    amqp: AMQPChannel,
+    queue: str,
+    callback: Callable[[DeliveredMessage], None],
+    *,
+    fast: bool,
+    no_ack: bool = False,
+    exclusive: bool = False,
+    consumer_tag: str | None = None,
+) -> None:
+    """basic.consume on an aiormq channel, `callback` being a plain function that only
+    queues what it gets. `fast` (the fast path, checked by the caller): it is called
+    straight from the channel's reader; otherwise aiormq calls it in a task per delivery."""
+    tag = consumer_tag or f"aodm.{uuid.uuid4().hex}"
+    if fast:
+        _DirectDeliveries.on(amqp).callbacks[tag] = callback
 
-    def deliver(message: DeliveredMessage) -> None:
+    async def deliver(message: DeliveredMessage) -> None:  # aiormq's path: a task each
         callback(message)
 
-    deliver.direct = True  # type: ignore[attr-defined]
-    return deliver
-
-
-aiormq.connection.Channel = _Channel  # aiormq's Connection.channel makes its channels by this name
-READ_SIZE = 256 * 1024
-FRAME_OVERHEAD = 8  # type (1), channel (2), size (4) ... frame end (1)
-_FRAME_SIZE = struct.Struct(">I")
-aiormq.connection.FrameReceiver = _BufferedFrameReceiver  # aiormq makes one per connection by this name
-
-
-# aiormq queues at most 10 frames for its writer task, so a batch's publishes would take
-# turns with it, one frame (and one socket write) per loop pass. A deeper queue lets a whole
-# batch through in one pass and one write; its bound still caps what waits in memory.
-aiormq.Connection.FRAME_BUFFER_SIZE = 1024
-
-
-class _Connection(aio_pika.RobustConnection):
-    """aio-pika's robust connection, letting the transport factory through to aiormq."""
-
-    PARAMETERS = aio_pika.RobustConnection.PARAMETERS + (
-        ConnectionParameter(name="transport_factory", parser=lambda factory: factory, is_kwarg=True),
-    )
+    await amqp.basic_consume(queue, deliver, no_ack=no_ack, exclusive=exclusive, consumer_tag=tag)
 
 
 # How long a publish waits for its channel to come back after a reconnect: longer than
@@ -236,6 +241,14 @@ HAND_BACK_PAUSE = 0.5
 # RabbitMQ's direct reply-to: a pseudo-queue consumed (no-ack) on the channel that publishes
 # the requests. It needs no configure or read permission, so every principal can do RPC.
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+def _mandatory(message: Message) -> bool:
+    """Every publish is mandatory, but a reply to direct reply-to: it is never routed
+    through a queue, so RabbitMQ returns it as NO_ROUTE under `mandatory` even when it was
+    delivered (rabbitmq-server#6124); without, it is delivered, or dropped if the requester
+    has gone."""
+    return not (message.exchange == "" and message.routing_key.startswith(DIRECT_REPLY_TO))
 
 
 def url_user(url: str) -> str:
@@ -257,6 +270,10 @@ class Delivery:
         self.lease: Any = None
 
     @property
+    def _delivery(self) -> aiormq.spec.Basic.Deliver:
+        return cast(aiormq.spec.Basic.Deliver, self._message.delivery)  # consumed: a basic.deliver
+
+    @property
     def body(self) -> bytes:
         return self._message.body
 
@@ -270,11 +287,11 @@ class Delivery:
 
     @property
     def redelivered(self) -> bool:
-        return bool(self._message.delivery.redelivered)
+        return bool(self._delivery.redelivered)
 
     @property
     def exchange(self) -> str:
-        return self._message.delivery.exchange or ""
+        return self._delivery.exchange or ""
 
     @property
     def user_id(self) -> str | None:
@@ -284,7 +301,7 @@ class Delivery:
 
     @property
     def routing_key(self) -> str:
-        return self._message.delivery.routing_key or ""
+        return self._delivery.routing_key or ""
 
     @property
     def headers(self) -> dict[str, Any]:
@@ -298,7 +315,7 @@ class Delivery:
     def _unsettled(self) -> tuple[AMQPChannel, int]:
         if self._settled:
             raise MessageProcessError("delivery already acknowledged or rejected", self)
-        return self._message.channel, self._message.delivery.delivery_tag
+        return self._message.channel, self._delivery.delivery_tag or 0
 
     async def ack(self, *, multiple: bool = False) -> None:
         """`multiple` also acknowledges every earlier delivery of the channel still open.
@@ -317,7 +334,8 @@ class Delivery:
 
 # A handler may return what is still under way for its deliveries (publishes awaiting their
 # confirms, then the acks), so the consumer can take its next message meanwhile.
-Handler = Callable[[Delivery], Awaitable["asyncio.Future[None] | None"]]
+# It gets a Delivery, or with `batch` a list of them.
+Handler = Callable[[Any], Awaitable["asyncio.Future[None] | None"]]
 SETTLE_TIMEOUT = 30.0  # at a graceful stop, how long the answers under way may take
 
 
@@ -344,7 +362,7 @@ async def hand_back(deliveries: list[Delivery], error: BaseException) -> None:
     open_channels = [channel for channel in channels.values() if not channel.is_closed]
     if not open_channels:
         return
-    logging.getLogger("aodm.transport").warning(
+    log.warning(
         "broker fault; handing %d deliveries back to their queues: %r", len(deliveries), error
     )
     await asyncio.sleep(HAND_BACK_PAUSE)  # a fault that persists must not spin the messages
@@ -387,7 +405,7 @@ def _retrieve(future: "asyncio.Future[None]") -> None:
 async def dead_letter(deliveries: list[Delivery], error: BaseException) -> None:
     """The last line of defence: deliveries whose handler failed with a bug go to the dead
     letters instead of stopping their consumer (or coming back forever)."""
-    logging.getLogger("aodm.transport").error("consumer handler failed; messages dead-lettered", exc_info=error)
+    log.error("consumer handler failed; messages dead-lettered", exc_info=error)
     for delivery in deliveries:
         try:
             await delivery.reject(requeue=False)
@@ -395,15 +413,19 @@ async def dead_letter(deliveries: list[Delivery], error: BaseException) -> None:
             pass
 
 
+_REOPEN_ERRORS: tuple[type[BaseException], ...] = (*BrokerError, RuntimeError)
+
+
 class Consumer:
     """A subscription on its own channel, worked by `concurrency` tasks."""
 
     def __init__(
-        self, channel: aio_pika.abc.AbstractChannel, handler: Handler, concurrency: int, batch: int | None = None,
-        tag: str | None = None,
+        self, channel: aio_pika.abc.AbstractRobustChannel, handler: Handler, concurrency: int,
+        batch: int | None = None, tag: str | None = None, *, fast: bool = False,
     ) -> None:
         self._channel = channel
-        self._tag = tag  # the consumer tag (None: aiormq makes one up)
+        self._tag = tag  # the consumer tag (None: one is made up)
+        self._fast = fast  # deliveries straight to _on_message (the fast path, checked by the Bus)
         self._handler = handler
         self._batch = batch
         self._inbox: asyncio.Queue[DeliveredMessage | None] = asyncio.Queue()
@@ -459,15 +481,16 @@ class Consumer:
     async def _consume(self, exclusive: bool) -> None:
         # Set before consuming: deliveries can arrive before basic.consume-ok is handed back.
         self._amqp = amqp = await self._channel.get_underlay_channel()
-        await amqp.basic_consume(self._queue, direct(self._on_message), exclusive=exclusive, consumer_tag=self._tag)
+        await subscribe(amqp, self._queue, self._on_message, fast=self._fast, exclusive=exclusive,
+                        consumer_tag=self._tag)
 
     async def _start(self, queue: str, exclusive: bool) -> None:
         self._queue = queue
         self._exclusive = exclusive
         await self._consume(exclusive)
-        reopened = getattr(self._channel, "reopen_callbacks", None)
-        if reopened is not None:
-            reopened.add(self._on_reopen)
+        # The consumer is the AMQP channel's, which aio-pika's robust channel does not know
+        # of: it is consumed again from here when the robust channel reopens.
+        self._channel.reopen_callbacks.add(self._on_reopen)
 
     async def _on_reopen(self, _channel: Any) -> None:
         """The channel was reopened after a broker restart or a lost connection. Its
@@ -489,8 +512,8 @@ class Consumer:
             return
         try:
             await self._consume(exclusive=False)
-        except (*BrokerError, RuntimeError) as exc:
-            logging.getLogger("aodm.transport").warning("could not consume %s again: %r", self._queue, exc)
+        except _REOPEN_ERRORS as exc:
+            log.warning("could not consume %s again: %r", self._queue, exc)
             self.lost = True
 
     async def stop(self) -> None:
@@ -522,17 +545,33 @@ class Consumer:
 
 
 async def _open(url: str, name: str) -> AbstractRobustConnection:
-    factory = None if urlsplit(url).scheme == "amqps" else _CoalescingTransportFactory()
-    # What aio_pika.connect_robust does, with a factory object (it would put it in the URL).
-    connection = _Connection(URL(url), client_properties={"connection_name": name}, transport_factory=factory)
-    await connection.connect()
+    """aio-pika's robust connection, as aio_pika.connect_robust makes it, but closed when
+    its connect fails or is cancelled: its reconnect task would go on trying alone, and
+    keep the event loop from ever finishing."""
+    connection = aio_pika.RobustConnection(make_url(url), client_properties={"connection_name": name})
+    try:
+        await connection.connect()
+    except BaseException:
+        await _close_after_failure(connection)
+        raise
     return connection
+
+
+async def _close_after_failure(connection: AbstractRobustConnection) -> None:
+    """Close a connection whose setup failed, the failure being re-raised by the caller. A
+    second cancel stops the wait, not the close."""
+    closing = asyncio.ensure_future(connection.close())
+    closing.add_done_callback(_retrieve)
+    try:
+        await asyncio.wait([closing])
+    except asyncio.CancelledError:
+        pass
 
 
 class Bus:
     def __init__(
-        self, connection: AbstractRobustConnection, channel: aio_pika.abc.AbstractChannel, *, url: str = "",
-        name: str = "aodm",
+        self, connection: AbstractRobustConnection, channel: aio_pika.abc.AbstractRobustChannel, *, url: str = "",
+        name: str = "aodm", fast: bool = False,
     ) -> None:
         self._connection = connection  # publishing, and the replies to its requests
         self._channel = channel
@@ -549,12 +588,21 @@ class Bus:
         self._reply_lock = asyncio.Lock()
         self.url = url
         self.user = url_user(url)  # the broker user: the user_id of everything published
+        self.fast = fast  # the fast path (module docstring), checked
 
     @classmethod
-    async def connect(cls, url: str, *, name: str) -> "Bus":
+    async def connect(cls, url: str, *, name: str, fast: bool = False) -> "Bus":
+        """Connect, as the broker's connection `name`. `fast` asks for the fast path (the
+        services do): taken if this process's aiormq has what it relies on, otherwise the
+        plain path, and the log says why once (`fast_path_available`)."""
+        fast = fast and fast_path_available()
         connection = await _open(url, name)
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        return cls(connection, channel, url=url, name=name)
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        except BaseException:
+            await _close_after_failure(connection)
+            raise
+        return cls(connection, channel, url=url, name=name, fast=fast)
 
     async def close(self) -> None:
         for future in self._pending.values():
@@ -577,7 +625,7 @@ class Bus:
     # -- topology ---------------------------------------------------------------------
 
     async def declare_exchange(
-        self, name: str, kind: str, *, arguments: dict | None = None, replacing: bool = False
+        self, name: str, kind: str, *, arguments: dict[str, Any] | None = None, replacing: bool = False
     ) -> None:
         """`replacing`: an exchange of this name but of another type (an older version's) is
         deleted first, with its bindings, which the caller declares again."""
@@ -585,14 +633,14 @@ class Bus:
             await self._delete_if_other_kind(name, kind, arguments)
         await self._channel.declare_exchange(name, kind, durable=True, arguments=arguments)
 
-    async def _delete_if_other_kind(self, name: str, kind: str, arguments: dict | None) -> None:
+    async def _delete_if_other_kind(self, name: str, kind: str, arguments: dict[str, Any] | None) -> None:
         # On throwaway channels: a declare that does not match closes its channel.
         connection = (await self._channel.get_underlay_channel()).connection
         probe = await connection.channel()
         try:
             await probe.exchange_declare(name, exchange_type=kind, durable=True, arguments=arguments)
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
-            logging.getLogger("aodm.transport").warning("replacing exchange %s: %s", name, exc)
+            log.warning("replacing exchange %s: %s", name, exc)
             probe = await connection.channel()
             await probe.exchange_delete(name)
         except aiormq.exceptions.ConnectionCommandInvalid as exc:  # "unknown exchange type"
@@ -602,7 +650,7 @@ class Bus:
             if not probe.is_closed:
                 await probe.close()
 
-    async def declare_queue(self, name: str, *, arguments: dict | None = None) -> None:
+    async def declare_queue(self, name: str, *, arguments: dict[str, Any] | None = None) -> None:
         await self._channel.declare_queue(name, durable=True, arguments=arguments)
 
     async def bind(self, queue: str, exchange: str, routing_key: str) -> None:
@@ -616,17 +664,17 @@ class Bus:
         declared = await self._channel.declare_queue(queue, durable=True, robust=False)
         await declared.bind(exchange, routing_key=routing_key, robust=False)
 
-    async def _inspect(self, queue: str):
+    async def _inspect(self, queue: str) -> aiormq.spec.Queue.DeclareOk:
         # Straight to the AMQP channel: aio-pika's robust channel remembers the first
         # declare of a queue, and these counts must be fresh every time.
         underlay = await self._channel.get_underlay_channel()
         return await underlay.queue_declare(queue, passive=True)
 
     async def consumer_count(self, queue: str) -> int:
-        return (await self._inspect(queue)).consumer_count
+        return (await self._inspect(queue)).consumer_count or 0
 
     async def message_count(self, queue: str) -> int:
-        return (await self._inspect(queue)).message_count
+        return (await self._inspect(queue)).message_count or 0
 
     # -- publishing -------------------------------------------------------------------
 
@@ -665,48 +713,64 @@ class Bus:
             raise Unroutable(f"{exchange or '(default)'}/{routing_key}")
 
     async def publish_all(self, messages: list["Message"]) -> list["Message"]:
-        """Publish the messages in this order, with one write, and wait for every confirm.
-        Returns the ones the broker returned as unroutable (all are `mandatory`: no queue
-        was bound for them). A basic.nack or a lost channel raises (a BrokerError): the
-        broker did not take a message, e.g. while it stops, and the caller must treat that
-        as a broker fault, never as "unroutable, drop it".
+        """Publish the messages in this order and wait for every confirm. Returns the ones
+        the broker returned as unroutable (all are `mandatory`: no queue was bound for
+        them). A basic.nack or a lost channel raises (a BrokerError): the broker did not
+        take a message, e.g. while it stops, and the caller must treat that as a broker
+        fault, never as "unroutable, drop it".
 
         Every message carries `user_id` = this connection's broker user, which the broker
-        validates: receivers use it to tell the services' own messages from anyone else's.
-
-        The frames go straight onto the AMQP channel, under its lock, as aiormq's own
-        basic_publish puts them: one call costs the client about half the CPU per message
-        of a publish each (measured here: 38 against 66 µs at 20 messages)."""
+        validates: receivers use it to tell the services' own messages from anyone else's."""
         if not messages:
             return []
         amqp = await self._publisher()
-        confirmations = []
-        async with amqp.lock:  # delivery tags are the broker's count of this channel's publishes
-            if amqp.is_closed:
-                raise aiormq.exceptions.ChannelInvalidStateError(f"{amqp!r} closed")
-            first_tag = amqp.delivery_tag + 1
-            frames: list = []
-            for message in messages:
-                amqp.delivery_tag += 1
-                confirmations.append(self._expect_confirm(amqp, amqp.delivery_tag, message))
-                frames += self._frames(amqp, message)
-            try:
-                await amqp.write_queue.put(ChannelFrame.marshall(channel_number=amqp.number, frames=frames))
-            except BaseException:
-                # Not queued, so the broker never sees them: the tags are free again.
-                amqp.delivery_tag = first_tag - 1
-                for tag, confirmation in enumerate(confirmations, start=first_tag):
-                    amqp.confirmations.pop(tag, None)
-                    confirmation.cancel()
-                raise
-        outcomes = await asyncio.gather(*confirmations, return_exceptions=True)
+        outcomes = await (self._publish_batch if self.fast else self._publish_each)(amqp, messages)
         for outcome in outcomes:
             if isinstance(outcome, BaseException) and not isinstance(outcome, PublishError):
                 raise outcome
-        return [message for message, outcome in zip(messages, outcomes) if isinstance(outcome, PublishError)]
+        return [message for message, outcome in zip(messages, outcomes, strict=True) if isinstance(outcome, PublishError)]
 
-    def _frames(self, amqp: AMQPChannel, message: "Message") -> list:
-        properties = aiormq.spec.Basic.Properties(
+    async def _publish_each(self, amqp: AMQPChannel, messages: list["Message"]) -> list[Any]:
+        """The plain path: aiormq's basic_publish for each message. Each takes the channel's
+        lock in turn, in the order they were started here."""
+
+        async def publish(message: Message) -> Any:
+            return await amqp.basic_publish(
+                message.body, exchange=message.exchange, routing_key=message.routing_key,
+                properties=self._properties(message), mandatory=_mandatory(message),
+            )
+
+        return await asyncio.gather(*(publish(message) for message in messages), return_exceptions=True)
+
+    async def _publish_batch(self, amqp: AMQPChannel, messages: list["Message"]) -> list[Any]:
+        """The fast path: the messages' frames go onto the AMQP channel in one run, under
+        its lock, numbered and awaited as aiormq's own basic_publish does for one message.
+        One frame run and one confirm wait for the batch cost the client about a quarter of
+        the CPU per message of a basic_publish each (docs/performance.md)."""
+        channel: Any = amqp  # aiormq's Channel: the attributes fast_path_problems checked
+        confirmations = []
+        async with channel.lock:  # delivery tags are the broker's count of this channel's publishes
+            if amqp.is_closed:
+                raise aiormq.exceptions.ChannelInvalidStateError(f"{amqp!r} closed")
+            first_tag = channel.delivery_tag + 1
+            frames: list[Any] = []
+            for message in messages:
+                channel.delivery_tag += 1
+                confirmations.append(self._expect_confirm(amqp, channel.delivery_tag, message))
+                frames += self._frames(amqp, message)
+            try:
+                await channel.write_queue.put(ChannelFrame.marshall(channel_number=amqp.number, frames=frames))
+            except BaseException:
+                # Not queued, so the broker never sees them: the tags are free again.
+                channel.delivery_tag = first_tag - 1
+                for tag, confirmation in enumerate(confirmations, start=first_tag):
+                    channel.confirmations.pop(tag, None)
+                    confirmation.cancel()
+                raise
+        return await asyncio.gather(*confirmations, return_exceptions=True)
+
+    def _properties(self, message: "Message") -> aiormq.spec.Basic.Properties:
+        return aiormq.spec.Basic.Properties(
             content_type=message.content_type,
             delivery_mode=2 if message.persistent else 1,
             reply_to=message.reply_to,
@@ -714,29 +778,30 @@ class Bus:
             message_id=message.message_id,
             user_id=self.user if message.vouched else None,
         )
-        # A reply to direct reply-to is never routed through a queue, so RabbitMQ returns it
-        # as NO_ROUTE under `mandatory` even when it was delivered (rabbitmq-server#6124);
-        # without `mandatory` it is delivered, or dropped if the requester has gone.
-        mandatory = not (message.exchange == "" and message.routing_key.startswith(DIRECT_REPLY_TO))
+
+    def _frames(self, amqp: AMQPChannel, message: "Message") -> list[Any]:
+        body, size = message.body, amqp.max_content_size  # type: ignore[attr-defined]
         return [
-            aiormq.spec.Basic.Publish(exchange=message.exchange, routing_key=message.routing_key, mandatory=mandatory),
-            ContentHeader(properties=properties, body_size=len(message.body)),
-            *amqp._split_body(message.body),
+            aiormq.spec.Basic.Publish(exchange=message.exchange, routing_key=message.routing_key,
+                                      mandatory=_mandatory(message)),
+            ContentHeader(properties=self._properties(message), body_size=len(body)),
+            *(ContentBody(body[start:start + size]) for start in range(0, len(body), size)),
         ]
 
     @staticmethod
-    def _expect_confirm(amqp: AMQPChannel, tag: int, message: "Message") -> asyncio.Future:
+    def _expect_confirm(amqp: AMQPChannel, tag: int, message: "Message") -> "asyncio.Future[Any]":
         """The future aiormq settles when the broker acks, nacks or returns publish `tag`;
         a return is matched to its publish by message_id, so every publish has one."""
+        channel: Any = amqp
         if message.message_id is None:
             message.message_id = f"{random.getrandbits(128):032x}"  # as aiormq does: no syscall, unlike uuid4
-        confirmation = amqp.create_future()
-        amqp.confirmations[tag] = confirmation
-        amqp.message_id_delivery_tag[message.message_id] = tag
+        confirmation: asyncio.Future[Any] = channel.create_future()
+        channel.confirmations[tag] = confirmation
+        channel.message_id_delivery_tag[message.message_id] = tag
 
-        def forget(_: asyncio.Future, message_id: str = message.message_id) -> None:
-            if amqp.message_id_delivery_tag.get(message_id) == tag:
-                del amqp.message_id_delivery_tag[message_id]
+        def forget(_: "asyncio.Future[Any]", message_id: str = message.message_id) -> None:
+            if channel.message_id_delivery_tag.get(message_id) == tag:
+                del channel.message_id_delivery_tag[message_id]
 
         confirmation.add_done_callback(forget)
         return confirmation
@@ -752,7 +817,7 @@ class Bus:
             async with self._reply_lock:
                 amqp = await self._publisher()
                 if self._reply_channel is not amqp:
-                    await amqp.basic_consume(DIRECT_REPLY_TO, direct(self._on_reply), no_ack=True)
+                    await subscribe(amqp, DIRECT_REPLY_TO, self._on_reply, fast=self.fast, no_ack=True)
                     self._reply_channel = amqp
         return DIRECT_REPLY_TO
 
@@ -803,7 +868,8 @@ class Bus:
         await channel.set_qos(prefetch_count=prefetch)
         # Tagged with the connection's name, which says which process consumes (the
         # services': service, host and pid), as the management UI lists a queue's consumers.
-        consumer = Consumer(channel, handler, concurrency, batch, tag=f"{self._name} #{next(self._consumers_started)}")
+        consumer = Consumer(channel, handler, concurrency, batch, tag=f"{self._name} #{next(self._consumers_started)}",
+                            fast=self.fast)
         try:
             await consumer._start(queue, exclusive)
         except aiormq.exceptions.ChannelAccessRefused as exc:

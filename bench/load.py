@@ -17,21 +17,21 @@ import time
 
 import aio_pika
 
-from aodm.transport import direct
+from aodm.transport import fast_path_available, subscribe
 from bench.env import CpuMeter
 from bench.progress import Bar
 from bench.stats import RunResult, latency_series, rate_series, summary
 
 
 async def consume_notifications(connection: aio_pika.abc.AbstractConnection, queues: list[str], callback) -> aio_pika.abc.AbstractChannel:
-    """No-ack consumers on a raw aiormq channel (no aio-pika message wrapper per delivery,
-    `callback` called directly, not as a task): the load side's own cost, the same for
-    aodm's and the baseline's notifications."""
+    """No-ack consumers on a raw aiormq channel (no aio-pika message wrapper per delivery;
+    `callback` called directly, not as a task, on the transport's fast path, as the services'
+    consumers): the load side's own cost, the same for aodm's and the baseline's notifications."""
     channel = await connection.channel()
     amqp = await channel.get_underlay_channel()
     await amqp.basic_qos(prefetch_count=2000)
     for queue in queues:
-        await amqp.basic_consume(queue, direct(callback), no_ack=True)
+        await subscribe(amqp, queue, callback, fast=fast_path_available(), no_ack=True)
     return channel
 
 

@@ -35,7 +35,7 @@ LAYOUTS = (1, 8, 64, 1000)
 
 async def measure(queues: int, messages: int, persistent: bool = True) -> dict:
     vhost, url = new_vhost("aodm-bench-queues")
-    bus = await Bus.connect(url, name="bench-queues")
+    bus = await Bus.connect(url, name="bench-queues", fast=True)
     try:
         names = [f"bench.q{i:02d}" for i in range(queues)]
         for name in names:

@@ -279,7 +279,7 @@ class Bench:
                 self.stack.spawn("registry")
                 self.stack.spawn("session", "session-1")
                 self.stack.spawn("notifier")
-                self.control = await Bus.connect(settings.amqp_url, name="bench-control")
+                self.control = await Bus.connect(settings.amqp_url, name="bench-control", fast=True)
                 connections.append(self.control)
                 await wait_ready(settings, self.stack)
                 await self.stack.wait_balanced(self.control)
@@ -289,7 +289,7 @@ class Bench:
                     await conn.execute(baseline.SCHEMA_SQL)
                 finally:
                     await conn.close()
-                self.senders = [await Bus.connect(settings.amqp_url, name=f"bench-sender-{i}") for i in range(cfg.senders)]
+                self.senders = [await Bus.connect(settings.amqp_url, name=f"bench-sender-{i}", fast=True) for i in range(cfg.senders)]
                 connections += self.senders
                 self.notify = await aio_pika.connect(settings.amqp_url, client_properties={"connection_name": "bench-inbox"})
                 connections.append(self.notify)
@@ -381,7 +381,7 @@ class Bench:
         best = await self.max_rounds()
         await self.latency_rounds(best)
 
-        readers = [await Bus.connect(self.settings.amqp_url, name=f"bench-reader-{i}") for i in range(32)]
+        readers = [await Bus.connect(self.settings.amqp_url, name=f"bench-reader-{i}", fast=True) for i in range(32)]
         connections += readers
         for c in (1, 32):
             closed = dict(inflight=c, duration=cfg.query_seconds, warmup=cfg.query_warmup, kind="rpc")
