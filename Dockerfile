@@ -13,13 +13,19 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Only what the package needs, so edits to tests/scripts/docs don't bust the cache.
+# The services' dependencies at their exact versions, in a layer of their own (rebuilt only
+# when the lock changes). The lock is complete, so nothing else is resolved.
+COPY requirements/server.lock ./requirements/
+RUN pip install --no-deps -r requirements/server.lock && pip check
+
+# The client package and its `aodm` command, on the locked versions above. The services run
+# from the source tree in /app (`python -m services.registry`, the working directory).
 COPY pyproject.toml README.md ./
+COPY aodm ./aodm
+RUN pip install --no-deps . \
+    && useradd --system --uid 10001 --user-group --home-dir /app --shell /usr/sbin/nologin aodm
 COPY shared ./shared
 COPY services ./services
-COPY aodm ./aodm
-RUN pip install '.[fast]' \
-    && useradd --system --uid 10001 --user-group --home-dir /app --shell /usr/sbin/nologin aodm
 
 USER aodm
 

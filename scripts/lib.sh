@@ -1,7 +1,8 @@
 # Shared preparation for scripts/test.sh and scripts/up.sh (sourced, not run).
 #
-#   prepare_venv      .venv with the project installed editable ('.[test,fast,bench]'),
-#                     reinstalled only when pyproject.toml changed (stamp in .venv)
+#   prepare_venv      .venv with the project installed editable ('.[server,test,bench]'),
+#                     the services' dependencies at the versions of requirements/server.lock;
+#                     reinstalled only when pyproject.toml or the lock changed (stamp in .venv)
 #   prepare_rabbitmq AMQP_URL [MANAGEMENT_URL]
 #                     RabbitMQ answering on AMQP and the management API (default
 #                     http://USER:PASSWORD@HOST:15672 from AMQP_URL), with the plugins
@@ -21,7 +22,8 @@
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 RUN_DIR="$ROOT/.run"
-INSTALL_SPEC='.[test,fast,bench]'
+INSTALL_SPEC='.[server,test,bench]'
+LOCK_FILE="$ROOT/requirements/server.lock"  # the services' exact versions, as in the image
 RABBITMQ_PLUGINS=(rabbitmq_management rabbitmq_prometheus rabbitmq_sharding rabbitmq_consistent_hash_exchange)
 # shellcheck disable=SC2034  # used by up.sh
 SERVICES=(registry session notifier)
@@ -161,9 +163,9 @@ prepare_node() {
 # ---------------------------------------------------------------------------- venv
 
 venv_stamp() {
-    # What the installed environment depends on: the project metadata, the extras, the Python.
+    # What the installed environment depends on: the project metadata, the lock, the extras, the Python.
     {
-        cat "$ROOT/pyproject.toml"
+        cat "$ROOT/pyproject.toml" "$LOCK_FILE"
         echo "$INSTALL_SPEC"
         "$VENV/bin/python" -c 'import sys; print(sys.version)'
     } | python3 -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())'
@@ -185,9 +187,9 @@ prepare_venv() {
     if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ]; then
         return 0
     fi
-    say "installing the project into $VENV (pip install -e '$INSTALL_SPEC')"
-    (cd "$ROOT" && "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$INSTALL_SPEC") \
-        || die "pip install -e '$INSTALL_SPEC' failed"
+    say "installing the project into $VENV (pip install -c requirements/server.lock -e '$INSTALL_SPEC')"
+    (cd "$ROOT" && "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$LOCK_FILE" -e "$INSTALL_SPEC") \
+        || die "pip install -c requirements/server.lock -e '$INSTALL_SPEC' failed"
     echo "$stamp" >"$stamp_file"
 }
 

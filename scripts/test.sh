@@ -6,8 +6,9 @@
 #
 # Idempotent. It prepares, then runs .venv/bin/pytest with your arguments and exits
 # with pytest's code ("no tests collected" counts as a failure):
-#   - .venv (python3 -m venv) with `pip install -e '.[test,fast,bench]'`, redone only when
-#     pyproject.toml changed (stamp file in .venv);
+#   - .venv (python3 -m venv) with `pip install -c requirements/server.lock -e '.[server,test,bench]'`
+#     (the services' dependencies at their locked versions, as in the image), redone only when
+#     pyproject.toml or the lock changed (stamp file in .venv);
 #   - RabbitMQ up, with rabbitmq_management, rabbitmq_prometheus,
 #     rabbitmq_sharding (x-modulus-hash) and rabbitmq_consistent_hash_exchange enabled and
 #     the management API answering;
