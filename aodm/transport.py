@@ -124,7 +124,8 @@ def fast_path_problems(channel_class: type = aiormq.Channel, aiormq_version: str
       aiormq's confirm, return and close handling settle them;
     - direct deliveries replace the channel's `_on_deliver_frame` (per channel, on the
       channels a fast Bus consumes on), which the channel's `_reader` awaits with the
-      basic.deliver frame, and read the content frames with `_get_frame`."""
+      basic.deliver frame, and read the content frames with `_get_frame`; a delivery for a
+      consumer not subscribed through them goes to aiormq's `consumers` as aiormq sends it."""
     version = aiormq_version if aiormq_version is not None else metadata.version("aiormq")
     problems = []
     if version.split(".")[:2] != FAST_PATH_AIORMQ.split("."):
@@ -132,7 +133,8 @@ def fast_path_problems(channel_class: type = aiormq.Channel, aiormq_version: str
     if not isinstance(inspect.getattr_static(channel_class, "lock", None), property):
         problems.append("Channel.lock is not a property")
     set_up = _code_names(inspect.getattr_static(channel_class, "__init__", None))
-    for name in ("delivery_tag", "confirmations", "message_id_delivery_tag", "write_queue", "max_content_size"):
+    for name in ("delivery_tag", "confirmations", "message_id_delivery_tag", "write_queue", "max_content_size",
+                 "consumers"):
         if name not in set_up:
             problems.append(f"Channel.__init__ sets no {name}")
     if not {"confirmations"} <= _code_names(getattr(channel_class, "_confirm_delivery", None)):
@@ -201,12 +203,20 @@ class _DirectDeliveries:
             raise ValueError(f"a delivery of {size} bytes where its header says {header.body_size}")
         message = DeliveredMessage(delivery=frame, header=header, body=b"".join(parts), channel=amqp)
         callback = self.callbacks.get(frame.consumer_tag or "")
-        if callback is None:  # as aiormq does for a consumer it no longer has
+        if callback is not None:
+            try:
+                callback(message)
+            except Exception:  # as aiormq does for a failed callback task: the channel goes on
+                log.exception("consumer callback failed")
             return
-        try:
-            callback(message)
-        except Exception:  # as aiormq does for a failed callback task: the channel goes on
-            log.exception("consumer callback failed")
+        consumer = amqp.consumers.get(frame.consumer_tag)  # not subscribed here: run as aiormq runs it
+        if consumer is not None:
+            amqp.create_task(consumer(message)).add_done_callback(_log_failure)
+
+
+def _log_failure(task: "asyncio.Future[Any]") -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("consumer callback failed", exc_info=task.exception())
 
 
 async def subscribe(

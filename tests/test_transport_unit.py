@@ -158,6 +158,12 @@ class FakeChannel:
 
     def __init__(self, frames: list[Any]) -> None:
         self.frames = list(frames)
+        self.consumers: dict[str, Any] = {}  # aiormq's own, of consumers subscribed without aodm
+        self.tasks: list[asyncio.Task[Any]] = []
+
+    def create_task(self, coroutine: Any) -> "asyncio.Task[Any]":
+        self.tasks.append(asyncio.ensure_future(coroutine))
+        return self.tasks[-1]
 
     async def _get_frame(self) -> Any:
         return self.frames.pop(0)
@@ -233,9 +239,23 @@ async def test_a_frame_out_of_place_fails_the_channel(frames: list[Any]) -> None
         await delivered(frames)
 
 
-async def test_a_delivery_for_no_direct_consumer_is_dropped(caplog) -> None:
+async def test_a_delivery_for_a_consumer_gone_is_dropped() -> None:
     got, channel = await delivered([header(1), ContentBody(b"x")], tag="another")
     assert got == [] and channel.frames == []
+
+
+async def test_a_delivery_for_a_consumer_subscribed_past_aodm_goes_to_aiormq_s_consumer_in_a_task() -> None:
+    channel = FakeChannel([header(1), ContentBody(b"x")])
+    transport._DirectDeliveries.on(channel)
+    got: list[bytes] = []
+
+    async def consumer(message: Any) -> None:
+        got.append(message.body)
+
+    channel.consumers["ctag"] = consumer
+    await channel._on_deliver_frame(deliver())
+    await asyncio.gather(*channel.tasks)
+    assert got == [b"x"]
 
 
 async def test_a_failing_callback_is_logged_and_the_channel_goes_on(caplog) -> None:
