@@ -117,7 +117,9 @@ def test_queue_layout_benchmark_prints_its_table():
 def test_statement_benchmark_prints_its_table():
     rows = _table_rows("statement", 200)
     assert [int(r[0]) for r in rows] == [1, 4, 20, 100]
-    assert all(float(cell) > 0 for r in rows for cell in (r[1], r[2], r[4], r[5]))
+    # CPU planned once, at every call, before message requests; wall planned once, at every call.
+    assert all(float(cell) > 0 for r in rows for cell in (r[1], r[2], r[4], r[6], r[7]))
+    assert all(r[3].strip().endswith("×") and r[5].strip().endswith("×") for r in rows)
 
 
 def test_a_run_begun_on_a_busy_machine_is_marked_provisional():
