@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from importlib import metadata
 from typing import Any, NoReturn, Protocol
@@ -32,12 +32,6 @@ from aodm.transport import BrokerError
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 MIN_TIMEOUT_S, MAX_TIMEOUT_S = 0.1, 3600.0  # below: nothing could answer; above: a typo (ms for s?)
-# How long the tasks still running at the end (cancelled) get to finish. Why not until they
-# do, as asyncio.run waits: a connect cut short by --timeout leaves an aio-pika robust
-# connection that nothing can close (aodm/transport.py's _open never returned it), and its
-# reconnect task takes a cancel for "try again in 5 s" unless the connection was closed; so
-# `--timeout 0.001`, or any broker slower than --timeout to accept, hung the CLI forever.
-SHUTDOWN_GRACE_S = 0.5
 ENDED_BY_CTRL_C = {listen.listen, chat.chat}  # Ctrl-C is how these end: exit status 0
 # What `explain` turns into one line on stderr and exit status 1.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -303,27 +297,6 @@ async def dispatch(args: argparse.Namespace) -> int:
     return await result if inspect.isawaitable(result) else result
 
 
-def run(command: Coroutine[Any, Any, int]) -> int:
-    """asyncio.run (Ctrl-C cancels the command, which cleans up), except that the tasks left
-    at the end get SHUTDOWN_GRACE_S to finish, not forever."""
-    runner = asyncio.Runner()
-    try:
-        return runner.run(command)
-    finally:
-        loop = runner.get_loop()
-        leftovers = asyncio.all_tasks(loop)
-        for task in leftovers:
-            task.cancel()
-        if leftovers:
-            loop.run_until_complete(asyncio.wait(leftovers, timeout=SHUTDOWN_GRACE_S))
-        if all(task.done() for task in leftovers):
-            runner.close()
-        else:  # the stubborn ones are dropped with the loop; their "destroyed but pending" is expected
-            loop.set_exception_handler(lambda loop, context: None)
-            asyncio.set_event_loop(None)
-            loop.close()
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     as_json = "--json" in argv  # before parsing: argparse's own errors are JSON too then
@@ -334,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     for library in ("aio_pika", "aiormq"):  # their connection chatter would bury our one line
         logging.getLogger(library).setLevel(logging.CRITICAL)
     try:
-        return run(dispatch(args))
+        return asyncio.run(dispatch(args))
     except KeyboardInterrupt:
         return 0 if args.run in ENDED_BY_CTRL_C else 130
     except USER_ERRORS as exc:
