@@ -55,8 +55,9 @@ async def test_a_block_refuses_both_ways_and_the_blocker_is_told_why(conn):
 
 
 async def test_the_opener_may_create_a_few_generations_while_pending(conn):
-    assert [await store.next_generation(conn, "s", "alice", 3) for _ in range(3)] == [2, 3, None]
-    assert await store.next_generation(conn, "s", "bob", 3) == 4
+    rotated = [await store.next_generation(conn, "s", "alice", 3) for _ in range(3)]
+    assert [r and (r["generation"], r["pending_for"]) for r in rotated] == [(2, "bob"), (3, "bob"), None]
+    assert tuple(await store.next_generation(conn, "s", "bob", 3)) == (4, "bob")
 
 
 async def test_the_upgrade_keeps_sessions_and_messages_and_makes_them_accepted():

@@ -36,14 +36,14 @@ async def rotate_session_key(ctx: Context, req: RotateSessionKey) -> Rotated:
     members: Members = ctx.scope
     entries = _checked_entries(members, req)
     session_id = ctx.envelope.target
-    generation = await store.next_generation(ctx.conn, session_id, ctx.caller, REQUEST_GENERATIONS)
-    if generation is None:
+    rotated = await store.next_generation(ctx.conn, session_id, ctx.caller, REQUEST_GENERATIONS)
+    if rotated is None:
         row = await store.consent(ctx.conn, session_id)
         raise refusal("you_blocked" if ctx.caller in row["blocked_by"] else "not_accepted")
+    generation, pending_for = rotated["generation"], rotated["pending_for"]
     await store.insert_key_batch(ctx.conn, session_id, generation, ctx.caller, ctx.now, entries)
     # A request's recipient is told of its first key (it needs it to read the request),
     # not of the opener's later rotations.
-    pending_for = (await store.consent(ctx.conn, session_id))["pending_for"]
     told = [h for h in members.handles if h == ctx.caller or pending_for in (None, ctx.caller) or generation == 1]
     ctx.notify(KeyRotated, told, session_id=session_id, generation=generation, rotated_by=ctx.caller)
     ctx.touch(session_id, ctx.now)

@@ -348,15 +348,18 @@ async def members(conn: asyncpg.Connection, session_id: str) -> list[asyncpg.Rec
     )
 
 
-async def next_generation(conn: asyncpg.Connection, session_id: str, caller: str, request_generations: int) -> int | None:
-    """The row lock serialises rotations of one session: generations stay consecutive.
-    None: the session's consent does not let the caller rotate (a blocked session, or the
-    opener of a request that already has `request_generations`)."""
-    return await conn.fetchval(
+async def next_generation(
+    conn: asyncpg.Connection, session_id: str, caller: str, request_generations: int
+) -> asyncpg.Record | None:
+    """The new `generation`, and whom the session still waits on (`pending_for`). The row
+    lock serialises rotations of one session: generations stay consecutive. None: the
+    session's consent does not let the caller rotate (a blocked session, or the opener of a
+    request that already has `request_generations`)."""
+    return await conn.fetchrow(
         """UPDATE session.sessions SET key_generation = key_generation + 1
            WHERE session_id = $1 AND cardinality(blocked_by) = 0
              AND (pending_for IS NULL OR pending_for = $2 OR key_generation < $3)
-           RETURNING key_generation""",
+           RETURNING key_generation AS generation, pending_for""",
         session_id, caller, request_generations,
     )
 
