@@ -9,7 +9,8 @@ import pytest
 
 from aodm import crypto
 from aodm.client import Client
-from aodm.errors import Forbidden, MalformedRequest, NotAccepted
+from aodm.envelope import MAX_DATA_BYTES
+from aodm.errors import Forbidden, MalformedRequest, NotAccepted, PayloadTooLarge, Unauthorized
 from aodm.inbox import Inbox
 from aodm.notifications import KeyRotated, NewMessage, SessionEstablished
 from aodm.session_api import SendMessage, Sent
@@ -163,3 +164,19 @@ async def test_consent_actions_are_for_members_only_and_take_no_data(request_pai
     with pytest.raises(MalformedRequest):
         await raw_call(bob, session, "Accept", {"As": alice.handle})
     assert await chat_state(bob, session) == "incoming"
+
+
+@pytest.mark.parametrize("action", ["Accept", "Block", "Unblock"])
+async def test_a_consent_change_signed_by_another_key_or_oversized_changes_nothing(request_pair, make_client, action):
+    """mallory cannot act as bob (his key did not sign), and an oversized Data is refused
+    before anything runs: bob's request stays incoming."""
+    alice, bob, session = request_pair
+    mallory = await make_client("mallory")
+    with pytest.raises(Unauthorized):
+        await raw_call(mallory, session, action, {}, from_=bob.handle)
+    with pytest.raises((PayloadTooLarge, MalformedRequest)):
+        await raw_call(bob, session, action, '{"Pad":"' + "x" * (MAX_DATA_BYTES + 1) + '"}')
+    assert await chat_state(bob, session) == "incoming"
+    with pytest.raises(NotAccepted):  # alice's request is still limited: nothing was accepted
+        for i in range(REQUEST_MESSAGES + 1):
+            await alice.send_text(session, f"m{i}")
