@@ -373,7 +373,7 @@ async def hand_back(deliveries: list[Delivery], error: BaseException) -> None:
     if not open_channels:
         return
     log.warning(
-        "broker fault; handing %d deliveries back to their queues: %r", len(deliveries), error
+        "handing %d deliveries back to their queues: %r", len(deliveries), error
     )
     await asyncio.sleep(HAND_BACK_PAUSE)  # a fault that persists must not spin the messages
     for channel in open_channels:

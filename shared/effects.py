@@ -1,15 +1,16 @@
 """Outgoing effects: messages a request publishes once its transaction has committed.
 
 A request's effects stay objects until its batch is published: `merge` turns a batch into
-its publishes (each notification straight into its handle's queue, one activity report for
-the registry) and encodes each message once. They are stored with the request's reply as
+its publishes (each notification straight into its handle's queue) and encodes each
+message once. They are stored with the request's reply as
 MessagePack, so a redelivery can publish them again."""
+
+from typing import Any
 
 import msgspec
 
 from aodm import topology
 from aodm.notifications import AnyNotification, Fanout, notification_decoder
-from aodm.registry_api import Activity, ActivityReport
 from aodm.transport import Message
 
 
@@ -22,10 +23,12 @@ class Outgoing(msgspec.Struct, array_like=True):
 class Effects(msgspec.Struct, array_like=True):
     messages: list[Outgoing] = []  # published as they are, before the rest, in order
     notifications: list[AnyNotification] = []  # for the notifier, in order
-    activity: list[Activity] = []  # for the registry's chat lists
+    # Activity reports, stored by versions before the session's ActivityFeed took them over:
+    # read (stored effects are positional) and never published again.
+    legacy_activity: list[Any] = []
 
     def __bool__(self) -> bool:
-        return bool(self.messages or self.notifications or self.activity)
+        return bool(self.messages or self.notifications)
 
 
 NONE = Effects()
@@ -60,17 +63,9 @@ def for_the_notifier(undeliverable: Message) -> Message:
     return Message(topology.INTERNAL, topology.NOTIFIER_ROUTING_KEY, _encoder.encode(Fanout([note])))
 
 
-def merge(batch: list[Effects], *, activity: bool = True) -> list[Message]:
+def merge(batch: list[Effects]) -> list[Message]:
     """The batch's publishes in order: the plain messages first (a Spawn or a
-    HandleRegistered must precede notifications about it), then the notifications, then
-    (unless `activity` is False) one report of the latest activity per session."""
+    HandleRegistered must precede notifications about it), then the notifications."""
     merged = [Message(m.exchange, m.routing_key, m.body) for effects in batch for m in effects.messages]
     merged += [notification(note) for effects in batch for note in effects.notifications]
-    latest: dict[str, int] = {}
-    for effects in batch if activity else []:
-        for seen in effects.activity:
-            latest[seen.session_id] = max(latest.get(seen.session_id, 0), seen.at)
-    if latest:
-        report = ActivityReport([Activity(session_id, at) for session_id, at in latest.items()])
-        merged.append(Message(topology.INTERNAL, topology.ACTIVITY_ROUTING_KEY, _encoder.encode(report)))
     return merged

@@ -22,7 +22,7 @@ from aodm.transport import BrokerError, Bus, Consumer, Handler, LoginRefused
 from shared import config, db, inbox_bound, logs, metrics, process_metrics
 from shared.health import HealthServer
 from shared.logs import log
-from shared.service import prune_requests
+from shared.requests_store import prune_requests
 
 # Waiting for the broker at start: the pause doubles from the first to the cap.
 BROKER_RETRY_FIRST_S = 0.5

@@ -1,57 +1,66 @@
-"""The request loop every service runs: decode, verify, authenticate, dispatch, reply.
+"""The request loop every service runs. `Processor.begin` takes a batch of deliveries (one,
+or as many as a shard has waiting: group commit) through its stages, in this order:
 
-This is the one place where errors become replies. For a batch of deliveries (one, or as
-many as a shard has waiting: group commit):
+1. **decode**: a reply_to the services may not write to, a key twice, an unknown action or
+   a Data that is not the action's are refused; nothing reaches the database yet;
+2. **verify**: every signature and Id; a forged request costs its verification only;
+3. **authenticate, run, store** (the sends, in batch order): a run of an action that
+   keeps its own record is one statement (`own_record`); what lies between runs in one
+   transaction that holds the batch's shard leases (a request whose shard another worker
+   has taken since is left to it), locks every envelope Id and looks it up in
+   `<schema>.requests` (one seen before changes nothing and gets its stored reply), runs
+   the handlers, and stores each reply and its effects under its Id. Database faults are
+   waited out for the whole batch, which keeps its place in its shard;
+4. **publish**: after the commit, the effects and then the replies (a stored request's
+   effects only on the broker's redelivery: `outcomes.no_effects_for_replays`). Reads
+   (`dryrun`s) run now, on read-only connections, side by side, taking turns per signer;
+5. **settle**: `_settle`, the one place deliveries are acknowledged, rejected or left,
+   as `outcomes.settlement` decides, once the broker has confirmed the batch's publishes
+   and every earlier batch is settled.
 
-1. each envelope is decoded (a reply_to the services may not write to, or a key twice, is
-   refused) and its signature and Id checked before anything reaches the database, its
-   action and Data parsed;
-2. the `send`s run in one transaction that first locks every envelope Id and looks it up
-   in `<schema>.requests` — an Id already there is a duplicate: it changes nothing and gets
-   its stored reply (its stored effects go out again only on the broker's redelivery,
-   `_no_effects_for_replays`) — and holds the batch's shard leases (a request whose shard
-   another worker has taken since is left to it, `_hold_leases`) — then runs
-   the handlers in order (a `batched` action's consecutive requests in one call, so it
-   can write them with one statement) and stores each reply and its outgoing effects
-   under its Id; each `dryrun` runs on a connection whose session is read-only
-   (PostgreSQL refuses any write on it), so it cannot change state;
-3. after the commit the effects and then the replies are published, and once the broker
-   has confirmed all of them the deliveries are acknowledged, batch after batch. A crash
-   anywhere before the ack redelivers the requests, and the redelivery republishes the
-   stored effects; a broker fault hands the batch back to its queue to the same end. Reads
-   take turns per signer and places among a bounded number in flight (`_read_one`).
-
-A request refused before its handler runs (stale, not a member…) just gets its error. One
-whose handler fails is taken out and the rest of the batch run again without it: a typed
-error is its answer; anything else is retried and after MAX_ATTEMPTS answered with
-`internal` and dead-lettered. Database faults are retried in place for the whole batch (it
-keeps its place in its shard and is never dead-lettered for them).
+A crash anywhere before the acknowledgement makes the broker deliver the batch again; it is
+then found stored, answered as the first time and its effects published again. A typed
+error is a request's answer (`_fail`, the one place errors become replies); a handler that
+fails otherwise is taken out and the rest run again without it, and after MAX_ATTEMPTS it
+is poison: dead-lettered and answered `internal`. Each step returns what went wrong as a
+value (`Trouble`); exceptions are left to the libraries' faults.
 """
 
 import asyncio
 import contextlib
-import re
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
-import msgspec
 
 from aodm import envelope as envelopes
-from aodm import strict_json, topology
-from aodm.envelope import Envelope
-from aodm.errors import AodmError, InternalError, InvalidArgument, MalformedRequest, UnknownAction
-from aodm.notifications import AnyNotification, RequestFailed, notification_id
-from aodm.registry_api import Activity
+from aodm import topology
+from aodm.errors import AodmError, InternalError, MalformedRequest, UnknownAction
+from aodm.notifications import RequestFailed, notification_id
 from aodm.replies import err, ok
-from aodm.transport import BrokerError, Bus, Delivery, Message, settle_when_confirmed
+from aodm.transport import BrokerError, Bus, Delivery, Message, ack_in_order, dead_letter, hand_back
 from shared import effects as outgoing
-from shared import faults, metrics
+from shared import faults, metrics, requests_store
+from shared.actions import FENCED, Action, Authenticate, Context, decode_data
 from shared.db import DatabaseUnavailable, DependencyUnavailable, replace_connections
-from shared.effects import Effects, Outgoing
+from shared.effects import Effects
 from shared.logs import log
+from shared.outcomes import (
+    Outcome,
+    Settle,
+    answer_copies,
+    firsts,
+    is_read,
+    no_effects_for_replays,
+    replies,
+    runs,
+    segments,
+    sends,
+    settlement,
+)
 
 metrics.describe("aodm_requests_total", "counter", "Requests handled, by service, action and outcome (ok or error code).")
 metrics.describe("aodm_request_duration_seconds", "histogram", "Time from delivery to the answer being ready (its transaction committed).")
@@ -64,180 +73,36 @@ MAX_ATTEMPTS = 3  # a request that fails this often in a row is poison: dead-let
 # and of those, one signer's: its further reads wait their turn while others' pass them.
 READS_IN_FLIGHT = 16
 READS_PER_SIGNER = 2
-_encoder = msgspec.json.Encoder()
-
-
-@dataclass
-class Context:
-    """What a handler gets besides its request (arq style: `async def handler(ctx, req)`)."""
-
-    conn: asyncpg.Connection
-    envelope: Envelope
-    caller: str
-    scope: Any
-    now: int
-    effects: Effects = field(default_factory=Effects)
-    # For an action that keeps its own record (Action.own_record): why the request may not
-    # be taken if it is new (its timestamp is out of the window), and whether the handler
-    # found it stored before (then it answers as the first time).
-    stale: AodmError | None = None
-    stored_before: bool = False
-    # The lease the request was delivered under (Delivery.lease): a handler that writes with
-    # one statement of its own checks it there, and answers FENCED for what it may not take.
-    lease: Any = None
-
-    def emit(self, exchange: str, routing_key: str, message: object) -> None:
-        self.effects.messages.append(Outgoing(exchange, routing_key, _encoder.encode(message)))
-
-    def notify(self, kind: type[AnyNotification], recipients: list[str], *, at: int | None = None, **fields: Any) -> None:
-        """One notification per recipient, its Id derived from the request's."""
-        self.effects.notifications += [
-            kind(id=notification_id(self.envelope.id, kind.__name__, handle), handle=handle,
-                 at=self.now if at is None else at, **fields)
-            for handle in recipients
-        ]
-
-    def touch(self, session_id: str, at: int) -> None:
-        """Tell the registry the session was active (its members' chat lists sort by it)."""
-        self.effects.activity.append(Activity(session_id, at))
-
-
-Handler = Callable[[Context, Any], Awaitable[object]]
-# A batched action's handler takes a run of consecutive requests and answers each with its
-# result or a typed error; it must have written nothing for a request it answers with an error.
-BatchHandler = Callable[[list[Context], list[Any]], Awaitable[list[object]]]
-# Resolves who is calling: returns (caller, scope) or raises Unauthorized/Forbidden/NotFound.
-Authenticate = Callable[[asyncpg.Connection, Envelope, "Action"], Awaitable[tuple[str, Any]]]
-
 
 # Fence: holds a batch's leases until its transaction ends, and returns those a newer owner
 # of their queue holds now. Their requests are left to that owner: no answer, no ack.
 Fence = Callable[[asyncpg.Connection, list[Any]], Awaitable[set[Any]]]
-FENCED = "fenced"  # a handler's answer, and the outcome's code, for a request left that way
 
 
-@dataclass(frozen=True)
-class Action:
-    request: type[msgspec.Struct]
-    handler: Handler | BatchHandler
-    mode: Literal["send", "dryrun"]
-    needs_handle: bool = True  # From must be a handle, not the bare signer address
-    batched: bool = False  # `handler` is a BatchHandler (send actions only)
-    # The handler keeps the record of the requests it took, keyed by their Ids, and writes
-    # with one statement: a request stored before is answered from that record (setting
-    # ctx.stored_before) and a new one whose ctx.stale is set is refused with it. Such a run
-    # needs no transaction, no lock and no stored reply (send actions only).
-    own_record: bool = False
-    decoder: msgspec.json.Decoder = field(init=False, repr=False, compare=False)
-    data: strict_json.FlatObject = field(init=False, repr=False, compare=False)  # Data's keys, for duplicates
+# -- what can go wrong in a step, as values ------------------------------------------------
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "decoder", msgspec.json.Decoder(self.request))
-        object.__setattr__(self, "data", strict_json.FlatObject(self.request))
+@dataclass
+class HandlerFailed:
+    """A handler (or authentication) failed with something other than a typed error. For a
+    run of several requests, they are run one by one to learn which."""
+
+    outcomes: list[Outcome]
+    error: BaseException
 
 
-def requests_table(schema: str) -> str:
-    """The dedup table each service keeps in its own schema."""
-    return f"""
-        CREATE TABLE {schema}.requests (
-            id text PRIMARY KEY,
-            reply bytea,
-            effects bytea,
-            created_at timestamptz NOT NULL DEFAULT now()
-        );
-        CREATE INDEX ON {schema}.requests (created_at);
-    """
-
-
-def requests_lookup(schema: str) -> str:
-    """A later migration: lock a batch's request ids and read the ones already answered, in
-    one round trip. The locks come first, in a fixed order (so never a deadlock); the query
-    is a statement of its own, so it sees what a transaction it waited for has committed."""
-    return f"""
-        CREATE FUNCTION {schema}.lock_requests(ids text[])
-        RETURNS TABLE (request_id text, stored_reply bytea, stored_effects bytea)
-        LANGUAGE plpgsql AS $$
-        BEGIN
-            PERFORM pg_advisory_xact_lock(hashtext('{schema}'), hashtext(sorted.id))
-            FROM (SELECT DISTINCT unnest(ids) AS id ORDER BY 1) AS sorted;
-            RETURN QUERY SELECT r.id, r.reply, r.effects FROM {schema}.requests AS r WHERE r.id = ANY(ids);
-        END $$;
-    """
-
-
-def requests_replanned(schema: str) -> str:
-    """A later migration: the lookup is planned at each call. A plan cached while the table
-    was empty (a scan of the whole table) would otherwise stay as the table grows, unless an
-    ANALYZE happens to replace it."""
-    return f"ALTER FUNCTION {schema}.lock_requests(text[]) SET plan_cache_mode = force_custom_plan"
-
-
-_RANGE_ERROR = re.compile(r"Expected `[^`]+` (>=|<=|>|<|of length)|Invalid enum value|match pattern")
-
-
-def decode_data(action: Action, data: str) -> msgspec.Struct:
-    try:
-        request = action.decoder.decode(data)
-    except msgspec.ValidationError as exc:
-        if _RANGE_ERROR.search(str(exc)):
-            raise InvalidArgument(f"Data: {exc}") from exc
-        raise MalformedRequest(f"Data: {exc}") from exc
-    except (msgspec.DecodeError, UnicodeError) as exc:
-        raise MalformedRequest(f"Data is not JSON: {exc}") from exc
-    if duplicates := action.data.duplicates(data):
-        raise MalformedRequest(f"Data: a key appears twice: {', '.join(duplicates)}")
-    return request
-
-
-class Abandoned(Exception):
-    """Shutting down while the database is away: leave the requests in their queue."""
-
-
-class DatabaseStalled(Exception):
-    """A handler timed out and the database does not answer either: not the request's fault."""
-
-
-class _RequestFailed(Exception):
-    def __init__(self, outcome: "Outcome", error: BaseException) -> None:
-        self.outcome = outcome
-        self.error = error
-
-
-class _RunFailed(Exception):
-    """A batched handler failed for a run of several requests: run them one by one to learn which."""
-
-    def __init__(self, run: list["Outcome"], error: BaseException) -> None:
-        self.run = run
-        self.error = error
-
-
-class _ClaimLost(Exception):
+@dataclass
+class ClaimLost:
     """Another transaction stored one of these request ids first: run the batch again."""
 
 
 @dataclass
-class Outcome:
-    delivery: Delivery
-    env: Envelope | None = None
-    action: Action | None = None
-    request: Any = None
-    action_name: str | None = None
-    caller: str | None = None
-    caller_is_handle: bool = False
-    reply: bytes | None = None
-    effects: Effects = outgoing.NONE
-    code: str = "ok"
-    duplicate: bool = False
-    # Found stored on its first try: taken before this delivery came (a replay, a resend or
-    # a redelivery), not by an earlier try of this very handling (a run retried one by one).
-    stored_earlier: bool = False
-    tried: bool = False  # a handler has run for it (its statement may have committed)
-    poison: bool = False
-    failures: int = 0
+class Unavailable:
+    """The database (or a dependency) does not answer: never the request's fault, waited out."""
 
-    @property
-    def request_id(self) -> str | None:
-        return self.env.id if self.env else None
+    error: BaseException
+
+
+Trouble = HandlerFailed | ClaimLost | Unavailable | None
 
 
 class Processor:
@@ -253,7 +118,7 @@ class Processor:
         authenticate: Authenticate,
         handler_timeout: float = 10.0,
         stopping: asyncio.Event | None = None,
-        activity: Callable[[list[Activity]], None] | None = None,
+        app: Any = None,
         fence: Fence | None = None,
     ) -> None:
         self.name = name
@@ -265,11 +130,11 @@ class Processor:
         self.authenticate = authenticate
         self.handler_timeout = handler_timeout
         self.stopping = stopping or asyncio.Event()  # set: database faults abandon instead of waiting
-        self.activity = activity  # takes the batches' activity instead of a report per batch
+        self.app = app  # handed to every handler as ctx.app
         self.fence = fence
         self._in_flight = asyncio.Semaphore(READS_IN_FLIGHT)
         self._turns = _Turns(READS_PER_SIGNER)
-        self._answered: asyncio.Future[None] | None = None  # the latest batch's publishing and acks
+        self._answered: asyncio.Future[None] | None = None  # the latest batch's publishing and settling
         self._abandoned = False  # stopping while the database was away: everything is left
         metrics.inc("aodm_dead_lettered_total", 0, service=name)  # a series from the start, so rates see the first
 
@@ -280,51 +145,52 @@ class Processor:
         await (await self.begin(deliveries))
 
     async def begin(self, deliveries: list[Delivery]) -> "asyncio.Future[None]":
-        """Everything up to the commit of the batch's sends. Returns the rest under way: its
-        reads (they begin once the sends have committed, and change nothing, so the next
-        batch need not wait for them), publishing the effects and replies, and once they are
-        confirmed and every earlier batch is acknowledged, the acks. A caller may begin the
-        next batch meanwhile (the session worker does): its publishes follow these, its acks
-        follow these."""
+        """Stages 1–3, then stages 4–5 under way (returned): a caller may begin the next
+        batch meanwhile (the session worker does); its publishes follow these, and so does
+        its settling."""
         started = time.perf_counter()
         outcomes = [Outcome(delivery) for delivery in deliveries]
         if self._abandoned:  # a later batch must not commit ahead of one left for redelivery
-            return _done()
+            return self._leave_all(outcomes)
         for outcome in outcomes:
-            try:
-                self._parse(outcome)
-            except AodmError as exc:
-                self._fail(outcome, exc)
-        # Before anything reaches the database: a forged request costs its verification only.
+            self._decode(outcome)
         self._verify(outcomes)
-        try:
-            await self._run_sends(_sends(outcomes))
-        except Abandoned:
-            return self._abandon(outcomes)
-        _no_effects_for_replays(outcomes)
+        if not await self._run_sends(sends(outcomes)):
+            return self._leave_all(outcomes)
+        for outcome in outcomes:
+            for committed in outcome.committed if outcome.code == "ok" else []:
+                committed()
+        no_effects_for_replays(outcomes)
         metrics.observe("aodm_batch_size", len(outcomes), service=self.name)
-        reads = [o for o in outcomes if _is_read(o)]
-        answered = [o for o in outcomes if not _is_read(o)]
+        reads = [o for o in outcomes if is_read(o)]
+        answered = [o for o in outcomes if not is_read(o)]
         elapsed = time.perf_counter() - started
         self._count(answered, elapsed)
-        await self._dead_letter_poison(answered)
         publishing: list[Awaitable[None]] = [self._answer(answered, len(outcomes), elapsed)] if answered else []
         if reads:
-            replying = self._read_and_reply(reads, len(outcomes), started)
+            reading = self._read_and_reply(reads, len(outcomes), started)
             # Reads alone (a lone QueryMessage, say) run in the settling task itself.
-            publishing.append(asyncio.ensure_future(replying) if publishing else replying)
-        self._answered = asyncio.ensure_future(self._settle(outcomes, publishing, after=self._answered))
-        return self._answered
+            publishing.append(asyncio.ensure_future(reading) if publishing else reading)
+        return self._settle_later(outcomes, publishing)
 
-    def _abandon(self, outcomes: list[Outcome]) -> "asyncio.Future[None]":
+    def _leave_all(self, outcomes: list[Outcome]) -> "asyncio.Future[None]":
+        """Stopping while the database is away: nothing is taken or answered, and the broker
+        gives the requests back (to this service's next run, or another worker)."""
         self._abandoned = True
+        for outcome in outcomes:
+            outcome.left = True
         log.info("left for redelivery", service=self.name, requests=len(outcomes))
-        return _done()  # not acked: closing the channel at shutdown hands them back to the queue
+        return self._settle_later(outcomes, [])
 
-    # -- parsing (no database) ---------------------------------------------------------
+    # -- 1. decode, 2. verify (no database) ------------------------------------------------
+
+    def _decode(self, outcome: Outcome) -> None:
+        try:
+            self._parse(outcome)
+        except AodmError as exc:
+            self._fail(outcome, exc)
 
     def _parse(self, outcome: Outcome) -> None:
-        """Everything but the signature (see _verify)."""
         delivery = outcome.delivery
         if delivery.reply_to is not None and not topology.may_reply_to(delivery.reply_to):
             raise MalformedRequest("reply_to must be amq.rabbitmq.reply-to or a server-named amq.gen- queue")
@@ -339,79 +205,107 @@ class Processor:
         outcome.request = decode_data(outcome.action, env.data)
 
     def _verify(self, outcomes: list[Outcome]) -> None:
-        self._refuse(_bad_signatures(outcomes))
+        """A bad signature or Id is the answer, whatever else was wrong: nothing is taken,
+        and no caller recognised, on a claim nobody proved."""
+        for outcome in outcomes:
+            if outcome.env is None:
+                continue  # not even an envelope: its error stands
+            try:
+                envelopes.verify(outcome.env)
+            except AodmError as exc:
+                outcome.caller, outcome.caller_is_handle = None, False
+                self._fail(outcome, exc)
 
-    def _refuse(self, refused: list[tuple[Outcome, AodmError]]) -> None:
-        """A bad signature or Id is the answer, whatever else was wrong or was done: nothing
-        is taken, and no caller recognised, on a claim nobody proved."""
-        for outcome, error in refused:
-            outcome.caller, outcome.caller_is_handle = None, False
-            self._fail(outcome, error)
+    # -- 3. authenticate, run, store -------------------------------------------------------
 
-    # -- running handlers --------------------------------------------------------------
+    async def _run_sends(self, outcomes: list[Outcome]) -> bool:
+        """In batch order, segment by segment (`outcomes.segments`). False: stopping while
+        the database was away, nothing of the rest taken."""
+        for segment in segments(outcomes):
+            if not await self._with_database(functools.partial(self._run_segment, segment)):
+                return False
+        return True
 
-    async def _with_database(self, run: Callable[[Any], Awaitable[None]], arg: Any) -> None:
-        """Wait out database faults, however long they last: they are never the request's."""
+    async def _with_database(self, attempt: Callable[[], Awaitable[Trouble]]) -> bool:
+        """Wait out database faults, however long they last: they are never the request's.
+        False if the service stops meanwhile."""
         backoff = 0.1
         while True:
             try:
-                return await run(arg)
-            except (*DatabaseUnavailable, DatabaseStalled) as exc:
-                what = "dependency" if isinstance(exc, DependencyUnavailable) else "database"
-                if what == "database":
-                    await replace_connections(self.pool, self.read_pool)
-                if self.stopping.is_set():
-                    raise Abandoned from exc
-                log.warning(f"{what} unavailable, retrying", service=self.name, error=repr(exc), backoff=backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                trouble = await attempt()
+            except DatabaseUnavailable as exc:
+                trouble = Unavailable(exc)
+            if not isinstance(trouble, Unavailable):
+                return True
+            what = "dependency" if isinstance(trouble.error, DependencyUnavailable) else "database"
+            if what == "database":
+                await replace_connections(self.pool, self.read_pool)
+            if self.stopping.is_set():
+                return False
+            log.warning(f"{what} unavailable, retrying", service=self.name, error=repr(trouble.error), backoff=backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
 
-    async def _run_sends(self, outcomes: list[Outcome]) -> None:
-        """In batch order: each run of an action that keeps its own record (one statement),
-        and what lies between them in one transaction."""
-        for segment in _segments(outcomes):
-            await self._with_database(self._run_segment, segment)
-
-    async def _run_segment(self, segment: list[Outcome]) -> None:
+    async def _run_segment(self, segment: list[Outcome]) -> Trouble:
+        """Until each request has its answer: a failing one is retried (and at last taken
+        out), a failing run is split into single requests, a lost claim runs it again."""
         batched = True
         while batch := [o for o in segment if o.code == "ok"]:
-            try:
-                if batch[0].action.own_record:
-                    return await self._send_own(batch, batched)
-                return await self._send_batch(batch, batched)
-            except _RequestFailed as failed:
-                self._count_failure(failed.outcome, failed.error)
-            except _RunFailed as failed:
-                log.warning("batched handler failed, running its requests one by one", service=self.name,
-                            action=failed.run[0].action_name, requests=len(failed.run), error=repr(failed.error))
-                batched = False
-            except _ClaimLost:
-                pass
+            first, copies = firsts(batch)
+            take = self._take_own if first[0].action.own_record else self._take_in_transaction
+            match await take(first, batched):
+                case None:
+                    answer_copies(copies)
+                    return None
+                case Unavailable() as away:
+                    return away
+                case HandlerFailed(outcomes=[one], error=error):
+                    self._count_failure(one, error)
+                case HandlerFailed(outcomes=several, error=error):
+                    log.warning("batched handler failed, running its requests one by one", service=self.name,
+                                action=several[0].action_name, requests=len(several), error=repr(error))
+                    batched = False
+                case ClaimLost():
+                    pass
+        return None
 
-    async def _send_batch(self, batch: list[Outcome], batched: bool) -> None:
-        async with self.pool.acquire() as conn, conn.transaction():
-            batch = await self._hold_leases(conn, batch)
-            stored = await self._lock_and_look_up(conn, [o.env.id for o in batch]) if batch else {}
-            firsts, copies = _firsts(batch)
-            fresh = []
-            for outcome in firsts:
-                row = stored.get(outcome.env.id)
-                if row is None:
-                    fresh.append(outcome)
-                else:
-                    self._replay(outcome, row)
-            for run in _runs(fresh, batched):
-                await self._invoke(conn, run)
-            await self._store_replies(conn, [o for o in fresh if o.code == "ok"])
-        _answer_copies(copies)
-
-    async def _send_own(self, batch: list[Outcome], batched: bool) -> None:
+    async def _take_own(self, batch: list[Outcome], batched: bool) -> Trouble:
         """The handler's statement is atomic on its own, and recognises what it stored before."""
-        firsts, copies = _firsts(batch)
         async with self.pool.acquire() as conn:
-            for run in _runs(firsts, batched):
-                await self._invoke(conn, run)
-        _answer_copies(copies)
+            for run in runs(batch, batched):
+                if trouble := await self._invoke(conn, run):
+                    return trouble
+        return None
+
+    async def _take_in_transaction(self, batch: list[Outcome], batched: bool) -> Trouble:
+        """Committed only if nothing went wrong (a fault that raises leaves the transaction
+        open: the pool rolls it back as it takes the connection back)."""
+        async with self.pool.acquire() as conn:
+            transaction = conn.transaction()
+            await transaction.start()
+            trouble = await self._take(conn, batch, batched)
+            await (transaction.rollback() if trouble else transaction.commit())
+        return trouble
+
+    async def _take(self, conn: asyncpg.Connection, batch: list[Outcome], batched: bool) -> Trouble:
+        batch = await self._hold_leases(conn, batch)
+        stored = await requests_store.lock_and_look_up(conn, self.schema, [o.env.id for o in batch]) if batch else {}
+        fresh = []
+        for outcome in batch:
+            if row := stored.get(outcome.env.id):
+                self._replay(outcome, row)
+            else:
+                fresh.append(outcome)
+        for run in runs(fresh, batched):
+            if trouble := await self._invoke(conn, run):
+                return trouble
+        done = [o for o in fresh if o.code == "ok"]
+        if done and not await requests_store.store_replies(
+            conn, self.schema, [o.env.id for o in done], [o.reply for o in done],
+            [outgoing.encode(o.effects) for o in done],
+        ):
+            return ClaimLost()
+        return None
 
     async def _hold_leases(self, conn: asyncpg.Connection, batch: list[Outcome]) -> list[Outcome]:
         """The batch's requests whose queue this worker still holds; the others are left."""
@@ -432,70 +326,33 @@ class Processor:
         log.warning("left for the queue's new owner", service=self.name, requests=len(outcomes),
                     first_request_id=outcomes[0].request_id)
 
-    async def _lock_and_look_up(self, conn: asyncpg.Connection, ids: list[str]) -> dict[str, asyncpg.Record]:
-        """A concurrent transaction holding one of these ids finishes first (see requests_lookup)."""
-        rows = await conn.fetch(f"SELECT * FROM {self.schema}.lock_requests($1::text[])", ids)
-        return {row["request_id"]: row for row in rows}
-
-    async def _store_replies(self, conn: asyncpg.Connection, done: list[Outcome]) -> None:
-        if not done:
-            return
-        stored = await conn.fetchval(
-            f"""WITH stored AS (
-                    INSERT INTO {self.schema}.requests (id, reply, effects)
-                    SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[]) ON CONFLICT DO NOTHING RETURNING 1
-                ) SELECT count(*) FROM stored""",
-            [o.env.id for o in done], [o.reply for o in done], [outgoing.encode(o.effects) for o in done],
-        )
-        if stored != len(done):  # only a writer that skipped the locks could get here
-            raise _ClaimLost()
-
     def _replay(self, outcome: Outcome, row: asyncpg.Record) -> None:
         """A request seen before is answered as the first time; whether its stored effects
-        go out again is `_no_effects_for_replays`'s call."""
+        go out again is `no_effects_for_replays`'s call."""
         outcome.duplicate = outcome.stored_earlier = True  # an earlier try of ours was rolled back
         outcome.reply = bytes(row["stored_reply"])
         outcome.effects = outgoing.decode(row["stored_effects"])
 
-    async def _run_read(self, outcome: Outcome) -> None:
-        """On the read-only pool: the database itself refuses any write a dryrun attempts."""
-        while outcome.code == "ok":
-            try:
-                async with self.read_pool.acquire() as conn:
-                    return await self._invoke(conn, [outcome])
-            except _RequestFailed as failed:
-                self._count_failure(outcome, failed.error)
-
-    async def _invoke(self, conn: asyncpg.Connection, run: list[Outcome]) -> None:
-        """The handler for one request, or for a run of a batched action's requests, timed.
-        A failure becomes `_RequestFailed` (or `_RunFailed`) unless it is the database's."""
+    async def _invoke(self, conn: asyncpg.Connection, run: list[Outcome]) -> Trouble:
+        """Authenticate each request, then its handler (one call for a batched action's
+        run), timed; each request gets its result or its typed error."""
         ready: list[tuple[Outcome, Context]] = []
         for outcome in run:
-            try:
-                ready.append((outcome, await self._context(conn, outcome)))
-            except AodmError as exc:
-                self._fail(outcome, exc)  # refused before its handler: nothing of it was written
+            match await self._authenticate(conn, outcome):
+                case Context() as ctx:
+                    ready.append((outcome, ctx))
+                case AodmError() as refused:
+                    self._fail(outcome, refused)  # refused before its handler: nothing of it was written
+                case HandlerFailed() as failed:
+                    return failed
         if not ready:
-            return
-        action = run[0].action
+            return None
         first_try = [not outcome.tried for outcome, _ in ready]
         for outcome, _ in ready:
             outcome.tried = True
-        try:
-            async with asyncio.timeout(self.handler_timeout):  # no extra task, unlike wait_for
-                results = await self._call(action, ready)
-        except TimeoutError as exc:  # before DatabaseUnavailable: TimeoutError is an OSError
-            if not await self._database_answers():
-                raise DatabaseStalled(f"{action.request.__name__} timed out and the database does not answer") from exc
-            raise self._failure(ready, exc) from exc
-        except DatabaseUnavailable:
-            raise
-        except asyncpg.UniqueViolationError as exc:
-            if action.own_record:  # another worker stored one of them first (a shard handover)
-                raise _ClaimLost() from exc
-            raise self._failure(ready, exc) from exc
-        except Exception as exc:
-            raise self._failure(ready, exc) from exc
+        results = await self._call(run[0].action, ready)
+        if not isinstance(results, list):
+            return results
         self._leave([outcome for (outcome, _), result in zip(ready, results, strict=True) if result is FENCED])
         for (outcome, ctx), result, first in zip(ready, results, first_try, strict=True):
             if result is FENCED:
@@ -503,51 +360,56 @@ class Processor:
             if isinstance(result, AodmError):
                 self._fail(outcome, result)
                 continue
-            outcome.reply, outcome.effects = ok(outcome.env.id, result), ctx.effects
+            outcome.reply, outcome.effects, outcome.committed = ok(outcome.env.id, result), ctx.effects, ctx.committed
             outcome.duplicate = ctx.stored_before
             outcome.stored_earlier = ctx.stored_before and first
+        return None
 
-    async def _context(self, conn: asyncpg.Connection, outcome: Outcome) -> Context:
-        env = outcome.env
+    async def _authenticate(self, conn: asyncpg.Connection, outcome: Outcome) -> Context | AodmError | HandlerFailed:
+        env, action = outcome.env, outcome.action
         # Freshness is judged for a first sighting only: a redelivery that waited out an
         # outage finds its stored reply instead (an action keeping its own record judges it
         # with the record at hand).
-        stale = None
+        stale = _staleness(env)
+        if stale is not None and not action.own_record:
+            return stale
         try:
-            envelopes.check_fresh(env)
-        except AodmError as exc:
-            if not outcome.action.own_record:
-                raise
-            stale = exc
-        try:
-            caller, scope = await self.authenticate(conn, env, outcome.action)
-        except AodmError:
+            caller, scope = await self.authenticate(conn, env, action)
+        except AodmError as refused:
             # What authentication refuses was never stored (sessions, members and their keys
             # never change), so such a request is new: stale first, as §7 orders the checks.
-            if stale is not None:
-                raise stale from None
-            raise
+            return stale or refused
         except DatabaseUnavailable:
             raise
         except Exception as exc:
-            raise _RequestFailed(outcome, exc) from exc
+            return HandlerFailed([outcome], exc)
         outcome.caller, outcome.caller_is_handle = caller, caller != env.owner
-        return Context(conn=conn, envelope=env, caller=caller, scope=scope, now=envelopes.now_ms(), stale=stale,
-                       lease=outcome.delivery.lease)
+        return Context(conn=conn, envelope=env, caller=caller, scope=scope, now=envelopes.now_ms(), app=self.app,
+                       stale=stale, lease=outcome.delivery.lease)
 
-    @staticmethod
-    def _failure(ready: list[tuple[Outcome, Context]], error: BaseException) -> Exception:
-        if len(ready) > 1:
-            return _RunFailed([outcome for outcome, _ in ready], error)
-        return _RequestFailed(ready[0][0], error)
-
-    async def _call(self, action: Action, ready: list[tuple[Outcome, Context]]) -> list[object]:
-        for _, ctx in ready:
-            await faults.before_handler(ctx.envelope, self.handler_timeout)
-        if action.batched:
-            return await action.handler([ctx for _, ctx in ready], [outcome.request for outcome, _ in ready])
-        [(outcome, ctx)] = ready
-        return [await action.handler(ctx, outcome.request)]
+    async def _call(self, action: Action, ready: list[tuple[Outcome, Context]]) -> list[object] | Trouble:
+        """The handler's results, one per request; what went wrong otherwise. A database
+        fault is left to raise (`_with_database` waits it out)."""
+        try:
+            async with asyncio.timeout(self.handler_timeout):  # no extra task, unlike wait_for
+                for _, ctx in ready:
+                    await faults.before_handler(ctx.envelope, self.handler_timeout)
+                if action.batched:
+                    return await action.handler([ctx for _, ctx in ready], [outcome.request for outcome, _ in ready])
+                [(outcome, ctx)] = ready
+                return [await action.handler(ctx, outcome.request)]
+        except TimeoutError as exc:  # before DatabaseUnavailable: TimeoutError is an OSError
+            if not await self._database_answers():
+                return Unavailable(exc)
+            return HandlerFailed([outcome for outcome, _ in ready], exc)
+        except DatabaseUnavailable:
+            raise
+        except asyncpg.UniqueViolationError as exc:
+            if action.own_record:  # another worker stored one of them first (a shard handover)
+                return ClaimLost()
+            return HandlerFailed([outcome for outcome, _ in ready], exc)
+        except Exception as exc:
+            return HandlerFailed([outcome for outcome, _ in ready], exc)
 
     async def _database_answers(self) -> bool:
         try:
@@ -556,10 +418,13 @@ class Processor:
         except (*DatabaseUnavailable, TimeoutError):
             return False
 
+    # -- errors become replies (the one place) ---------------------------------------------
+
     def _count_failure(self, outcome: Outcome, error: BaseException) -> None:
-        """A typed error is the answer. Anything else (a bug, a hung handler) is retried: its
-        transaction was rolled back, so a retry cannot double anything; after MAX_ATTEMPTS in
-        a row it is poison."""
+        """A handler that raised: a typed error is its answer (what it wrote was rolled
+        back). Anything else (a bug, a hung handler) is retried, and its transaction was
+        rolled back too, so a retry cannot double anything; after MAX_ATTEMPTS in a row it
+        is poison."""
         if isinstance(error, AodmError):
             return self._fail(outcome, error)
         outcome.failures += 1
@@ -592,24 +457,23 @@ class Processor:
             )
             outcome.effects = Effects(notifications=[note])
 
-    # -- answering ---------------------------------------------------------------------
+    # -- 4. publish ------------------------------------------------------------------------
 
     def _answer(self, outcomes: list[Outcome], batch: int, elapsed: float) -> "asyncio.Future[None]":
         """Publish these requests' effects and replies now (a task), to be confirmed before
-        the batch is acknowledged, then log them. They are issued here, before the next
-        batch can begin, so batches' messages leave in batch order (and a handle's
-        notifications in the order they were produced)."""
+        the batch is settled, then log them. They are issued here, before the next batch can
+        begin, so batches' messages leave in batch order (and a handle's notifications in
+        the order they were produced). Poison is answered when it is dead-lettered."""
         if any(o.effects and not o.duplicate for o in outcomes):
             faults.crash_point("crash-after-commit")
-        effects = outgoing.merge([o.effects for o in outcomes], activity=self.activity is None)
-        for outcome in outcomes:
+        answered = [o for o in outcomes if not o.poison]
+        for outcome in answered:
             for note in outcome.effects.notifications:
                 metrics.inc("aodm_notifications_total", kind=type(note).__name__, service=self.name)
-        if self.activity is not None:
-            self.activity([seen for o in outcomes for seen in o.effects.activity])
         # Frames leave in this order and the broker routes a channel's publishes in order, so
         # a Spawn is in its shard before the caller can read the reply and write to the session.
-        return asyncio.ensure_future(self._publish_and_log(effects + _replies(outcomes), outcomes, batch, elapsed))
+        messages = outgoing.merge([o.effects for o in answered]) + replies(answered)
+        return asyncio.ensure_future(self._publish_and_log(messages, outcomes, batch, elapsed))
 
     async def _publish_and_log(self, messages: list[Message], outcomes: list[Outcome], batch: int, elapsed: float) -> None:
         try:
@@ -631,32 +495,26 @@ class Processor:
         which it keeps until its reply is confirmed: a worker holds READS_IN_FLIGHT pages at
         most, and a signer's flood of heavy reads takes READS_PER_SIGNER of those places."""
         async with self._turns.take(read.env.owner), self._in_flight:
-            try:
-                await self._with_database(self._run_read, read)
-            except Abandoned as exc:  # stopping while the database is away: hand it back
-                self._abandon([read])
-                raise ConnectionError("left for redelivery") from exc
+            if not await self._with_database(functools.partial(self._run_read, read)):
+                self._abandoned = read.left = True  # stopping while the database is away
+                return
             elapsed = time.perf_counter() - started
             self._count([read], elapsed)
-            await self._dead_letter_poison([read])
-            await self._publish(_replies([read]))
+            if not read.poison:
+                await self._publish(replies([read]))
         self._log([read], batch, elapsed)  # after the reply, which need not wait for it
 
-    async def _settle(self, outcomes: list[Outcome], publishing: list[Awaitable[None]], after: "asyncio.Future[None] | None") -> None:
-        """Acknowledged once confirmed (poison is in the dead letters by then). On a broker
-        fault they are handed back to their queues; redelivered, they are recognised as
-        duplicates and their stored effects published again."""
-        await settle_when_confirmed([o.delivery for o in outcomes if o.code != FENCED], publishing, after)
-
-    async def _dead_letter_poison(self, outcomes: list[Outcome]) -> None:
-        """Poison goes to the dead letters before its reply says `internal` (a single reject
-        covers nothing else, so it need not wait for the batch)."""
-        for outcome in outcomes:
-            if outcome.poison:
-                try:
-                    await outcome.delivery.reject(requeue=False)
-                except BrokerError:
-                    pass  # its channel is gone: the broker has it back, and it will fail again
+    async def _run_read(self, outcome: Outcome) -> Trouble:
+        """On the read-only pool: the database itself refuses any write a dryrun attempts."""
+        while outcome.code == "ok":
+            async with self.read_pool.acquire() as conn:
+                trouble = await self._invoke(conn, [outcome])
+            match trouble:
+                case HandlerFailed(error=error):
+                    self._count_failure(outcome, error)
+                case _:
+                    return trouble
+        return None
 
     async def _publish(self, messages: list[Message]) -> None:
         unroutable = await self.bus.publish_all(messages)
@@ -666,6 +524,49 @@ class Processor:
             # A reply whose client has gone, or an event nobody is bound for: nothing to retry.
             log.warning("unroutable publish dropped", service=self.name,
                         destination=f"{message.exchange or '(default)'}/{message.routing_key}")
+
+    # -- 5. settle (the one place) ---------------------------------------------------------
+
+    def _settle_later(self, outcomes: list[Outcome], publishing: list[Awaitable[None]]) -> "asyncio.Future[None]":
+        self._answered = asyncio.ensure_future(self._settle(outcomes, publishing, after=self._answered))
+        return self._answered
+
+    async def _settle(self, outcomes: list[Outcome], publishing: list[Awaitable[None]],
+                      after: "asyncio.Future[None] | None") -> None:
+        """Each delivery as `settlement` decides, once the broker has confirmed what
+        answering the batch published and the batch before is settled (a `multiple` ack
+        must not cover deliveries whose answers are not confirmed yet):
+        - ACK: acknowledged;
+        - DEAD_LETTER: rejected into the dead letters, then answered `internal`;
+        - LEAVE: handed back (its channel closed, if the broker has not closed it already),
+          so no later ack on that channel can count it as done.
+        On a broker fault the whole batch is handed back, and redelivered it is found stored
+        and answered as the first time; on a bug it is dead-lettered."""
+        deliveries = [o.delivery for o in outcomes]
+        try:
+            await _all(publishing)
+            poison = [o for o in outcomes if settlement(o) is Settle.DEAD_LETTER]
+            for outcome in poison:
+                await outcome.delivery.reject(requeue=False)
+            if poison:
+                await self._publish(outgoing.merge([o.effects for o in poison]) + replies(poison))
+            if after is not None:
+                await asyncio.wait([after])  # it settles its own batch, whatever its outcome
+            acks = [o.delivery for o in outcomes if settlement(o) is Settle.ACK]
+            left = [o.delivery for o in outcomes if settlement(o) is Settle.LEAVE]
+            if not left:
+                return await ack_in_order(acks)
+            for delivery in acks:
+                await delivery.ack()  # one by one: a `multiple` ack would cover what is left
+            await hand_back(left, ConnectionError("left for redelivery"))
+        except BrokerError as exc:
+            await hand_back(deliveries, exc)
+            raise
+        except Exception as exc:  # the last line of defence, for what a bug left under way
+            await dead_letter([d for d in deliveries if not d.settled], exc)
+            raise
+
+    # -- what is seen of it ----------------------------------------------------------------
 
     def _count(self, outcomes: list[Outcome], elapsed: float) -> None:
         """Metrics never take an attacker's action name."""
@@ -705,43 +606,19 @@ _LOG_LEVELS = {
 }
 
 
-def _done() -> "asyncio.Future[None]":
-    future = asyncio.get_running_loop().create_future()
-    future.set_result(None)
-    return future
+def _staleness(env: envelopes.Envelope) -> AodmError | None:
+    try:
+        envelopes.check_fresh(env)
+    except AodmError as exc:
+        return exc
+    return None
 
 
-def _is_read(outcome: Outcome) -> bool:
-    return outcome.code == "ok" and outcome.action.mode == "dryrun"
-
-
-def _sends(outcomes: list[Outcome]) -> list[Outcome]:
-    return [o for o in outcomes if o.code == "ok" and o.action.mode == "send"]
-
-
-def _bad_signatures(outcomes: list[Outcome]) -> list[tuple[Outcome, AodmError]]:
-    refused = []
-    for outcome in outcomes:
-        if outcome.env is None:
-            continue  # not even an envelope: its error stands
-        try:
-            envelopes.verify(outcome.env)
-        except AodmError as exc:
-            refused.append((outcome, exc))
-    return refused
-
-
-def _segments(outcomes: list[Outcome]) -> list[list[Outcome]]:
-    """Consecutive sends that keep their own record, of one action, are a segment; so is
-    whatever lies between them."""
-    segments: list[list[Outcome]] = []
-    for outcome in outcomes:
-        last = segments[-1][0].action if segments else None
-        if last is not None and (last is outcome.action or not (last.own_record or outcome.action.own_record)):
-            segments[-1].append(outcome)
-        else:
-            segments.append([outcome])
-    return segments
+async def _all(publishing: list[Awaitable[None]]) -> None:
+    if len(publishing) == 1:
+        await publishing[0]  # a coroutine runs in this task: no gather, no task of its own
+    elif publishing:
+        await asyncio.gather(*publishing)
 
 
 class _Turns:
@@ -763,74 +640,3 @@ class _Turns:
             users[0] -= 1
             if not users[0]:
                 del self._keys[key]  # nothing kept for a key nobody holds or waits for
-
-
-def _no_effects_for_replays(outcomes: list[Outcome]) -> None:
-    """A request found stored publishes its effects again only when the broker redelivers
-    it. The services acknowledge a request once its effects are confirmed, so a request
-    whose effects may not have gone out is still unacknowledged, and the broker hands that
-    very delivery back flagged `redelivered` (after a crash, a lost channel or a hand-back).
-    A new publish of a stored envelope (a client's resend, anyone's replay) is never flagged:
-    it gets the first reply, and nobody's queue gets anything more. Per Id: a resend can
-    share a batch with the redelivered original, ahead of it."""
-    redelivered = {o.request_id for o in outcomes if o.delivery.redelivered}
-    for outcome in outcomes:
-        if outcome.stored_earlier and outcome.request_id not in redelivered:
-            outcome.effects = outgoing.NONE
-
-
-def _firsts(batch: list[Outcome]) -> tuple[list[Outcome], list[Outcome]]:
-    """The first of each envelope, and the copies behind them (a client resent it while the
-    first was still waiting in the same batch)."""
-    firsts: dict[str, Outcome] = {}
-    copies = []
-    for outcome in batch:
-        outcome.reply, outcome.effects, outcome.duplicate, outcome.stored_earlier = None, outgoing.NONE, False, False
-        if outcome.env.id in firsts:
-            copies.append((outcome, firsts[outcome.env.id]))
-        else:
-            firsts[outcome.env.id] = outcome
-    return list(firsts.values()), copies
-
-
-def _replies(outcomes: list[Outcome]) -> list[Message]:
-    """Only where the requester itself receives (topology.may_reply_to): a request naming
-    any other queue is refused, and its refusal goes nowhere. Transient (persisting a reply
-    buys nothing and costs the broker a disk write before it confirms) and not vouched for."""
-    return [
-        Message("", o.delivery.reply_to, o.reply, correlation_id=o.delivery.correlation_id or o.request_id,
-                persistent=False, vouched=False)
-        for o in outcomes if o.delivery.reply_to and o.reply is not None and topology.may_reply_to(o.delivery.reply_to)
-    ]
-
-
-def _answer_copies(copies: list[tuple[Outcome, Outcome]]) -> None:
-    for copy, first in copies:
-        copy.code, copy.reply, copy.caller, copy.duplicate = first.code, first.reply, first.caller, True
-
-
-def _runs(outcomes: list[Outcome], batched: bool) -> list[list[Outcome]]:
-    """Consecutive requests of one batched action go to its handler together."""
-    runs: list[list[Outcome]] = []
-    for outcome in outcomes:
-        if batched and outcome.action.batched and runs and runs[-1][0].action is outcome.action:
-            runs[-1].append(outcome)
-        else:
-            runs.append([outcome])
-    return runs
-
-
-async def prune_requests(pool: asyncpg.Pool, schema: str, retention_s: int, stop: asyncio.Event) -> None:
-    """Forget request ids older than the retention (far beyond the timestamp window)."""
-    while not stop.is_set():
-        try:
-            await pool.execute(
-                f"DELETE FROM {schema}.requests WHERE created_at < now() - make_interval(secs => $1)",
-                float(retention_s),
-            )
-        except DatabaseUnavailable as exc:
-            log.warning("prune skipped", schema=schema, error=str(exc))
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=600)
-        except TimeoutError:
-            pass

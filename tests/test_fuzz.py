@@ -58,7 +58,7 @@ from aodm.replies import Err, Ok, reply_decoder
 from aodm.session_api import Consent, KeyBatch, MessagePage, Rotated, Sent
 from services.registry.__main__ import ACTIONS as REGISTRY_ACTIONS
 from services.session.__main__ import ACTIONS as SESSION_ACTIONS
-from shared.service import Action, decode_data
+from shared.actions import Action, decode_data
 
 SCALE = int(os.environ.get("AODM_FUZZ_SCALE", "1"))
 PURE = settings(

@@ -28,9 +28,10 @@ from services.registry import credentials, handles, sessions, store
 from services.registry.inboxes import Inboxes
 from services.registry.limits import RegistryLimits
 from shared import db, runtime
+from shared.actions import Action
 from shared.config import Settings
 from shared.logs import log
-from shared.service import Action, Processor
+from shared.service import Processor
 
 ACTIONS = {
     "Register": Action(Register, handles.register, "send", needs_handle=False),

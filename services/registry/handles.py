@@ -20,7 +20,7 @@ from aodm.registry_api import (
 from services.registry import credentials, store
 from services.registry.inboxes import Inboxes
 from services.registry.limits import DAY_MS, RegistryLimits, within
-from shared.service import Context
+from shared.actions import Context
 
 _PROBE = bytes(range(1, 33))  # any scalar: clamped, it clears the small-order part of a point
 

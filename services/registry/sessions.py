@@ -22,7 +22,7 @@ from aodm.registry_api import (
 from aodm.session_api import Member, Spawn, consent_state
 from services.registry import store
 from services.registry.limits import HOUR_MS, RegistryLimits, within
-from shared.service import Context
+from shared.actions import Context
 
 
 async def query_session(ctx: Context, req: QuerySession) -> SessionRef:

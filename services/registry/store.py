@@ -2,7 +2,7 @@
 
 import asyncpg
 
-from shared.service import requests_lookup, requests_replanned, requests_table
+from shared.requests_store import requests_lookup, requests_replanned, requests_table
 
 SCHEMA = "registry"
 

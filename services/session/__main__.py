@@ -28,9 +28,10 @@ from services.session.batches import Combiner
 from services.session.limits import SendLimits
 from services.session.shards import BATCH_SIZE, ShardOwner, fence
 from shared import db, runtime
+from shared.actions import Action
 from shared.config import Settings
 from shared.logs import log
-from shared.service import Action, Processor
+from shared.service import Processor
 
 COMBINED_BATCH = 4 * BATCH_SIZE  # deliveries of all held shards run as one batch
 
@@ -60,7 +61,7 @@ async def start(rt: runtime.Runtime) -> None:
     processor = Processor(
         name="session", schema=store.SCHEMA, pool=rt.pool, read_pool=rt.read_pool, bus=rt.bus, actions=actions(limits),
         authenticate=directory.authenticate,
-        handler_timeout=rt.settings.handler_timeout_s, stopping=rt.stop, activity=feed.add, fence=fence,
+        handler_timeout=rt.settings.handler_timeout_s, stopping=rt.stop, app=feed, fence=fence,
     )
 
     async def run_batch(deliveries: list[Delivery]) -> "asyncio.Future | None":

@@ -5,7 +5,9 @@ the registry's CPU and a good share of the database's, and it doubled the latenc
 notifications. Activity is derived data (session.sessions.last_timestamp is the durable
 truth), so the worker keeps the latest per session and sends one ActivityReport per
 interval; on start it re-reports the sessions active lately, so what a crash loses is
-restored when the worker comes back."""
+restored when the worker comes back.
+
+Handlers report with `touch`, which takes effect once their write has committed."""
 
 import asyncio
 
@@ -16,11 +18,19 @@ from aodm import topology
 from aodm.envelope import now_ms
 from aodm.registry_api import Activity, ActivityReport
 from aodm.transport import BrokerError, Bus, Unroutable
+from shared.actions import Context
 from shared.logs import log
 
 INTERVAL_S = 0.2
 RECOVER_S = 600  # at start, re-report sessions active this recently
 _encoder = msgspec.json.Encoder()
+
+
+def touch(ctx: Context, session_id: str, at: int) -> None:
+    """The session was active at `at` (its members' chat lists sort by it), once what the
+    handler wrote has committed. The session worker hands its feed to handlers as ctx.app."""
+    feed: ActivityFeed = ctx.app
+    ctx.on_commit(lambda: feed.add([Activity(session_id, at)]))
 
 
 class ActivityFeed:

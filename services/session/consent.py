@@ -14,7 +14,7 @@ from aodm.errors import Forbidden, NotAccepted
 from aodm.registry_api import ActivityReport, ConsentChange
 from aodm.session_api import Accept, Block, Consent, Unblock, consent_state
 from services.session import store
-from shared.service import Context
+from shared.actions import Context
 
 REQUEST_GENERATIONS = 3  # key generations the opener of a request may create before it is accepted
 

@@ -12,10 +12,10 @@ from aodm.session_api import (
     RotateSessionKey,
     SealedKey,
 )
-from services.session import store
+from services.session import activity, store
 from services.session.consent import REQUEST_GENERATIONS, refusal
 from services.session.members import Members
-from shared.service import Context
+from shared.actions import Context
 
 
 def _checked_entries(members: Members, req: RotateSessionKey) -> list[tuple[str, bytes, bytes]]:
@@ -46,7 +46,7 @@ async def rotate_session_key(ctx: Context, req: RotateSessionKey) -> Rotated:
     # not of the opener's later rotations.
     told = [h for h in members.handles if h == ctx.caller or pending_for in (None, ctx.caller) or generation == 1]
     ctx.notify(KeyRotated, told, session_id=session_id, generation=generation, rotated_by=ctx.caller)
-    ctx.touch(session_id, ctx.now)
+    activity.touch(ctx, session_id, ctx.now)
     return Rotated(generation)
 
 

@@ -13,7 +13,7 @@ from aodm.envelope import Envelope, now_ms
 from aodm.errors import Forbidden, NotFound, Unauthorized
 from aodm.session_api import Spawn
 from services.session import store
-from shared.service import Action
+from shared.actions import Action
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,11 @@ from aodm.encoding import b64decode, b64encode
 from aodm.errors import AodmError, InvalidArgument, NoSessionKey, NotFound
 from aodm.notifications import NewMessage
 from aodm.session_api import MAX_PAGE, MAX_PAGE_BYTES, MessagePage, QueryMessage, SendMessage, Sent, StoredMessage
-from services.session import store
+from services.session import activity, store
 from services.session.consent import refusal, report
 from services.session.limits import REQUEST_MESSAGES, SendLimits
 from services.session.members import Members
-from shared.service import FENCED, Context
+from shared.actions import FENCED, Context
 
 MIN_CONTENT_BYTES = 24 + 16  # SecretBox nonce + MAC: anything shorter cannot be a message
 NO_BOUND = 2**62
@@ -113,7 +113,7 @@ def _sent(ctx: Context, req: SendMessage, row) -> Sent:
         timestamp=row["ts"],
         content=req.content,
     )
-    ctx.touch(session_id, row["ts"])
+    activity.touch(ctx, session_id, row["ts"])
     return Sent(ctx.envelope.id, row["seq"], row["ts"], row["generation"])
 
 

@@ -3,7 +3,7 @@ by session_id first, so the schema can be distributed by session (see docs/scali
 
 import asyncpg
 
-from shared.service import requests_lookup, requests_replanned, requests_table
+from shared.requests_store import requests_lookup, requests_replanned, requests_table
 
 SCHEMA = "session"
 # The advisory lock class of the shard leases (the lock's second key is the shard).
