@@ -12,14 +12,16 @@ import hashlib
 import json
 from pathlib import Path
 
+import msgspec
 from nacl.encoding import RawEncoder
 from nacl.hash import blake2b
 from nacl.public import Box, PrivateKey
 from nacl.signing import SigningKey
 
-from aodm import crypto
+from aodm import crypto, devices
 from aodm.encoding import b64encode
 from aodm.envelope import Tag, encode, envelope_signing_bytes, sign
+from aodm.registry_api import AddDevice, DeviceKeys
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "vectors"
 TIMESTAMP = 1_700_000_000_000  # 2023-11-14T22:13:20Z
@@ -92,6 +94,57 @@ def secretbox_cases() -> list[dict]:
     return cases
 
 
+def device(ident: dict) -> dict:
+    """An identity as a device: its keys and its device id."""
+    return {**ident, "DeviceId": devices.device_id(bytes(SigningKey(seed(f"{ident['Name']} signing seed")).verify_key))}
+
+
+def device_log(handle: str, first: dict, second: dict) -> dict:
+    """`handle`'s log of two entries: the registration of `first`, then `first`'s AddDevice
+    of `second` (its claim signed by `second`, chained to entry 1 by Prev)."""
+    genesis = devices.genesis_entry(handle, first["SignPublic"], first["BoxPublic"])
+    keys = DeviceKeys(second["SignPublic"], second["BoxPublic"], "device")
+    claim = devices.claim_bytes(handle, keys)
+    proof = devices.sign_claim(SigningKey(seed(f"{second['Name']} signing seed")), handle, keys)
+    add = AddDevice(keys, proof, devices.entry_hash(genesis))
+    data = msgspec.json.encode(add).decode()
+    env = sign(SigningKey(seed(f"{first['Name']} signing seed")), target="registry", from_=handle, action="AddDevice",
+               data=data, anchor="3f9a6c0e5b1d7284", timestamp=TIMESTAMP)
+    entry = encode(env)
+    log = devices.verify_log(handle, [genesis, entry])
+    return {
+        "Handle": handle,
+        "Devices": [device(first), device(second)],
+        "Entries": [
+            {
+                "Seq": 1,
+                "Op": "register",
+                "Device": first["Name"],
+                "Entry": genesis.decode(),
+                "Hash": devices.entry_hash(genesis),
+            },
+            {
+                "Seq": 2,
+                "Op": "AddDevice",
+                "Signer": first["Name"],
+                "Device": second["Name"],
+                "Claim": claim.decode(),
+                "ClaimHex": claim.hex(),
+                "Proof": proof,
+                "Prev": add.prev,
+                "Data": json.loads(data),
+                "Envelope": json.loads(entry),
+                "Entry": entry.decode(),
+                "Hash": devices.entry_hash(entry),
+            },
+        ],
+        "Seq": log.seq,
+        "Head": log.head,
+        "DeviceIds": sorted(log.devices),
+        "DeviceCode": devices.device_code(handle, SigningKey(seed(f"{second['Name']} signing seed")), second["BoxPublic"]),
+    }
+
+
 def base64url_cases() -> dict:
     accepted = [b"", b"\x00", b"\x00\x00", b"\x00\x00\x00", b"\xfb\xff", b"\xff\xff\xff\xfe", bytes(range(256))[-7:]]
     rejected = {
@@ -162,6 +215,7 @@ def build() -> dict[str, dict]:
         "sealed_key.json": sealed_key(bob),
         "secretbox.json": {"Cases": secretbox_cases()},
         "base64url.json": base64url_cases(),
+        "device_log.json": device_log("alice", alice, identity("alice-phone")),
     }
 
 

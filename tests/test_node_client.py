@@ -1,7 +1,8 @@
 """A client in another language interoperates: examples/node (written from docs/protocol.md
 and tests/vectors/ alone) passes the vectors, and runs the seed workflow against the real
-services with the Python client on the other side, both directions decrypting; and a
-message request (docs/protocol.md §11.6) from Node, which the Python client accepts.
+services with the Python client on the other side, both directions decrypting; a
+message request (docs/protocol.md §11.6) from Node, which the Python client accepts; and
+device logs (§10.8) made by one client and replayed by the other.
 
 Node.js and npm are required (CI installs them: scripts/test.sh, prepare_node); without
 them these tests fail, they do not skip.
@@ -19,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from aodm import crypto
+from aodm import crypto, devices, topology
 from aodm.client import Client
 from aodm.crypto import Identity
+from aodm.encoding import b64decode
 from aodm.errors import NotAccepted
 from aodm.inbox import Inbox
 from aodm.notifications import KeyRotated, NewMessage, SessionEstablished
@@ -274,6 +276,54 @@ async def test_a_node_message_request_holds_three_messages_until_python_accepts(
         while (states := [c.state for c in (await python.get_chat_list()).chats]) != ["accepted"]:
             assert asyncio.get_running_loop().time() < deadline, states
             await asyncio.sleep(0.1)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_node_and_python_verify_each_other_s_device_logs(stack, make_client):
+    """examples/node/devices.mjs replays the device log of a Python handle with two devices;
+    then adds a device to its own handle and removes it, and the Python client replays
+    that log of Node-signed entries."""
+    python = await make_client("py")
+    phone = Identity.generate()
+    await python.add_device(devices.device_code(python.handle, phone.signing_key, phone.box_public))
+    mine = await python.device_log()
+    node = require("node")
+    npm_ci(EXAMPLE)
+    node_handle = f"node-{secrets.token_hex(4)}"
+    process = await asyncio.create_subprocess_exec(
+        node, str(EXAMPLE / "devices.mjs"), "--peer", python.handle, "--handle", node_handle,
+        cwd=ROOT,
+        env={**os.environ, "AODM_AMQP_URL": stack.amqp_url},
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    run = NodeSeed(process)
+    try:
+        peer_log = await run.next("peerLog")
+        assert (peer_log["handle"], peer_log["seq"], peer_log["head"]) == (python.handle, 2, mine.head)
+        assert {d["DeviceId"]: (d["Kind"], d["SignKey"], d["BoxKey"], d["AddedSeq"]) for d in peer_log["devices"]} == {
+            d.device_id: (d.kind, d.sign_key, d.box_key, d.added_seq) for d in mine.devices.values()
+        }
+        assert set(mine.devices) == {python.device_id, devices.device_id(bytes(phone.signing_key.verify_key))}
+
+        registered = await run.next("registered")
+        assert registered["deviceId"] == devices.device_id(b64decode(registered["address"]))
+        added = await run.next("added")
+        assert added["seq"] == 2 and set(added["devices"]) == {registered["deviceId"], added["deviceId"]}
+        assert added["queue"] == topology.device_inbox(node_handle, added["deviceId"], 2)
+        assert added["chats"] == 0
+        removed = await run.next("removed")
+        assert removed["selfRemoval"] == "forbidden"
+        assert (removed["seq"], removed["devices"]) == (3, [registered["deviceId"]])
+        assert await asyncio.wait_for(process.wait(), 30) == 0, await run.stderr()
+
+        log = await python.device_log(node_handle)  # Node's entries, replayed by Python's rules
+        assert (log.seq, log.head, set(log.devices)) == (3, removed["head"], {registered["deviceId"]})
+        assert log.ever == {registered["deviceId"], added["deviceId"]}
     finally:
         if process.returncode is None:
             process.kill()

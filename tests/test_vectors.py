@@ -4,6 +4,7 @@ Clients in other languages are written against docs/protocol.md and these files,
 to the wire format must show up here as a failure, not as a silent incompatibility.
 """
 
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -13,10 +14,11 @@ import pytest
 from nacl.public import PrivateKey, SealedBox
 from nacl.signing import SigningKey, VerifyKey
 
-from aodm import crypto
+from aodm import crypto, devices
 from aodm import envelope as envelopes
 from aodm.encoding import b64decode, b64encode
-from aodm.errors import InvalidSignature, MalformedRequest
+from aodm.errors import InvalidArgument, InvalidSignature, MalformedRequest
+from aodm.registry_api import AddDevice
 from aodm.session_api import SEALED_KEY_BYTES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +41,7 @@ ENVELOPES = load("envelope.json")["Envelopes"]
 SECRETBOX = load("secretbox.json")["Cases"]
 SEALED = load("sealed_key.json")
 BASE64 = load("base64url.json")
+DEVICE_LOG = load("device_log.json")
 
 
 def as_envelope(case: dict) -> envelopes.Envelope:
@@ -140,6 +143,82 @@ def test_base64url_accepted(case):
 def test_base64url_rejected(case):
     with pytest.raises(MalformedRequest):
         b64decode(case["Text"])
+
+
+def _log_entries() -> list[bytes]:
+    return [e["Entry"].encode() for e in DEVICE_LOG["Entries"]]  # the entry's bytes: its text, UTF-8
+
+
+@pytest.mark.parametrize("dev", DEVICE_LOG["Devices"], ids=lambda d: d["Name"])
+def test_device_keys_and_id(dev):
+    signing = SigningKey(b64decode(dev["SigningSeed"], length=32))
+    assert b64encode(bytes(signing.verify_key)) == dev["SignPublic"]
+    assert crypto.Identity(signing, PrivateKey(b64decode(dev["BoxSecret"], length=32))).box_public == dev["BoxPublic"]
+    assert devices.device_id(bytes(signing.verify_key)) == dev["DeviceId"]
+    assert dev["DeviceId"] == hashlib.sha256(b64decode(dev["SignPublic"])).hexdigest()[:16]
+
+
+def test_device_log_genesis_entry():
+    first, entry = DEVICE_LOG["Devices"][0], DEVICE_LOG["Entries"][0]
+    assert devices.genesis_entry(DEVICE_LOG["Handle"], first["SignPublic"], first["BoxPublic"]) == entry["Entry"].encode()
+    assert devices.entry_hash(entry["Entry"].encode()) == entry["Hash"]
+    assert entry["Hash"] == b64encode(hashlib.sha256(entry["Entry"].encode()).digest())
+
+
+def test_device_log_add_device_entry():
+    handle = DEVICE_LOG["Handle"]
+    first, second = DEVICE_LOG["Devices"]
+    genesis, added = DEVICE_LOG["Entries"]
+    env = envelopes.decode(added["Entry"].encode())
+    assert json.loads(added["Entry"]) == added["Envelope"]
+    assert (env.target, env.from_, env.owner, env.action) == ("registry", handle, first["SignPublic"], "AddDevice")
+    envelopes.verify(env)
+    signer = SigningKey(b64decode(first["SigningSeed"], length=32))
+    rebuilt = envelopes.sign(signer, target=env.target, from_=env.from_, action="AddDevice", data=env.data,
+                             anchor=env.anchor, timestamp=env.timestamp)
+    assert envelopes.encode(rebuilt) == added["Entry"].encode()  # the entry is the envelope's own encoding
+    add = msgspec.json.decode(env.data, type=AddDevice)
+    assert json.loads(env.data) == added["Data"]
+    assert (add.device.sign_key, add.device.box_key, add.device.kind) == (second["SignPublic"], second["BoxPublic"], "device")
+    assert add.prev == added["Prev"] == genesis["Hash"] == devices.entry_hash(genesis["Entry"].encode())
+    claim = devices.claim_bytes(handle, add.device)
+    assert claim == added["Claim"].encode() == bytes.fromhex(added["ClaimHex"])
+    assert claim == f"aodm-device-v1\n{handle}\n{second['SignPublic']}\n{second['BoxPublic']}\ndevice".encode()
+    assert add.proof == added["Proof"]
+    VerifyKey(b64decode(second["SignPublic"], length=32)).verify(claim, b64decode(added["Proof"], length=64))
+    new_key = SigningKey(b64decode(second["SigningSeed"], length=32))
+    assert devices.sign_claim(new_key, handle, add.device) == added["Proof"]  # Ed25519 is deterministic
+    assert devices.entry_hash(added["Entry"].encode()) == added["Hash"]
+
+
+def test_device_log_replays_to_both_devices():
+    log = devices.verify_log(DEVICE_LOG["Handle"], _log_entries())
+    assert (log.seq, log.head) == (DEVICE_LOG["Seq"], DEVICE_LOG["Head"]) == (2, DEVICE_LOG["Entries"][-1]["Hash"])
+    assert sorted(log.devices) == DEVICE_LOG["DeviceIds"] == sorted(d["DeviceId"] for d in DEVICE_LOG["Devices"])
+    for seq, dev in enumerate(DEVICE_LOG["Devices"], start=1):
+        found = log.devices[dev["DeviceId"]]
+        assert (found.kind, found.sign_key, found.box_key, found.added_seq) == ("device", dev["SignPublic"], dev["BoxPublic"], seq)
+
+
+def test_device_log_refuses_a_changed_entry_or_another_order():
+    genesis, added = _log_entries()
+    with pytest.raises(InvalidSignature):  # a signed field changed
+        devices.verify_log(DEVICE_LOG["Handle"], [genesis, added.replace(b'"Anchor":"', b'"Anchor":"x')])
+    with pytest.raises(InvalidArgument):  # the log of another handle
+        devices.verify_log("bob", [genesis, added])
+    with pytest.raises(InvalidArgument):  # the device is there already: its key is never taken back
+        devices.verify_log(DEVICE_LOG["Handle"], [genesis, added, added])
+    with pytest.raises(MalformedRequest):  # entry 1 is the registration
+        devices.verify_log(DEVICE_LOG["Handle"], [added])
+
+
+def test_device_code_carries_the_second_device():
+    second, added = DEVICE_LOG["Devices"][1], DEVICE_LOG["Entries"][1]
+    handle, keys, proof = devices.read_device_code(DEVICE_LOG["DeviceCode"])
+    assert (handle, keys.sign_key, keys.box_key, keys.kind, proof) == (
+        DEVICE_LOG["Handle"], second["SignPublic"], second["BoxPublic"], "device", added["Proof"])
+    signing = SigningKey(b64decode(second["SigningSeed"], length=32))
+    assert devices.device_code(handle, signing, second["BoxPublic"]) == DEVICE_LOG["DeviceCode"]
 
 
 def test_vectors_are_what_the_generator_builds():

@@ -11,9 +11,10 @@
 //
 // Pieces, each usable alone: strict base64url (§2), Identity (§3), signingBytes and
 // signEnvelope (§5–§6), verifyEnvelope, typed errors (§8, §14), Client (§4: requests on a
-// confirm channel with direct reply-to, the inbox), message requests (§11.6: accept, block,
-// unblock, the State of chats and of SessionEstablished), session-key sealing and
-// messages (§13).
+// confirm channel with direct reply-to, the inbox), a handle's devices (§10.8: the device
+// log, replayed and verified here with verifyLog; device codes; getDeviceLog, addDevice,
+// removeDevice), message requests (§11.6: accept, block, unblock, the State of chats and
+// of SessionEstablished), session-key sealing and messages (§13).
 import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import amqp from 'amqplib';
 import sodium from 'libsodium-wrappers';
@@ -52,6 +53,7 @@ export function b64decode(text, { length, field = 'value' } = {}) {
 }
 
 const sha256 = (bytes) => new Uint8Array(createHash('sha256').update(bytes).digest());
+const utf8 = (text) => new Uint8Array(Buffer.from(text, 'utf8'));
 
 // ----------------------------------------------------------------- §14 errors
 
@@ -181,6 +183,11 @@ export class Identity {
     return b64encode(this.boxPublicKey);
   }
 
+  /** This key's device id in any handle it is a device of (§10.8). */
+  get deviceId() {
+    return deviceId(this.signPublicKey);
+  }
+
   /** Detached 64-byte Ed25519 signature. */
   sign(bytes) {
     return sodium.crypto_sign_detached(bytes, this._signSecret);
@@ -191,6 +198,7 @@ export class Identity {
 
 const DOMAIN = new TextEncoder().encode('aodm-envelope-v1');
 const MAX_BODY = 96 * 1024;
+const MAX_DATA = 64 * 1024;
 
 function u32be(n) {
   const b = Buffer.alloc(4);
@@ -247,16 +255,17 @@ export function signEnvelope(identity, { target, from, action, data = {}, anchor
 /**
  * Check an envelope as a service does (§6.3): Owner/Signature sizes (malformed_request),
  * the signature (invalid_signature), the Id (malformed_request), the time window
- * (stale_request). Returns the signer's raw public key.
+ * (stale_request; not with `fresh` false, for an envelope kept in a device log).
+ * Returns the signer's raw public key.
  */
-export function verifyEnvelope(env, { now = Date.now() } = {}) {
+export function verifyEnvelope(env, { now = Date.now(), fresh = true } = {}) {
   const owner = b64decode(env.Owner, { length: 32, field: 'Owner' });
   const signature = b64decode(env.Signature, { length: 64, field: 'Signature' });
   if (!sodium.crypto_sign_verify_detached(signature, signingBytes(env), owner)) {
     throw new InvalidSignature('signature does not match the envelope and Owner');
   }
   if (env.Id !== idOf(signature)) throw new MalformedRequest('Id is not base64url(sha256(Signature))');
-  if (env.Timestamp < now - 15 * 60 * 1000 || env.Timestamp > now + 2 * 60 * 1000) {
+  if (fresh && (env.Timestamp < now - 15 * 60 * 1000 || env.Timestamp > now + 2 * 60 * 1000)) {
     throw new StaleRequest(`Timestamp ${env.Timestamp} is outside the window`);
   }
   return owner;
@@ -267,6 +276,103 @@ export function actionOf(env) {
   const values = env.Tags.filter((t) => t.name === 'Action').map((t) => t.value);
   if (values.length !== 1) throw new MalformedRequest(`${values.length} 'Action' tags; exactly one is required`);
   return values[0];
+}
+
+// Strict JSON reading, as the services read a request: a missing, unknown or wrongly typed
+// field is malformed_request, and so is a key twice in one object of an envelope (§5).
+
+function parseJson(text, what) {
+  try {
+    return JSON.parse(text);
+  } catch (error) {
+    throw new MalformedRequest(`${what}: not JSON (${error.message})`);
+  }
+}
+
+/** The keys some object of a (valid) JSON text holds more than once. */
+export function duplicateKeys(text) {
+  const found = new Set();
+  const open = []; // per open container: the keys seen (an object) or null (an array)
+  let expectKey = false;
+  for (let i = 0; i < text.length; i += 1) {
+    const c = text[i];
+    if (c === '"') {
+      let end = i + 1;
+      while (text[end] !== '"') end += text[end] === '\\' ? 2 : 1;
+      if (expectKey) {
+        const key = JSON.parse(text.slice(i, end + 1));
+        if (open.at(-1).has(key)) found.add(key);
+        open.at(-1).add(key);
+        expectKey = false;
+      }
+      i = end;
+    } else if (c === '{' || c === '[') {
+      open.push(c === '{' ? new Set() : null);
+      expectKey = c === '{';
+    } else if (c === '}' || c === ']') {
+      open.pop();
+      expectKey = false;
+    } else if (c === ',') {
+      expectKey = open.at(-1) instanceof Set;
+    }
+  }
+  return [...found].sort();
+}
+
+const isString = (v) => typeof v === 'string';
+const isObject = (v) => v !== null && typeof v === 'object' && !Array.isArray(v);
+
+/**
+ * `value` read as an object of exactly the fields of `spec` (field -> [check, default?]; a
+ * field without a default is required). Returns the fields, defaults filled in.
+ */
+function strictObject(value, what, spec) {
+  if (!isObject(value)) throw new MalformedRequest(`${what}: expected an object`);
+  for (const key of Object.keys(value)) {
+    if (!Object.hasOwn(spec, key)) throw new MalformedRequest(`${what}: unknown field ${JSON.stringify(key)}`);
+  }
+  const fields = {};
+  for (const [key, [check, ...fallback]] of Object.entries(spec)) {
+    if (!Object.hasOwn(value, key)) {
+      if (!fallback.length) throw new MalformedRequest(`${what}: missing field ${key}`);
+      fields[key] = fallback[0];
+    } else if (!check(value[key])) {
+      throw new MalformedRequest(`${what}: ${key} has the wrong type or value`);
+    } else {
+      fields[key] = value[key];
+    }
+  }
+  return fields;
+}
+
+const ENVELOPE_FIELDS = {
+  Id: [isString], Target: [isString], From: [isString], Owner: [isString], Anchor: [isString],
+  Timestamp: [Number.isSafeInteger], Tags: [Array.isArray], Data: [isString], Signature: [isString],
+};
+const codePoints = (s) => [...s].length;
+
+/**
+ * Read an envelope's JSON text as a service does before checking its signature (§5.2):
+ * exactly its fields (no key twice), within the limits. Returns the envelope object.
+ */
+export function decodeEnvelope(text) {
+  const size = Buffer.byteLength(text, 'utf8');
+  if (size > MAX_BODY) throw new PayloadTooLarge(`request body is ${size} bytes; the cap is ${MAX_BODY}`);
+  const env = strictObject(parseJson(text, 'envelope'), 'envelope', ENVELOPE_FIELDS);
+  env.Tags = env.Tags.map((tag) => strictObject(tag, 'envelope tag', { name: [isString], value: [isString] }));
+  const twice = duplicateKeys(text);
+  if (twice.length) throw new MalformedRequest(`envelope: a key appears twice: ${twice.join(', ')}`);
+  if (Buffer.byteLength(env.Data, 'utf8') > MAX_DATA) throw new PayloadTooLarge(`Data is over the cap of ${MAX_DATA} bytes`);
+  if (env.Tags.length > 16) throw new PayloadTooLarge(`${env.Tags.length} tags; the cap is 16`);
+  if (env.Tags.some((t) => codePoints(t.name) > 64 || codePoints(t.value) > 256)) {
+    throw new PayloadTooLarge('a tag name or value is over its cap');
+  }
+  const texts = [env.Target, env.From, env.Owner, env.Anchor, env.Data, ...env.Tags.flatMap((t) => [t.name, t.value])];
+  if (texts.some((t) => t.includes('\0')) || env.Data.includes('\\u0000')) throw new MalformedRequest('NUL characters are not allowed');
+  for (const field of ['Target', 'From', 'Anchor']) {
+    if (codePoints(env[field]) > 64) throw new MalformedRequest(`${field} is over 64 characters`);
+  }
+  return env;
 }
 
 // ------------------------------------------------------------------ §13 crypto
@@ -349,6 +455,166 @@ export function decrypt(sessionKey, content) {
 /** base64url(SHA-256(utf8(RequestId + "\n" + Kind + "\n" + Handle))) (§12). */
 export function notificationId(requestId, kind, handle) {
   return b64encode(sha256(Buffer.from(`${requestId}\n${kind}\n${handle}`, 'utf8')));
+}
+
+// ------------------------------------------------------------ §10.8 devices
+
+// A handle has one or more devices (each its own Ed25519 and X25519 keys), and may have
+// recovery keys (an Ed25519 key kept offline that can only add and remove devices). Every
+// change is an entry of the handle's append-only device log:
+//   - entry 1 is the registration, {"Op":"register","Handle","SignKey","BoxKey"};
+//   - every later one is the signed envelope of the AddDevice or RemoveDevice that made it,
+//     chained by its Prev (the hash of the entry before), signed by a device (or recovery
+//     key) current at that point; an added key signs its own claim too (Proof).
+// DeviceLog.apply is the rule book; verifyLog replays a whole log to learn, without trusting
+// the server, which devices a handle has now.
+
+export const CLAIM_DOMAIN = 'aodm-device-v1';
+
+/** A device's name within its handle: the first 16 hex digits of SHA-256(raw SignKey). */
+export function deviceId(signKey) {
+  return Buffer.from(sha256(signKey)).toString('hex').slice(0, 16);
+}
+
+/** What a new key signs to be added to `handle` (its Proof). */
+export function claimBytes(handle, { SignKey, BoxKey = null, Kind = 'device' }) {
+  return utf8([CLAIM_DOMAIN, handle, SignKey, BoxKey ?? '', Kind].join('\n'));
+}
+
+/** base64url(SHA-256(entry)); an entry is its UTF-8 text (LogEntry.Entry) or its bytes. */
+export function entryHash(entry) {
+  return b64encode(sha256(typeof entry === 'string' ? utf8(entry) : entry));
+}
+
+/** Entry 1 of every handle's log. */
+export function genesisEntry(handle, signKey, boxKey) {
+  return JSON.stringify({ Op: 'register', Handle: handle, SignKey: signKey, BoxKey: boxKey });
+}
+
+/** A device's own notification queue: the first device keeps the handle's (§4.4). */
+export function deviceInbox(handle, id, addedSeq) {
+  return addedSeq === 1 ? inboxQueue(handle) : `${inboxQueue(handle)}.${id}`;
+}
+
+const DEVICE_KEYS = {
+  SignKey: [isString],
+  BoxKey: [(v) => v === null || isString(v), null],
+  Kind: [(v) => v === 'device' || v === 'recovery', 'device'],
+};
+const readDeviceKeys = (value, what) => strictObject(value, what, DEVICE_KEYS);
+const readData = (text, what, spec) => strictObject(parseJson(text, what), what, spec);
+
+/**
+ * A handle's log as replayed up to `seq`: its current devices (DeviceId -> {DeviceId, Kind,
+ * SignKey, BoxKey, AddedSeq}, as GetDeviceLog's Devices), every device id it ever named (a
+ * removed key is never taken back), and the hash the next entry must name as its Prev.
+ * `apply` returns the log after one more entry, or throws the entry's typed error.
+ */
+export class DeviceLog {
+  constructor(handle, { seq = 0, head = '', devices = new Map(), ever = new Set() } = {}) {
+    this.handle = handle;
+    this.seq = seq;
+    this.head = head;
+    this.devices = devices;
+    this.ever = ever;
+    Object.freeze(this);
+  }
+
+  /** The current device (or, to change devices, recovery key) that signed as `owner`. */
+  signer(owner, action) {
+    const found = this.devices.get(deviceId(b64decode(owner, { length: 32, field: 'Owner' })));
+    if (!found || found.SignKey !== owner) throw new Unauthorized(`the key that signed is no current device of ${this.handle}`);
+    if (found.Kind === 'recovery' && action !== 'AddDevice' && action !== 'RemoveDevice') {
+      throw new Unauthorized('a recovery key may only add and remove devices');
+    }
+    return found;
+  }
+
+  apply(entry) {
+    const text = typeof entry === 'string' ? entry : new TextDecoder('utf-8', { fatal: true }).decode(entry);
+    if (this.seq === 0) return this._register(text);
+    const env = decodeEnvelope(text);
+    verifyEnvelope(env, { fresh: false }); // an entry keeps its old Timestamp
+    if (env.From !== this.handle) throw new InvalidArgument(`a log entry of ${env.From} in the log of ${this.handle}`);
+    const action = actionOf(env);
+    const signer = this.signer(env.Owner, action);
+    if (action === 'AddDevice') {
+      const add = readData(env.Data, 'AddDevice', { Device: [isObject], Proof: [isString], Prev: [isString] });
+      return this._add({ ...add, Device: readDeviceKeys(add.Device, 'AddDevice.Device') }, text);
+    }
+    if (action === 'RemoveDevice') {
+      const remove = readData(env.Data, 'RemoveDevice', { DeviceId: [(v) => isString(v) && /^[0-9a-f]{16}$/.test(v)], Prev: [isString] });
+      return this._remove(remove, signer, text);
+    }
+    throw new InvalidArgument(`${action} is no device log entry`);
+  }
+
+  _next(entry, prev, devices, ever) {
+    if (prev !== this.head) throw new InvalidArgument(`Prev names another head of ${this.handle}'s device log (it is at entry ${this.seq})`);
+    return new DeviceLog(this.handle, { seq: this.seq + 1, head: entryHash(entry), devices, ever });
+  }
+
+  _register(entry) {
+    const first = readData(entry, 'device log entry 1', {
+      Op: [(v) => v === 'register'], Handle: [isString], SignKey: [isString], BoxKey: [isString],
+    });
+    if (first.Handle !== this.handle) throw new InvalidArgument(`the log of ${this.handle} begins with ${first.Handle}`);
+    const id = deviceId(b64decode(first.SignKey, { length: 32, field: 'SignKey' }));
+    const device = { DeviceId: id, Kind: 'device', SignKey: first.SignKey, BoxKey: first.BoxKey, AddedSeq: 1 };
+    return new DeviceLog(this.handle, { seq: 1, head: entryHash(entry), devices: new Map([[id, device]]), ever: new Set([id]) });
+  }
+
+  _add({ Device: keys, Proof, Prev }, entry) {
+    const key = b64decode(keys.SignKey, { length: 32, field: 'SignKey' });
+    if ((keys.Kind === 'device') !== (keys.BoxKey !== null)) throw new InvalidArgument('a device has a BoxKey and a recovery key none');
+    if (keys.BoxKey !== null) b64decode(keys.BoxKey, { length: 32, field: 'BoxKey' });
+    const proof = b64decode(Proof, { length: 64, field: 'Proof' });
+    if (!sodium.crypto_sign_verify_detached(proof, claimBytes(this.handle, keys), key)) {
+      throw new InvalidSignature("Proof is not the new key's signature of its claim");
+    }
+    const id = deviceId(key);
+    if (this.ever.has(id)) throw new InvalidArgument(`device ${id} was a device of ${this.handle} before: a key is never taken back`);
+    const device = { DeviceId: id, Kind: keys.Kind, SignKey: keys.SignKey, BoxKey: keys.BoxKey, AddedSeq: this.seq + 1 };
+    return this._next(entry, Prev, new Map([...this.devices, [id, device]]), new Set([...this.ever, id]));
+  }
+
+  _remove({ DeviceId: id, Prev }, signer, entry) {
+    if (!this.devices.has(id)) throw new InvalidArgument(`${this.handle} has no device ${id}`);
+    if (id === signer.DeviceId) throw new Forbidden('a device is removed by another device (or a recovery key), not by itself');
+    const left = new Map([...this.devices].filter(([other]) => other !== id));
+    if (![...left.values()].some((d) => d.Kind === 'device')) throw new InvalidArgument(`${this.handle} would keep no device`);
+    return this._next(entry, Prev, left, this.ever);
+  }
+}
+
+/** Replay a handle's whole log (every entry from the first): the devices it has now. */
+export function verifyLog(handle, entries) {
+  let log = new DeviceLog(handle);
+  for (const entry of entries) log = log.apply(entry);
+  return log;
+}
+
+/**
+ * What a person carries from a new device to one already added (Client.addDevice): the new
+ * keys and their signed claim, as one base64url string. `boxPublic` null: a recovery key.
+ */
+export function deviceCode(handle, identity, boxPublic = identity.boxPublic) {
+  const keys = { SignKey: identity.address, BoxKey: boxPublic ?? null, Kind: boxPublic ? 'device' : 'recovery' };
+  const Proof = b64encode(identity.sign(claimBytes(handle, keys)));
+  return b64encode(utf8(JSON.stringify({ Handle: handle, Device: keys, Proof })));
+}
+
+/** {Handle, Device, Proof} of a deviceCode; MalformedRequest if it is not one. */
+export function readDeviceCode(code) {
+  let text;
+  try {
+    text = new TextDecoder('utf-8', { fatal: true }).decode(b64decode(code.trim(), { field: 'device code' }));
+  } catch (error) {
+    if (error instanceof MalformedRequest) throw error;
+    throw new MalformedRequest('not a device code: not UTF-8');
+  }
+  const read = readData(text, 'device code', { Handle: [isString], Device: [isObject], Proof: [isString] });
+  return { ...read, Device: readDeviceKeys(read.Device, 'device code Device') };
 }
 
 // -------------------------------------------------------------- §4 transport
@@ -539,6 +805,57 @@ export class Client {
     return this.call(REGISTRY, 'IssueBrokerCredentials', {});
   }
 
+  // ---- §10.8 devices
+
+  /** This identity's device id (the same in every handle it is a device of). */
+  get deviceId() {
+    return this.identity.deviceId;
+  }
+
+  /**
+   * `handle`'s device log (default: this client's), every page of it, replayed here by the
+   * protocol's rules (verifyLog): a DeviceLog whose `devices` are the handle's devices now,
+   * whatever the server says. Throws the typed error of an entry that may not follow, or
+   * InvalidArgument when the server's own Head or Devices are not what the log says.
+   */
+  async getDeviceLog(handle = this.handle) {
+    if (!handle) throw new Error('getDeviceLog: whose? register, pass {handle} or name one');
+    const entries = [];
+    let page;
+    do {
+      page = await this.call(REGISTRY, 'GetDeviceLog', { Handle: handle, After: entries.length }, { asHandle: false });
+      entries.push(...page.Entries.map((e) => e.Entry));
+    } while (entries.length < page.Seq && page.Entries.length > 0);
+    const log = verifyLog(handle, entries);
+    const listed = page.Devices.map((d) => d.DeviceId);
+    if (log.head !== page.Head || listed.length !== log.devices.size || !listed.every((id) => log.devices.has(id))) {
+      throw new InvalidArgument(`the registry's device list of ${handle} is not what its log says`);
+    }
+    return log;
+  }
+
+  /** Add the device whose `code` (deviceCode, made on the new device) is given, signed by this one. */
+  async addDevice(code) {
+    const { Handle, Device, Proof } = readDeviceCode(code);
+    if (Handle !== this.handle) throw new InvalidArgument(`the code is for ${Handle}, not ${this.handle}`);
+    const log = await this.getDeviceLog();
+    return this.call(REGISTRY, 'AddDevice', { Device, Proof, Prev: log.head });
+  }
+
+  /** Remove another device of this handle: its queue and broker login go, its key is refused from then on. */
+  async removeDevice(id) {
+    const log = await this.getDeviceLog();
+    return this.call(REGISTRY, 'RemoveDevice', { DeviceId: id, Prev: log.head });
+  }
+
+  /** This device's own notification queue (every device of a handle gets every notification). */
+  async inboxQueue() {
+    const log = await this.getDeviceLog();
+    const mine = log.devices.get(this.deviceId);
+    if (!mine) throw new Error(`this identity is no current device of ${this.handle}`);
+    return deviceInbox(this.handle, mine.DeviceId, mine.AddedSeq);
+  }
+
   // ---- §11 session actions
 
   /** Seal a session key (fresh unless given) to both members' registered box keys. */
@@ -641,7 +958,8 @@ export class Client {
   // ---- §4.4 notifications
 
   /**
-   * Consume the handle's queue aodm.inbox.<handle> (declares nothing). Calls
+   * Consume the handle's queue aodm.inbox.<handle>, or `queue` (a later device's own:
+   * inboxQueue()) (declares nothing). Calls
    * onNotification(note) for each notification not seen before (dropping duplicates by
    * Id), with withDefaults applied, and acks it once the callback's promise resolves. The
    * queue is created by the services shortly after Register; until it exists, retry for
@@ -649,9 +967,8 @@ export class Client {
    */
   async consumeInbox(
     onNotification,
-    { handle = this.handle, wait = 10000, prefetch = 100, onError = (e) => console.error(e) } = {},
+    { handle = this.handle, queue = inboxQueue(handle), wait = 10000, prefetch = 100, onError = (e) => console.error(e) } = {},
   ) {
-    const queue = inboxQueue(handle);
     const seen = new Set();
     const inbox = { dropped: 0, cancel: async () => {} };
     const deadline = Date.now() + wait;

@@ -10,6 +10,8 @@ import {
   sealSessionKey, openSessionKey, encrypt, decrypt, notificationId,
   MalformedRequest, InvalidSignature, StaleRequest, DecryptionFailed, errorFor, NotFound, InternalError,
   NotAccepted, RateLimited, ERRORS, Client, CONSENT_STATES, withDefaults,
+  deviceId, claimBytes, entryHash, genesisEntry, verifyLog, deviceCode, readDeviceCode, decodeEnvelope, deviceInbox,
+  InvalidArgument, Unauthorized, Forbidden, PayloadTooLarge,
 } from './aodm.mjs';
 
 const load = (name) => JSON.parse(readFileSync(new URL(`../../tests/vectors/${name}`, import.meta.url), 'utf8'));
@@ -18,6 +20,7 @@ const ENVELOPES = load('envelope.json').Envelopes;
 const SEALED = load('sealed_key.json');
 const SECRETBOX = load('secretbox.json').Cases;
 const BASE64 = load('base64url.json');
+const DEVICE_LOG = load('device_log.json');
 const hex = (bytes) => Buffer.from(bytes).toString('hex');
 
 before(async () => {
@@ -263,5 +266,189 @@ describe('message requests (§11.6), without a broker', () => {
     assert.equal(withDefaults({ ...old, State: 'incoming' }).State, 'incoming');
     const note = { Kind: 'NewMessage', Id: 'y' };
     assert.equal(withDefaults(note), note);
+  });
+});
+
+describe('device_log.json (§10.8)', () => {
+  const { Handle: handle, Devices, Entries } = DEVICE_LOG;
+  const [genesis, added] = Entries;
+  const identityOf = (d) => new Identity(b64decode(d.SigningSeed, { length: 32 }), b64decode(d.BoxSecret, { length: 32 }));
+  let first;
+  let phone;
+  before(() => {
+    [first, phone] = Devices.map(identityOf);
+  });
+
+  // An entry signed here, as a client signs its request: `signer` changes `handle`'s devices.
+  const entry = (signer, action, data, from = handle) => JSON.stringify(signEnvelope(signer, {
+    target: 'registry', from, action, data, timestamp: 1700000000000, anchor: `${action}-${Math.random()}`,
+  }));
+  const add = (log, signer, who, { prev = log.head, proofBy = who, box = who.boxPublic } = {}) => {
+    const keys = { SignKey: who.address, BoxKey: box, Kind: box ? 'device' : 'recovery' };
+    return entry(signer, 'AddDevice', { Device: keys, Proof: b64encode(proofBy.sign(claimBytes(handle, keys))), Prev: prev });
+  };
+  const remove = (log, signer, id) => entry(signer, 'RemoveDevice', { DeviceId: id, Prev: log.head });
+
+  test('the device ids', () => {
+    for (const [i, d] of Devices.entries()) {
+      const me = [first, phone][i];
+      assert.equal(me.address, d.SignPublic);
+      assert.equal(me.boxPublic, d.BoxPublic);
+      assert.equal(me.deviceId, d.DeviceId);
+      assert.equal(deviceId(b64decode(d.SignPublic, { length: 32 })), d.DeviceId);
+    }
+  });
+
+  test('entry 1: the registration, and its hash', () => {
+    assert.equal(genesisEntry(handle, first.address, first.boxPublic), genesis.Entry);
+    assert.equal(entryHash(genesis.Entry), genesis.Hash);
+    assert.equal(entryHash(Buffer.from(genesis.Entry, 'utf8')), genesis.Hash);
+  });
+
+  test('entry 2: the claim, its Proof, Prev and the whole entry, byte for byte', () => {
+    const keys = { SignKey: phone.address, BoxKey: phone.boxPublic, Kind: 'device' };
+    const claim = claimBytes(handle, keys);
+    assert.equal(Buffer.from(claim).toString('utf8'), added.Claim);
+    assert.equal(hex(claim), added.ClaimHex);
+    assert.ok(sodium.crypto_sign_verify_detached(b64decode(added.Proof, { length: 64 }), claim, phone.signPublicKey));
+    assert.equal(b64encode(phone.sign(claim)), added.Proof); // Ed25519 is deterministic
+    assert.equal(added.Prev, genesis.Hash);
+    const data = JSON.stringify({ Device: keys, Proof: added.Proof, Prev: added.Prev });
+    assert.deepEqual(JSON.parse(data), added.Data);
+    const env = signEnvelope(first, {
+      target: 'registry', from: handle, action: 'AddDevice', data, anchor: added.Envelope.Anchor, timestamp: added.Envelope.Timestamp,
+    });
+    assert.equal(JSON.stringify(env), added.Entry); // what addDevice sends is the entry the log keeps
+    assert.deepEqual(decodeEnvelope(added.Entry), added.Envelope);
+    assert.equal(entryHash(added.Entry), added.Hash);
+  });
+
+  test('verifyLog replays it to both devices', () => {
+    const log = verifyLog(handle, Entries.map((e) => e.Entry));
+    assert.equal(log.seq, DEVICE_LOG.Seq);
+    assert.equal(log.head, DEVICE_LOG.Head);
+    assert.deepEqual([...log.devices.keys()].sort(), DEVICE_LOG.DeviceIds);
+    assert.deepEqual(log.devices.get(phone.deviceId), {
+      DeviceId: phone.deviceId, Kind: 'device', SignKey: phone.address, BoxKey: phone.boxPublic, AddedSeq: 2,
+    });
+    assert.equal(log.devices.get(first.deviceId).AddedSeq, 1);
+  });
+
+  test('the device code', () => {
+    assert.deepEqual(readDeviceCode(DEVICE_LOG.DeviceCode), {
+      Handle: handle, Device: { SignKey: phone.address, BoxKey: phone.boxPublic, Kind: 'device' }, Proof: added.Proof,
+    });
+    assert.equal(deviceCode(handle, phone), DEVICE_LOG.DeviceCode);
+    assert.equal(readDeviceCode(deviceCode(handle, phone, null)).Device.Kind, 'recovery');
+    assert.throws(() => readDeviceCode('not a code'), MalformedRequest);
+    assert.throws(() => readDeviceCode(b64encode(Buffer.from('{"Handle":"alice","Proof":"x"}'))), MalformedRequest);
+  });
+
+  test('a changed or misplaced entry is refused with the error a service gives', () => {
+    const [one, two] = Entries.map((e) => e.Entry);
+    assert.throws(() => verifyLog(handle, [one, two.replace('"Anchor":"', '"Anchor":"x')]), InvalidSignature);
+    assert.throws(() => verifyLog('bob', [one, two]), InvalidArgument); // another handle's log
+    assert.throws(() => verifyLog(handle, [two]), MalformedRequest); // entry 1 is the registration
+    assert.throws(() => verifyLog(handle, [one, two, two]), InvalidArgument); // a key is never taken back
+    assert.throws(() => verifyLog(handle, [one, two.replace('{"Id"', '{"Id":"x","Id"')]), MalformedRequest); // a key twice
+    assert.throws(() => verifyLog(handle, [one, two.replace('"Signature"', '"Extra":1,"Signature"')]), MalformedRequest); // an unknown field
+    assert.throws(() => decodeEnvelope(JSON.stringify({ ...added.Envelope, Data: 'x'.repeat(64 * 1024 + 1) })), PayloadTooLarge);
+  });
+
+  test('every rule of the log (the same as aodm/devices.py DeviceLog.apply)', () => {
+    const two = verifyLog(handle, Entries.map((e) => e.Entry));
+    const stranger = Identity.generate();
+    const tablet = Identity.generate();
+    assert.throws(() => two.apply(add(two, stranger, tablet)), Unauthorized); // not a device of the handle
+    assert.throws(() => two.apply(add(two, first, tablet, { proofBy: stranger })), InvalidSignature); // claim not signed by the new key
+    assert.throws(() => two.apply(add(two, first, tablet, { prev: genesis.Hash })), InvalidArgument); // not the head
+    const keys = (Kind, BoxKey) => ({ Device: { SignKey: tablet.address, BoxKey, Kind }, Proof: '', Prev: two.head });
+    assert.throws(() => two.apply(entry(first, 'AddDevice', keys('recovery', tablet.boxPublic))), InvalidArgument); // a recovery key has no BoxKey
+    assert.throws(() => two.apply(entry(first, 'AddDevice', keys('device', null))), InvalidArgument); // a device has one
+    assert.throws(() => two.apply(entry(first, 'AddDevice', keys('phone', null))), MalformedRequest);
+    assert.throws(() => two.apply(entry(first, 'SendMessage', { Content: '', Generation: 1 })), InvalidArgument); // no log entry
+    assert.throws(() => two.apply(entry(first, 'AddDevice', {}, 'bob')), InvalidArgument); // From is another handle
+    assert.throws(() => two.apply(remove(two, phone, phone.deviceId)), Forbidden); // not by itself
+    assert.throws(() => two.apply(remove(two, first, '0123456789abcdef')), InvalidArgument); // no such device
+    assert.throws(() => two.apply(remove(two, first, 'not-an-id')), MalformedRequest);
+
+    const three = two.apply(add(two, phone, tablet)); // any current device adds
+    assert.equal(three.seq, 3);
+    assert.equal(three.devices.get(tablet.deviceId).AddedSeq, 3);
+    const four = three.apply(remove(three, first, phone.deviceId));
+    assert.deepEqual([...four.devices.keys()].sort(), [first.deviceId, tablet.deviceId].sort());
+    assert.throws(() => four.apply(remove(four, phone, tablet.deviceId)), Unauthorized); // a removed key is refused
+    assert.throws(() => four.apply(add(four, first, phone)), InvalidArgument); // and never taken back
+
+    const recovery = Identity.generate();
+    const five = four.apply(add(four, first, recovery, { box: null }));
+    assert.equal(five.devices.get(recovery.deviceId).Kind, 'recovery');
+    assert.throws(() => five.signer(recovery.address, 'GetChatList'), Unauthorized); // it signs device changes only
+    assert.throws(() => five.apply(entry(recovery, 'SendMessage', {})), Unauthorized);
+    const six = five.apply(remove(five, recovery, tablet.deviceId));
+    assert.throws(() => six.apply(remove(six, recovery, first.deviceId)), InvalidArgument); // never zero devices
+    const seven = six.apply(add(six, recovery, Identity.generate())); // a recovery key adds a device
+    assert.equal(seven.devices.size, 3);
+    assert.equal(seven.apply(remove(seven, recovery, first.deviceId)).devices.size, 2); // a device is left
+  });
+
+  test('the queue of a device added later', () => {
+    assert.equal(deviceInbox(handle, first.deviceId, 1), 'aodm.inbox.alice');
+    assert.equal(deviceInbox(handle, phone.deviceId, 2), `aodm.inbox.alice.${phone.deviceId}`);
+  });
+});
+
+describe('devices (§10.8), without a broker', () => {
+  const [genesis, added] = DEVICE_LOG.Entries;
+  const page = (entries, overrides = {}) => ({
+    Handle: 'alice', Entries: entries, Seq: 2, Head: DEVICE_LOG.Head,
+    Devices: DEVICE_LOG.Devices.map((d, i) => ({ DeviceId: d.DeviceId, Kind: 'device', SignKey: d.SignPublic, BoxKey: d.BoxPublic, AddedSeq: i + 1 })),
+    ...overrides,
+  });
+  const offline = (pages, identity = Identity.generate()) => {
+    const client = new Client({ on() {} }, identity, { handle: 'alice', timeout: 1000 });
+    const sent = [];
+    client.request = async (env) => {
+      sent.push(env);
+      const data = JSON.parse(env.Data);
+      if (actionOf(env) === 'GetDeviceLog') return pages(data.After);
+      return { DeviceId: data.DeviceId ?? 'x', Seq: 3, Head: 'h' };
+    };
+    return { client, sent };
+  };
+
+  test('getDeviceLog reads every page, as the signer itself, and verifies the log', async () => {
+    const { client, sent } = offline((after) => page(after === 0 ? [{ Seq: 1, Entry: genesis.Entry }] : [{ Seq: 2, Entry: added.Entry }]));
+    const log = await client.getDeviceLog();
+    assert.deepEqual([...log.devices.keys()].sort(), DEVICE_LOG.DeviceIds);
+    assert.deepEqual(sent.map((env) => JSON.parse(env.Data)), [{ Handle: 'alice', After: 0 }, { Handle: 'alice', After: 1 }]);
+    assert.ok(sent.every((env) => env.From === env.Owner && env.Target === 'registry'));
+  });
+
+  test("getDeviceLog refuses a server whose Head or Devices are not the log's", async () => {
+    const entries = DEVICE_LOG.Entries.map((e) => ({ Seq: e.Seq, Entry: e.Entry }));
+    const wrongHead = offline(() => page(entries, { Head: genesis.Hash }));
+    await assert.rejects(wrongHead.client.getDeviceLog(), InvalidArgument);
+    const oneDevice = offline(() => page(entries, { Devices: page([]).Devices.slice(0, 1) }));
+    await assert.rejects(oneDevice.client.getDeviceLog(), InvalidArgument);
+    const tampered = offline(() => page([entries[0], { Seq: 2, Entry: added.Entry.replace('"From":"alice"', '"From":"alicf"') }]));
+    await assert.rejects(tampered.client.getDeviceLog(), InvalidSignature);
+  });
+
+  test('addDevice sends the code with the log head as Prev; removeDevice the id', async () => {
+    const entries = DEVICE_LOG.Entries.map((e) => ({ Seq: e.Seq, Entry: e.Entry }));
+    const { client, sent } = offline(() => page(entries));
+    const tablet = Identity.generate();
+    await client.addDevice(deviceCode('alice', tablet));
+    const addition = sent.find((env) => actionOf(env) === 'AddDevice');
+    assert.equal(addition.From, 'alice');
+    assert.deepEqual(JSON.parse(addition.Data), {
+      Device: { SignKey: tablet.address, BoxKey: tablet.boxPublic, Kind: 'device' },
+      Proof: readDeviceCode(deviceCode('alice', tablet)).Proof,
+      Prev: DEVICE_LOG.Head,
+    });
+    await client.removeDevice(DEVICE_LOG.Devices[1].DeviceId);
+    assert.deepEqual(JSON.parse(sent.at(-1).Data), { DeviceId: DEVICE_LOG.Devices[1].DeviceId, Prev: DEVICE_LOG.Head });
+    await assert.rejects(client.addDevice(deviceCode('bob', tablet)), InvalidArgument); // a code for another handle
   });
 });
