@@ -49,7 +49,8 @@ async def chat(ctx: Context) -> int:
             raise CliError(f"{client.handle} is you: chat with someone else", "forbidden")
         await client.query_handle(ctx.args.peer)  # not_found before anything else
         conversation = Conversation(ctx, client, ctx.args.peer)
-        async with Inbox(client.bus, client.acting_as) as inbox:  # before the history: nothing falls between
+        queue = await client.inbox_queue()  # this device's own
+        async with Inbox(client.bus, client.acting_as, queue=queue) as inbox:  # before the history: nothing falls between
             await conversation.open()
             await conversation.run(inbox, Lines())
     return 0

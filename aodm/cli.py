@@ -21,7 +21,7 @@ from typing import Any, NoReturn, Protocol
 import aiormq
 
 import aodm
-from aodm import chat, commands, demo, listen
+from aodm import chat, commands, demo, device_commands, listen
 from aodm.commands import Context, safe_url
 from aodm.crypto import DecryptionFailed
 from aodm.errors import AodmError
@@ -146,6 +146,7 @@ def build_parser(as_json: bool = False) -> argparse.ArgumentParser:
     add_globals(parser, top=True)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     add_identity(sub)
+    add_devices(sub)
     add_chat_commands(sub)
     p = command(sub, "demo", demo.run, "run the whole DM workflow between two fresh handles",
                 "Creates two fresh identities and handles (alice-xxxx, bob-xxxx) in memory and runs\n"
@@ -171,6 +172,41 @@ def add_identity(sub: Subcommands) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing identity file (its handles are lost)")
     command(isub, "show", commands.identity_show, "print the identity's public keys",
             "Print the identity file's path, address, public box key and default handle.")
+
+
+def add_devices(sub: Subcommands) -> None:
+    device = sub.add_parser("device", help="your handle's devices: add, list, remove, recovery key",
+                            description="Each machine's identity is a device of its own (a copy of an identity file "
+                            "is the same device, and two copies split its notifications). Every device gets every "
+                            "notification; the devices of a handle are a signed log anyone can verify.")
+    add_globals(device, top=False)
+    dsub = device.add_subparsers(title="device commands", metavar="ACTION", required=True)
+    p = command(dsub, "code", device_commands.code, "on a new machine: print the code that adds it to HANDLE",
+                "Print this identity's device code for HANDLE (its keys and their signed claim) and\n"
+                "make HANDLE the default here. Carry the code to a device of HANDLE and run\n"
+                "`aodm device add CODE` there.")
+    p.add_argument("handle", metavar="HANDLE")
+    p = command(dsub, "add", device_commands.add, "add the device whose CODE was printed on it",
+                "Add the device of CODE (from `aodm device code` on the new machine) to your handle,\n"
+                "signed by this device. The new device gets every notification from then on.")
+    p.add_argument("code", metavar="CODE")
+    p = command(dsub, "list", device_commands.listing, "list the devices of your handle (or HANDLE), verified",
+                "Fetch the handle's device log, verify every entry here (signatures, chain, claims),\n"
+                "and list the devices and recovery keys it holds now.")
+    p.add_argument("handle", metavar="HANDLE", nargs="?")
+    p = command(dsub, "remove", device_commands.remove, "remove another device of your handle",
+                "Remove device ID (see `aodm device list`): its key is refused from then on, and its\n"
+                "notification queue and broker login are deleted. A device cannot remove itself.")
+    p.add_argument("device_id", metavar="ID")
+    command(dsub, "recovery-key", device_commands.recovery_key, "add a recovery key and print its secret",
+            "Add a recovery key to your handle and print its secret once. Keep it offline: with it,\n"
+            "`aodm recover HANDLE SECRET` adds a new machine when every device is lost. Without\n"
+            "any device or recovery secret, a handle is lost.")
+    p = command(sub, "recover", device_commands.recover, "make this machine a device of HANDLE with its recovery secret",
+                "Every device of HANDLE lost: add this identity as a device of HANDLE, signed by the\n"
+                "recovery key whose SECRET `aodm device recovery-key` printed.")
+    p.add_argument("handle", metavar="HANDLE")
+    p.add_argument("secret", metavar="SECRET")
 
 
 def add_chat_commands(sub: Subcommands) -> None:

@@ -16,17 +16,24 @@ from typing import Any, Generic, Self, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import msgspec
+from nacl.signing import SigningKey
 
-from aodm import crypto, envelope, topology
-from aodm.encoding import b64encode
-from aodm.errors import Timeout, error_for
+from aodm import crypto, devices, envelope, topology
+from aodm.devices import DeviceLog
+from aodm.encoding import b64decode, b64encode
+from aodm.errors import InvalidArgument, Timeout, error_for
 from aodm.registry_api import (
     REGISTRY_TARGET,
+    AddDevice,
     BrokerCredentials,
     ChatList,
+    DeviceChange,
+    DeviceKeys,
+    DeviceLogPage,
     Established,
     EstablishSession,
     GetChatList,
+    GetDeviceLog,
     GetHandles,
     HandleInfo,
     HandleList,
@@ -35,6 +42,7 @@ from aodm.registry_api import (
     QuerySession,
     Register,
     Registered,
+    RemoveDevice,
     SessionRef,
 )
 from aodm.replies import Err, reply_decoder
@@ -246,6 +254,74 @@ class Client:
     async def get_chat_list(self) -> ChatList:
         """Every session of this client's handle, with its peer, last activity and consent state."""
         return await self.call(REGISTRY_TARGET, GetChatList(), ChatList)
+
+    # -- devices -----------------------------------------------------------------------
+
+    async def device_log(self, handle: str | None = None) -> DeviceLog:
+        """`handle`'s device log (default: this client's), every page of it, replayed here
+        by the protocol's rules (aodm.devices): the devices it has now, whatever the server
+        says. `InvalidArgument` (or the entry's own error) if the log does not hold."""
+        handle = handle or self.acting_as
+        entries: list[bytes] = []
+        while True:
+            page = await self.call(REGISTRY_TARGET, GetDeviceLog(handle, len(entries)), DeviceLogPage, as_handle=False)
+            entries += [e.entry.encode() for e in page.entries]
+            if len(entries) >= page.seq or not page.entries:
+                break
+        log = devices.verify_log(handle, entries)
+        if log.head != page.head or set(log.devices) != {d.device_id for d in page.devices}:
+            raise InvalidArgument(f"the registry's device list of {handle!r} is not what its log says")
+        return log
+
+    async def inbox_queue(self) -> str:
+        """This device's own notification queue (every device of a handle gets every
+        notification, each in its own queue)."""
+        mine = self.device_id
+        log = await self.device_log()
+        if mine not in log.devices:
+            raise NoHandle(f"this identity is no current device of {self.acting_as!r}")
+        return topology.device_inbox(log.handle, mine, log.devices[mine].added_seq)
+
+    @property
+    def device_id(self) -> str:
+        """This identity's device id (the same in every handle it is a device of)."""
+        return devices.device_id(bytes(self.identity.signing_key.verify_key))
+
+    async def add_device(self, code: str) -> DeviceChange:
+        """Add the device whose `code` (aodm.devices.device_code, made on the new device) is
+        given, signed by this device."""
+        handle, keys, proof = devices.read_device_code(code)
+        if handle != self.acting_as:
+            raise InvalidArgument(f"the code is for {handle!r}, not {self.acting_as!r}")
+        log = await self.device_log()
+        return await self.call(REGISTRY_TARGET, AddDevice(keys, proof, log.head), DeviceChange)
+
+    async def remove_device(self, device_id: str) -> DeviceChange:
+        """Remove another device of this handle: its queue and broker login go, and its key
+        is refused from then on."""
+        log = await self.device_log()
+        return await self.call(REGISTRY_TARGET, RemoveDevice(device_id, log.head), DeviceChange)
+
+    async def add_recovery_key(self) -> str:
+        """A new recovery key for this handle, added by this device: returns its secret (keep
+        it offline; with it `recover` adds a device when every device is lost)."""
+        recovery = SigningKey.generate()
+        await self.add_device(devices.device_code(self.acting_as, recovery, None))
+        return b64encode(bytes(recovery))
+
+    async def recover(self, handle: str, recovery_secret: str) -> DeviceChange:
+        """Make this identity a device of `handle` with the handle's recovery key (every
+        device lost): the AddDevice is signed by the recovery key."""
+        recovery = SigningKey(b64decode(recovery_secret.strip(), field="recovery secret", length=32))
+        keys = DeviceKeys(self.identity.sign_public, self.identity.box_public)
+        proof = devices.sign_claim(self.identity.signing_key, handle, keys)
+        log = await self.device_log(handle)
+        env = envelope.sign(recovery, target=REGISTRY_TARGET, from_=handle, action="AddDevice",
+                            data=_encoder.encode(AddDevice(keys, proof, log.head)).decode(),
+                            anchor=b64encode(secrets.token_bytes(16)))
+        change = msgspec.json.decode(await self.send_envelope(env), type=DeviceChange)
+        self.handle = handle
+        return change
 
     # -- session -----------------------------------------------------------------------
 

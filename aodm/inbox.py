@@ -32,11 +32,15 @@ class Inbox:
     Each notification is acknowledged as it is returned, so one that was taken from the queue
     but not returned (the connection lost first) is delivered again."""
 
-    def __init__(self, bus: Bus, handle: str, *, remember: int = 10_000, wait: float = 5.0) -> None:
-        """`remember`: how many notification ids to keep for dropping duplicates; `wait`:
-        seconds a missing queue may take to appear when entered."""
+    def __init__(
+        self, bus: Bus, handle: str, *, queue: str | None = None, remember: int = 10_000, wait: float = 5.0
+    ) -> None:
+        """`queue`: this device's queue (`Client.inbox_queue`; default: the handle's, which is
+        its first device's); `remember`: how many notification ids to keep for dropping
+        duplicates; `wait`: seconds a missing queue may take to appear when entered."""
         self._bus = bus
         self._handle = handle
+        self._name = queue or topology.inbox_queue(handle)
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._remember = remember
         self._wait = wait  # how long a missing queue may take to appear (servers before declared it after Register answered)
@@ -46,7 +50,7 @@ class Inbox:
 
     async def __aenter__(self) -> "Inbox":
         """Start consuming the handle's queue (`InboxUnavailable` if it cannot be read)."""
-        name = topology.inbox_queue(self._handle)
+        name = self._name
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait
         while True:

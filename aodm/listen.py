@@ -37,7 +37,7 @@ async def listen(ctx: Context) -> int:
         marks = Marks(ctx.state, handle)
         listener = Listener(client, ctx.out, marks)
         try:
-            async with Inbox(client.bus, handle) as inbox:
+            async with Inbox(client.bus, handle, queue=await client.inbox_queue()) as inbox:
                 shown = await listener.catch_up_chats()
                 ctx.out.note(f"listening as {client.handle} (Ctrl-C to stop)")
                 wait = DRAIN_QUIET_S if ctx.args.once and shown else ctx.args.wait

@@ -17,6 +17,7 @@ __all__ = [
     "KeyRotated",
     "NewMessage",
     "RequestFailed",
+    "DevicesChanged",
     "AnyNotification",
     "Fanout",
     "HandleRegistered",
@@ -66,7 +67,18 @@ class RequestFailed(Notification, tag=True):
     message: str
 
 
-AnyNotification = SessionEstablished | KeyRotated | NewMessage | RequestFailed
+class DevicesChanged(Notification, tag=True):
+    """`subject`'s device log got entry `seq`: `device_id` was added or removed. Sent to the
+    subject's devices and to every handle it has a session with (verify the log before
+    sealing keys to the new set: GetDeviceLog, aodm.devices.verify_log)."""
+
+    subject: str
+    seq: int
+    change: str  # "added" or "removed"
+    device_id: str
+
+
+AnyNotification = SessionEstablished | KeyRotated | NewMessage | RequestFailed | DevicesChanged
 
 
 class Fanout(msgspec.Struct, tag=True, tag_field="Event", rename="pascal"):

@@ -1,7 +1,7 @@
 """Wire types of the registry's actions: `Data` of each request and its result."""
 
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -21,6 +21,15 @@ __all__ = [
     "EstablishSession",
     "GetChatList",
     "IssueBrokerCredentials",
+    "DeviceKeys",
+    "AddDevice",
+    "RemoveDevice",
+    "GetDeviceLog",
+    "DeviceInfo",
+    "DeviceChange",
+    "LogEntry",
+    "DeviceLogPage",
+    "MAX_LOG_PAGE",
     "HandleInfo",
     "BrokerCredentials",
     "Registered",
@@ -82,6 +91,74 @@ class GetChatList(Request):
 
 class IssueBrokerCredentials(Request):
     """A new password for the handle's own broker user (lost, or rotated)."""
+
+
+class DeviceKeys(msgspec.Struct, forbid_unknown_fields=True, rename="pascal"):
+    """A device's public keys, or a recovery key's (a SignKey and no BoxKey)."""
+
+    sign_key: B64Key
+    box_key: B64Key | None = None
+    kind: Literal["device", "recovery"] = "device"
+
+
+class AddDevice(Request):
+    """Signed by a current device (or a recovery key) of From: add `device`. `proof` is the
+    new key's signature of its claim (aodm.devices.claim_bytes); `prev` the hash of the
+    log's last entry (DeviceLogPage.head), so two changes made at once cannot both land."""
+
+    device: DeviceKeys
+    proof: str
+    prev: str
+
+
+class RemoveDevice(Request):
+    """Signed by another current device (or a recovery key) of From: remove `device_id`."""
+
+    device_id: str  # 16 hex digits (aodm.devices.device_id)
+    prev: str
+
+
+MAX_LOG_PAGE = 100
+
+
+class GetDeviceLog(Request):
+    """Any handle's device log, after entry `after` (0: from the first)."""
+
+    handle: HandleName
+    after: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class DeviceInfo(msgspec.Struct, rename="pascal"):
+    device_id: str
+    kind: str
+    sign_key: str
+    box_key: str | None
+    added_seq: int
+
+
+class DeviceChange(msgspec.Struct, rename="pascal"):
+    """AddDevice's and RemoveDevice's result: the log's new head."""
+
+    device_id: str
+    seq: int
+    head: str
+
+
+class LogEntry(msgspec.Struct, rename="pascal"):
+    seq: int
+    entry: str  # the entry's bytes as UTF-8 text (JSON): hash and replay it as it is
+
+
+class DeviceLogPage(msgspec.Struct, rename="pascal"):
+    """Up to MAX_LOG_PAGE entries after `after`; `seq` and `head` are the whole log's last
+    entry and its hash, `devices` the devices current at `seq` (as the server sees them:
+    verify_log tells a client the same without trusting it)."""
+
+    handle: str
+    entries: list[LogEntry]
+    seq: int
+    head: str
+    devices: list[DeviceInfo]
 
 
 class HandleInfo(msgspec.Struct, rename="pascal"):

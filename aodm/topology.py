@@ -32,6 +32,7 @@ __all__ = [
     "may_reply_to",
     "shard_queue",
     "inbox_queue",
+    "device_inbox",
     "INBOX_POLICY",
     "INBOX_POLICY_PATTERN",
     "INBOX_POLICY_PRIORITY",
@@ -92,7 +93,15 @@ def shard_queue(shard: int) -> str:
 
 
 def inbox_queue(handle: str) -> str:
+    """The handle's queue: its first device's (the one that registered)."""
     return INBOX_QUEUE_PREFIX + handle
+
+
+def device_inbox(handle: str, device_id: str, added_seq: int) -> str:
+    """A device's own queue, bound like every other of the handle to its routing key on
+    INBOX, so the broker copies each notification to every device. The first device (entry
+    1 of the device log) keeps the handle's queue, as before devices existed."""
+    return inbox_queue(handle) if added_seq == 1 else f"{INBOX_QUEUE_PREFIX}{handle}.{device_id}"
 
 
 # The inbox bound (docs/reliability.md, "When an inbox is full"). A policy, not queue
@@ -156,10 +165,10 @@ async def declare_inbox(bus: Bus, handle: str) -> None:
     await bus.bind(inbox_queue(handle), INBOX, handle)
 
 
-async def declare_new_inbox(bus: Bus, handle: str) -> None:
-    """The registry's, at every Register: the same queue and binding, not remembered for
-    a reconnect (see Bus.declare_bound_queue)."""
-    await bus.declare_bound_queue(inbox_queue(handle), INBOX, handle)
+async def declare_new_inbox(bus: Bus, handle: str, queue: str | None = None) -> None:
+    """The registry's, at every Register and AddDevice: the handle's (or a device's) queue
+    and its binding, not remembered for a reconnect (see Bus.declare_bound_queue)."""
+    await bus.declare_bound_queue(queue or inbox_queue(handle), INBOX, handle)
 
 
 async def declare_all(bus: Bus, shards: int) -> None:

@@ -674,6 +674,11 @@ class Bus:
         declared = await self._channel.declare_queue(queue, durable=True, robust=False)
         await declared.bind(exchange, routing_key=routing_key, robust=False)
 
+    async def delete_queue(self, queue: str) -> None:
+        """Gone with whatever it held; a queue already gone is no error."""
+        underlay = await self._channel.get_underlay_channel()
+        await underlay.queue_delete(queue)
+
     async def _inspect(self, queue: str) -> aiormq.spec.Queue.DeclareOk:
         # Straight to the AMQP channel: aio-pika's robust channel remembers the first
         # declare of a queue, and these counts must be fresh every time.

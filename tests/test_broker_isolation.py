@@ -141,7 +141,7 @@ async def test_register_issues_the_handle_its_own_broker_user(system, person):
     alice = await person("alice")
     assert alice.broker_user == system.prefix + alice.handle
     granted = json.loads(api("GET", f"/permissions/{q(system.vhost)}/{q(alice.broker_user)}"))
-    assert {k: granted[k] for k in ("configure", "write", "read")} == permissions_for(alice.handle)
+    assert {k: granted[k] for k in ("configure", "write", "read")} == permissions_for(topology.inbox_queue(alice.handle))
     assert granted["read"] == rf"^aodm\.inbox\.{alice.handle}$"
     user = json.loads(api("GET", f"/users/{q(alice.broker_user)}"))
     assert user["tags"] in ([], ""), "an issued user must not log in to the management API"
@@ -502,3 +502,29 @@ async def test_a_management_api_outage_is_waited_out():
         for user in json.loads(api("GET", "/users")):
             if user["name"].startswith(prefix):
                 api("DELETE", f"/users/{q(user['name'])}")
+
+
+# -- devices ---------------------------------------------------------------------------
+
+
+async def test_each_device_has_its_own_broker_user_reading_only_its_own_queue(system, person):
+    from aodm import devices
+
+    alice = await person("alice")
+    phone = await Client.connect(system.public_url, Identity.generate(), alice.handle)
+    try:
+        await alice.add_device(devices.device_code(alice.handle, phone.identity.signing_key, phone.identity.box_public))
+        phone_url = await phone.issue_broker_credentials()  # signed by the phone: the phone's own user
+        assert phone.broker_user == f"{system.prefix}{alice.handle}.{phone.device_id}"
+        phone_queue = await phone.inbox_queue()
+        assert phone_queue == f"aodm.inbox.{alice.handle}.{phone.device_id}"
+        async with Client.connect(phone_url, phone.identity, alice.handle) as own, \
+                Inbox(own.bus, alice.handle, queue=phone_queue):
+            pass  # it reads its own queue
+        await refused(phone_url, lambda bus: bus.consume(topology.inbox_queue(alice.handle), ignore, prefetch=1))  # not the first device's
+        await refused(alice.broker_url, lambda bus: bus.consume(phone_queue, ignore, prefetch=1))  # nor the other way round
+        await alice.remove_device(phone.device_id)
+        users = [u["name"] for u in json.loads(api("GET", "/users"))]
+        assert phone.broker_user not in users and alice.broker_user in users
+    finally:
+        await phone.close()

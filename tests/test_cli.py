@@ -212,7 +212,9 @@ async def test_identity_is_never_overwritten_by_accident(tmp_path):
 
 
 COMMANDS = [[], ["identity"], ["identity", "new"], ["identity", "show"], ["register"], ["credentials"], ["chats"], ["open"],
-            ["send"], ["rotate"], ["history"], ["listen"], ["chat"], ["requests"], ["accept"], ["demo"]]
+            ["send"], ["rotate"], ["history"], ["listen"], ["chat"], ["requests"], ["accept"], ["demo"],
+            ["device"], ["device", "code"], ["device", "add"], ["device", "list"], ["device", "remove"],
+            ["device", "recovery-key"], ["recover"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "aodm")

@@ -535,7 +535,9 @@ export class DeviceLog {
     if (this.seq === 0) return this._register(text);
     const env = decodeEnvelope(text);
     verifyEnvelope(env, { fresh: false }); // an entry keeps its old Timestamp
-    if (env.From !== this.handle) throw new InvalidArgument(`a log entry of ${env.From} in the log of ${this.handle}`);
+    if (env.From !== this.handle || env.Target !== "registry") {
+      throw new InvalidArgument(`a log entry of ${env.From} to ${env.Target} in the log of ${this.handle}`);
+    }
     const action = actionOf(env);
     const signer = this.signer(env.Owner, action);
     if (action === 'AddDevice') {

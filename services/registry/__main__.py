@@ -1,8 +1,9 @@
 """The aodm registry: handles and their owners' keys (Register, QueryHandle, GetHandles),
-the one DM session of each pair of handles (EstablishSession, QuerySession) and each
-handle's chat list (GetChatList). Its state is the PostgreSQL schema `registry`, created
-and migrated at start. With AODM_BROKER_ADMIN_URL set it issues each handle its own
-broker user (IssueBrokerCredentials)."""
+each handle's devices and their signed log (AddDevice, RemoveDevice, GetDeviceLog), the
+one DM session of each pair of handles (EstablishSession, QuerySession) and each handle's
+chat list (GetChatList). Its state is the PostgreSQL schema `registry`, created and
+migrated at start. With AODM_BROKER_ADMIN_URL set it issues each device its own broker
+user (IssueBrokerCredentials)."""
 
 import asyncio
 import functools
@@ -15,16 +16,19 @@ from aodm.encoding import b64decode
 from aodm.envelope import Envelope
 from aodm.errors import Unauthorized
 from aodm.registry_api import (
+    AddDevice,
     EstablishSession,
     GetChatList,
+    GetDeviceLog,
     GetHandles,
     IssueBrokerCredentials,
     QueryHandle,
     QuerySession,
     Register,
+    RemoveDevice,
 )
 from aodm.transport import Delivery
-from services.registry import credentials, handles, sessions, store
+from services.registry import credentials, devices, handles, sessions, store
 from services.registry.inboxes import Inboxes
 from services.registry.limits import RegistryLimits
 from shared import db, runtime
@@ -41,6 +45,9 @@ ACTIONS = {
     "EstablishSession": Action(EstablishSession, sessions.establish_session, "send"),
     "GetChatList": Action(GetChatList, sessions.get_chat_list, "dryrun"),
     "IssueBrokerCredentials": Action(IssueBrokerCredentials, handles.issue_broker_credentials, "send"),
+    "AddDevice": Action(AddDevice, devices.add_device, "send"),
+    "RemoveDevice": Action(RemoveDevice, devices.remove_device, "send"),
+    "GetDeviceLog": Action(GetDeviceLog, devices.get_device_log, "dryrun", needs_handle=False),
 }
 
 
@@ -53,6 +60,8 @@ def actions(
         "Register": functools.partial(handles.register, issuer=issuer, limits=limits, inboxes=inboxes),
         "IssueBrokerCredentials": functools.partial(handles.issue_broker_credentials, issuer=issuer),
         "EstablishSession": functools.partial(sessions.establish_session, limits=limits),
+        "AddDevice": functools.partial(devices.add_device, inboxes=inboxes),
+        "RemoveDevice": functools.partial(devices.remove_device, issuer=issuer, inboxes=inboxes),
     }
     return {
         name: Action(a.request, bound[name], a.mode, a.needs_handle) if name in bound else a
@@ -60,18 +69,25 @@ def actions(
     }
 
 
-async def authenticate(conn: asyncpg.Connection, env: Envelope, action: Action) -> tuple[str, None]:
-    """From is the signer's own address, or a handle whose registered key signed."""
+# What a recovery key may sign: changes to its handle's devices, nothing else.
+RECOVERY_ACTIONS = {"AddDevice", "RemoveDevice"}
+
+
+async def authenticate(conn: asyncpg.Connection, env: Envelope, action: Action) -> tuple[str, asyncpg.Record | None]:
+    """From is the signer's own address, or a handle one of whose current devices signed
+    (scope: that device's row)."""
     if env.from_ == env.owner:
         if action.needs_handle:
             raise Unauthorized("From must be a handle registered to Owner for this action")
         return env.from_, None
-    row = await store.handle(conn, env.from_)
-    if row is None:
-        raise Unauthorized(f"From {env.from_!r} is not a registered handle")
-    if bytes(row["sign_key"]) != b64decode(env.owner, field="Owner", length=32):
-        raise Unauthorized(f"handle {env.from_!r} is not owned by the key that signed")
-    return env.from_, None
+    device = await store.device_of(conn, env.from_, b64decode(env.owner, field="Owner", length=32))
+    if device is None:
+        if await store.handle(conn, env.from_) is None:
+            raise Unauthorized(f"From {env.from_!r} is not a registered handle")
+        raise Unauthorized(f"handle {env.from_!r} is not owned by the key that signed (no current device of it)")
+    if device["kind"] == "recovery" and env.action not in RECOVERY_ACTIONS:
+        raise Unauthorized("a recovery key may only add and remove devices")
+    return env.from_, device
 
 
 async def start(rt: runtime.Runtime) -> None:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from nacl.public import PublicKey, SealedBox
 
 from aodm.encoding import b64encode
-from aodm.topology import REQUESTS, inbox_queue
+from aodm.topology import REQUESTS, device_inbox
 from aodm.transport import url_user
 from shared.config import Settings
 from shared.db import DependencyUnavailable
@@ -46,10 +46,11 @@ def _exact(name: str) -> str:
 PUBLIC_PERMISSIONS = {"configure": "^$", "write": _exact(REQUESTS), "read": "^$"}
 
 
-def permissions_for(handle: str) -> dict[str, str]:
-    """A handle's own user: the public user's rights plus reading its own notification
-    queue. Handles are [a-z0-9_-] only, so the dots are the only characters to escape."""
-    return {**PUBLIC_PERMISSIONS, "read": _exact(inbox_queue(handle))}
+def permissions_for(queue: str) -> dict[str, str]:
+    """A device's own user: the public user's rights plus reading its own notification
+    queue. Handles are [a-z0-9_-] and device ids hex only, so the dots are the only
+    characters to escape."""
+    return {**PUBLIC_PERMISSIONS, "read": _exact(queue)}
 
 
 def seal(password: str, box_key: bytes) -> str:
@@ -79,17 +80,20 @@ class Issuer:
         return cls(settings.broker_admin_url, settings.broker_vhost or vhost_of(settings.amqp_url),
                    settings.broker_user_prefix, reserved, limits)
 
-    def user_for(self, handle: str) -> str:
-        return self.prefix + handle
+    def user_for(self, handle: str, device_id: str = "", added_seq: int = 1) -> str:
+        """The first device's user is the handle's (as before devices existed); every later
+        device has its own."""
+        return self.prefix + handle + ("" if added_seq == 1 else f".{device_id}")
 
-    async def issue(self, handle: str) -> tuple[str, str]:
-        """Create the handle's user, or give it a new password; set its permissions.
+    async def issue(self, handle: str, device_id: str = "", added_seq: int = 1) -> tuple[str, str]:
+        """Create the device's user, or give it a new password; let it read its own queue.
         Returns (user, password). Connections already open stay open (docs/security.md)."""
-        user = self.user_for(handle)
+        user = self.user_for(handle, device_id, added_seq)
         if user in self._reserved:
             raise BrokerAdminUnavailable(f"refusing to issue {user!r}: it is a service user (check AODM_BROKER_USER_PREFIX)")
         password = secrets.token_urlsafe(24)
-        await asyncio.to_thread(self._issue, user, password, permissions_for(handle))
+        queue = device_inbox(handle, device_id, added_seq)
+        await asyncio.to_thread(self._issue, user, password, permissions_for(queue))
         log.info("broker user issued", user=user, vhost=self.vhost)
         return user, password
 

@@ -3,6 +3,7 @@
 from nacl.bindings import crypto_scalarmult
 
 from aodm import topology
+from aodm.devices import device_id, entry_hash, genesis_entry
 from aodm.encoding import b64decode, b64encode
 from aodm.errors import AlreadyExists, InvalidArgument, NotFound
 from aodm.notifications import HandleRegistered
@@ -45,12 +46,13 @@ def _info(row) -> HandleInfo:
     )
 
 
-async def _broker_credentials(issuer: credentials.Issuer | None, handle: str, box_key: bytes) -> BrokerCredentials:
-    """The handle's own broker user with a new password sealed to its box key (both null
+async def _broker_credentials(issuer: credentials.Issuer | None, handle: str, box_key: bytes,
+                              device_id: str = "", added_seq: int = 1) -> BrokerCredentials:
+    """The device's own broker user with a new password sealed to its box key (both null
     when this deployment issues none). A management API fault raises a retried error."""
     if issuer is None:
         return BrokerCredentials()
-    user, password = await issuer.issue(handle)
+    user, password = await issuer.issue(handle, device_id, added_seq)
     return BrokerCredentials(broker_user=user, sealed_broker_password=credentials.seal(password, box_key))
 
 
@@ -68,6 +70,10 @@ async def register(
     within(registered, limits.handles_per_day, DAY_MS, ctx.now, "handles registered by this key in a day")
     if not await store.insert_handle(ctx.conn, name, sign_key, key, ctx.now):
         raise AlreadyExists(f"handle {name!r} is taken")
+    # The registering key is the handle's first device, entry 1 of its device log.
+    entry = genesis_entry(name, ctx.envelope.owner, b64encode(key))
+    await store.add_device(ctx.conn, name, device_id(sign_key), "device", sign_key, key, 1)
+    await store.append_log(ctx.conn, name, 1, entry, entry_hash(entry), ctx.now)
     ctx.emit(topology.INTERNAL, topology.NOTIFIER_ROUTING_KEY, HandleRegistered(name))
     if inboxes is not None:  # after the insert: a refused Register makes no queue
         await inboxes.declare(name)
@@ -82,14 +88,16 @@ async def register(
 async def issue_broker_credentials(
     ctx: Context, req: IssueBrokerCredentials, issuer: credentials.Issuer | None = None
 ) -> BrokerCredentials:
-    """A new password for the caller's broker user; the old one stops working for new
-    connections. The caller is a handle proven by its owner's signature."""
+    """A new password for the signing device's broker user, sealed to its box key; the old
+    one stops working for new connections. The caller is a handle proven by the signature
+    of one of its current devices (ctx.scope)."""
     if issuer is None:
         return BrokerCredentials()
-    row = await store.lock_handle(ctx.conn, ctx.caller)
-    if row is None:
+    if await store.lock_handle(ctx.conn, ctx.caller) is None:
         raise NotFound(f"no handle {ctx.caller!r}")
-    return await _broker_credentials(issuer, ctx.caller, bytes(row["box_key"]))
+    device = ctx.scope
+    return await _broker_credentials(issuer, ctx.caller, bytes(device["box_key"]), device["device_id"],
+                                     device["added_seq"])
 
 
 async def query_handle(ctx: Context, req: QueryHandle) -> HandleInfo:

@@ -29,9 +29,18 @@ class Inboxes:
     def __init__(self, bus: Bus) -> None:
         self._bus = bus
 
-    async def declare(self, handle: str) -> None:
+    async def declare(self, handle: str, queue: str | None = None) -> None:
+        """The handle's queue (or, named, one of its devices') and its binding."""
         try:
             async with asyncio.timeout(DECLARE_TIMEOUT_S):
-                await topology.declare_new_inbox(self._bus, handle)
+                await topology.declare_new_inbox(self._bus, handle, queue)
         except (TimeoutError, *BrokerError) as exc:
-            raise BrokerUnavailable(f"declaring {topology.inbox_queue(handle)}: {exc!r}") from exc
+            raise BrokerUnavailable(f"declaring {queue or topology.inbox_queue(handle)}: {exc!r}") from exc
+
+    async def delete(self, queue: str) -> None:
+        """A removed device's queue, with what it held."""
+        try:
+            async with asyncio.timeout(DECLARE_TIMEOUT_S):
+                await self._bus.delete_queue(queue)
+        except (TimeoutError, *BrokerError) as exc:
+            raise BrokerUnavailable(f"deleting {queue}: {exc!r}") from exc

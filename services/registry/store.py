@@ -53,6 +53,40 @@ MIGRATIONS = [
         ADD COLUMN blocked_by text[] NOT NULL DEFAULT '{}',
         ADD COLUMN consent_version int NOT NULL DEFAULT 0;
     """,
+    # Devices (protocol §13): every handle has the device that registered it, entry 1 of its
+    # device log, made here for handles from before exactly as Register makes it now
+    # (aodm.devices.genesis_entry); a device's keys are never taken back (removed_seq).
+    """
+    CREATE FUNCTION registry.b64url(data bytea) RETURNS text LANGUAGE sql IMMUTABLE AS
+        $$ SELECT rtrim(translate(encode(data, 'base64'), E'+/\n', '-_'), '=') $$;
+    CREATE TABLE registry.devices (
+        handle text NOT NULL REFERENCES registry.handles,
+        device_id text NOT NULL,
+        kind text NOT NULL CHECK (kind IN ('device', 'recovery')),
+        sign_key bytea NOT NULL,
+        box_key bytea,
+        added_seq int NOT NULL,
+        removed_seq int,
+        PRIMARY KEY (handle, device_id)
+    );
+    CREATE INDEX devices_by_sign_key ON registry.devices (sign_key) WHERE removed_seq IS NULL;
+    CREATE TABLE registry.device_log (
+        handle text NOT NULL REFERENCES registry.handles,
+        seq int NOT NULL,
+        entry bytea NOT NULL,
+        head text NOT NULL,
+        at bigint NOT NULL,
+        PRIMARY KEY (handle, seq)
+    );
+    INSERT INTO registry.devices (handle, device_id, kind, sign_key, box_key, added_seq)
+        SELECT handle, substr(encode(sha256(sign_key), 'hex'), 1, 16), 'device', sign_key, box_key, 1
+        FROM registry.handles;
+    INSERT INTO registry.device_log (handle, seq, entry, head, at)
+        SELECT handle, 1, genesis.entry, registry.b64url(sha256(genesis.entry)), created_at
+        FROM registry.handles, LATERAL (SELECT convert_to(
+            '{"Op":"register","Handle":"' || handle || '","SignKey":"' || registry.b64url(sign_key)
+            || '","BoxKey":"' || registry.b64url(box_key) || '"}', 'UTF8') AS entry) AS genesis;
+    """,
 ]
 
 
@@ -79,10 +113,84 @@ async def lock_handle(conn: asyncpg.Connection, name: str) -> asyncpg.Record | N
 
 
 async def handles_of(conn: asyncpg.Connection, sign_key: bytes) -> list[asyncpg.Record]:
+    """The handles `sign_key` is a current device of."""
     return await conn.fetch(
-        "SELECT handle, sign_key, box_key, created_at FROM registry.handles WHERE sign_key = $1 ORDER BY handle",
+        """SELECT h.handle, h.sign_key, h.box_key, h.created_at FROM registry.handles AS h
+           JOIN registry.devices AS d ON d.handle = h.handle
+           WHERE d.sign_key = $1 AND d.removed_seq IS NULL AND d.kind = 'device' ORDER BY h.handle""",
         sign_key,
     )
+
+
+# -- devices --------------------------------------------------------------------------------
+
+_DEVICE = "device_id, kind, sign_key, box_key, added_seq"
+
+
+async def device_of(conn: asyncpg.Connection, handle: str, sign_key: bytes) -> asyncpg.Record | None:
+    """The current device (or recovery key) of `handle` with this signing key."""
+    return await conn.fetchrow(
+        f"SELECT {_DEVICE} FROM registry.devices WHERE handle = $1 AND sign_key = $2 AND removed_seq IS NULL",
+        handle, sign_key,
+    )
+
+
+async def devices(conn: asyncpg.Connection, handle: str) -> list[asyncpg.Record]:
+    """Every device `handle` ever had (removed_seq set for those removed), oldest first."""
+    return await conn.fetch(
+        f"SELECT {_DEVICE}, removed_seq FROM registry.devices WHERE handle = $1 ORDER BY added_seq", handle
+    )
+
+
+async def log_head(conn: asyncpg.Connection, handle: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "SELECT seq, head FROM registry.device_log WHERE handle = $1 ORDER BY seq DESC LIMIT 1", handle
+    )
+
+
+async def log_entries(conn: asyncpg.Connection, handle: str, after: int, limit: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT seq, entry FROM registry.device_log WHERE handle = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        handle, after, limit,
+    )
+
+
+async def log_times_since(conn: asyncpg.Connection, handle: str, since: int) -> list[int]:
+    """When each entry after the first made at or after `since` was, oldest first."""
+    return [row[0] for row in await conn.fetch(
+        "SELECT at FROM registry.device_log WHERE handle = $1 AND seq > 1 AND at >= $2 ORDER BY seq", handle, since)]
+
+
+async def append_log(conn: asyncpg.Connection, handle: str, seq: int, entry: bytes, head: str, at: int) -> None:
+    await conn.execute(
+        "INSERT INTO registry.device_log (handle, seq, entry, head, at) VALUES ($1, $2, $3, $4, $5)",
+        handle, seq, entry, head, at,
+    )
+
+
+async def add_device(conn: asyncpg.Connection, handle: str, device_id: str, kind: str, sign_key: bytes,
+                     box_key: bytes | None, seq: int) -> None:
+    await conn.execute(
+        """INSERT INTO registry.devices (handle, device_id, kind, sign_key, box_key, added_seq)
+           VALUES ($1, $2, $3, $4, $5, $6)""",
+        handle, device_id, kind, sign_key, box_key, seq,
+    )
+
+
+async def remove_device(conn: asyncpg.Connection, handle: str, device_id: str, seq: int) -> None:
+    await conn.execute(
+        "UPDATE registry.devices SET removed_seq = $3 WHERE handle = $1 AND device_id = $2 AND removed_seq IS NULL",
+        handle, device_id, seq,
+    )
+
+
+async def peers_of(conn: asyncpg.Connection, handle: str) -> list[str]:
+    """Every handle `handle` has a session with."""
+    return [row[0] for row in await conn.fetch(
+        """SELECT CASE WHEN handle_lo = $1 THEN handle_hi ELSE handle_lo END FROM registry.sessions
+           WHERE handle_lo = $1 OR handle_hi = $1""",
+        handle,
+    )]
 
 
 def _pair(a: str, b: str) -> tuple[str, str]:
