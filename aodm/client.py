@@ -21,7 +21,7 @@ from nacl.signing import SigningKey
 from aodm import crypto, devices, envelope, topology
 from aodm.devices import DeviceLog
 from aodm.encoding import b64decode, b64encode
-from aodm.errors import InvalidArgument, Timeout, error_for
+from aodm.errors import Forbidden, InvalidArgument, KeyOutdated, NotAccepted, Timeout, error_for
 from aodm.registry_api import (
     REGISTRY_TARGET,
     AddDevice,
@@ -72,6 +72,7 @@ __all__ = ["Client", "Connecting", "NoHandle", "with_credentials"]
 T = TypeVar("T")
 C = TypeVar("C", bound="Client")
 _encoder = msgspec.json.Encoder()
+_DEVICES_SETTLE_TRIES = 6  # a rotation refused for a device list the session has not caught up with: ~2 s
 
 
 def with_credentials(url: str, user: str, password: str) -> str:
@@ -309,6 +310,21 @@ class Client:
         await self.add_device(devices.device_code(self.acting_as, recovery, None))
         return b64encode(bytes(recovery))
 
+    async def rotate_all(self) -> list[str]:
+        """A new key, sealed to the devices of now, in every session of this handle that
+        takes one (accepted, or a request of its own): run it after the handle's devices
+        change, so that a removed device reads nothing sent after and a new one reads it
+        all. Returns the sessions rotated."""
+        rotated = []
+        for chat in (await self.get_chat_list()).chats:
+            if chat.state in ("accepted", "outgoing"):
+                try:
+                    await self.rotate_session_key(chat.session_id, chat.peer)
+                except (NotAccepted, Forbidden):
+                    continue  # a request past its generations, or a block: its next key comes later
+                rotated.append(chat.session_id)
+        return rotated
+
     async def recover(self, handle: str, recovery_secret: str) -> DeviceChange:
         """Make this identity a device of `handle` with the handle's recovery key (every
         device lost): the AddDevice is signed by the recovery key."""
@@ -326,14 +342,24 @@ class Client:
     # -- session -----------------------------------------------------------------------
 
     async def rotate_session_key(self, session_id: str, peer: str, session_key: bytes | None = None) -> int:
-        """Seal a fresh key to both members' registered box keys (steps 1–4 of the seed)."""
+        """Seal a fresh key to every current device of both members, each read from the
+        member's device log as verified here (steps 1–4 of the seed, for every device)."""
         session_key = session_key or crypto.new_session_key()
-        own = self.acting_as
-        keys = []
-        for handle in sorted({own, peer}):
-            box_public = self.identity.box_public if handle == own else (await self.query_handle(handle)).box_key
-            keys.append(SealedKey(handle, box_public, crypto.seal_session_key(session_key, box_public)))
-        generation = (await self.call(session_id, RotateSessionKey(keys), Rotated)).generation
+        for attempt in range(1, _DEVICES_SETTLE_TRIES + 1):
+            keys = []
+            for handle in sorted({self.acting_as, peer}):
+                log = await self.device_log(handle)
+                for device in sorted(log.devices.values(), key=lambda d: d.added_seq):
+                    if device.kind == "device" and device.box_key:
+                        keys.append(SealedKey(handle, device.box_key, crypto.seal_session_key(session_key, device.box_key)))
+            try:
+                generation = (await self.call(session_id, RotateSessionKey(keys), Rotated)).generation
+                break
+            except InvalidArgument as exc:
+                # The session workers learn of a device change a moment after the registry.
+                if "current device" not in exc.message or attempt == _DEVICES_SETTLE_TRIES:
+                    raise
+                await asyncio.sleep(0.1 * attempt)
         self._keys[(session_id, generation)] = session_key
         self._current[session_id] = generation
         return generation
@@ -380,9 +406,11 @@ class Client:
     # -- plaintext on top --------------------------------------------------------------
 
     def _open(self, session_id: str, batch: KeyBatch) -> bytes:
-        mine = next((k for k in batch.keys if k.handle == self.handle), None)
+        mine = next((k for k in batch.keys if k.handle == self.handle and k.box_key == self.identity.box_public), None)
         if mine is None:
-            raise crypto.DecryptionFailed(f"generation {batch.generation} holds no key for {self.handle!r}")
+            raise crypto.DecryptionFailed(
+                f"generation {batch.generation} holds no key for this device of {self.handle!r} "
+                f"(sealed before it was added: a newer generation is)")
         key = crypto.open_session_key(mine.sealed_key, self.identity.box_key)
         self._keys[(session_id, batch.generation)] = key
         return key
@@ -400,9 +428,18 @@ class Client:
         return generation, self._keys[(session_id, generation)]
 
     async def send_text(self, session_id: str, text: str) -> Sent:
-        """Encrypt `text` under the session's current key and send it."""
+        """Encrypt `text` under the session's current key and send it. If a member's
+        devices changed since that key (`KeyOutdated`), seal a new one to the devices of now
+        and send under it (the refused message was not stored)."""
         generation, key = await self.session_key(session_id)
-        return await self.send_message(session_id, crypto.encrypt(key, text), generation)
+        try:
+            return await self.send_message(session_id, crypto.encrypt(key, text), generation)
+        except KeyOutdated:
+            batch = await self.get_current_key(session_id)
+            peer = next((k.handle for k in batch.keys if k.handle != self.acting_as), self.acting_as)
+            generation = await self.rotate_session_key(session_id, peer)
+            _, key = await self.session_key(session_id, generation)
+            return await self.send_message(session_id, crypto.encrypt(key, text), generation)
 
     async def decrypt(self, session_id: str, generation: int, content: str) -> str:
         """The plaintext of `content`, encrypted under the session key of `generation`."""

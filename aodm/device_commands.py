@@ -31,18 +31,24 @@ async def code(ctx: Context) -> int:
 
 
 async def add(ctx: Context) -> int:
+    """Then a new key in every session, sealed to the new device too."""
     async with ctx.client() as client:
         change = await client.add_device(ctx.args.code)
-    ctx.out.emit({"handle": client.handle, "device_id": change.device_id, "seq": change.seq},
-                 f"added device {change.device_id} to {client.handle} (device log entry {change.seq})")
+        rotated = await client.rotate_all()
+    ctx.out.emit({"handle": client.handle, "device_id": change.device_id, "seq": change.seq, "rotated": len(rotated)},
+                 f"added device {change.device_id} to {client.handle} (device log entry {change.seq}); "
+                 f"new keys in {len(rotated)} chats, which it reads from now on")
     return 0
 
 
 async def remove(ctx: Context) -> int:
+    """Then a new key in every session, which the removed device cannot open."""
     async with ctx.client() as client:
         change = await client.remove_device(ctx.args.device_id)
-    ctx.out.emit({"handle": client.handle, "device_id": change.device_id, "seq": change.seq},
-                 f"removed device {change.device_id} from {client.handle}: its key is refused from now on")
+        rotated = await client.rotate_all()
+    ctx.out.emit({"handle": client.handle, "device_id": change.device_id, "seq": change.seq, "rotated": len(rotated)},
+                 f"removed device {change.device_id} from {client.handle}: its key is refused from now on, "
+                 f"and {len(rotated)} chats have a new key it cannot open")
     return 0
 
 

@@ -25,7 +25,7 @@ from nacl.signing import SigningKey, VerifyKey
 
 from aodm import envelope as envelopes
 from aodm.encoding import b64decode, b64encode
-from aodm.errors import Forbidden, InvalidArgument, InvalidSignature, MalformedRequest, Unauthorized
+from aodm.errors import Forbidden, InvalidArgument, MalformedRequest, Unauthorized
 from aodm.registry_api import REGISTRY_TARGET, AddDevice, DeviceKeys, RemoveDevice
 
 __all__ = [
@@ -144,7 +144,8 @@ class DeviceLog:
         try:
             VerifyKey(key).verify(claim_bytes(self.handle, keys), b64decode(req.proof, field="Proof", length=64))
         except BadSignatureError:
-            raise InvalidSignature("Proof is not the new key's signature of its claim") from None
+            # invalid_argument, not invalid_signature: the envelope itself is well signed
+            raise InvalidArgument("Proof is not the new key's signature of its claim") from None
         new = device_id(key)
         if new in self.ever:
             raise InvalidArgument(f"device {new} was a device of {self.handle!r} before: a key is never taken back")

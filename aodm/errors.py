@@ -19,6 +19,7 @@ __all__ = [
     "AlreadyExists",
     "NoSessionKey",
     "NotAccepted",
+    "KeyOutdated",
     "InternalError",
     "RateLimited",
     "Timeout",
@@ -112,6 +113,13 @@ class NotAccepted(AodmError):
     code = "not_accepted"
 
 
+class KeyOutdated(AodmError):
+    """The key batch the message names does not seal to the members' devices of now (one
+    was added or removed since): rotate, then send under the new generation."""
+
+    code = "key_outdated"
+
+
 class InternalError(AodmError):
     """A bug or a request that keeps failing; the request is dead-lettered."""
 
@@ -149,6 +157,7 @@ ALL_ERRORS: tuple[type[AodmError], ...] = (
     NoSessionKey,
     RateLimited,
     NotAccepted,
+    KeyOutdated,
     InternalError,
 )
 ERROR_CODES: dict[str, type[AodmError]] = {e.code: e for e in ALL_ERRORS}

@@ -5,6 +5,8 @@ from typing import Annotated, Literal
 import msgspec
 
 __all__ = [
+    "DeviceKeysOf",
+    "DevicesOf",
     "MAX_GENERATION",
     "DEFAULT_PAGE",
     "MAX_PAGE",
@@ -151,6 +153,20 @@ class Member(msgspec.Struct, rename="pascal"):
     handle: str
     sign_key: str
     box_key: str
+
+
+class DeviceKeysOf(msgspec.Struct, rename="pascal"):
+    sign_key: str
+    box_key: str
+
+
+class DevicesOf(msgspec.Struct, rename="pascal"):
+    """Internal, registry → session workers: `handle`'s devices (not its recovery keys) as
+    its device log stands after entry `seq`; an older `seq` never replaces a newer one."""
+
+    handle: str
+    seq: int
+    devices: list[DeviceKeysOf]
 
 
 class Spawn(msgspec.Struct, rename="pascal"):

@@ -28,6 +28,8 @@ __all__ = [
     "NOTIFIER_ROUTING_KEY",
     "NOTIFIER_QUEUE",
     "WORKERS_QUEUE",
+    "SESSION_DEVICES_ROUTING_KEY",
+    "SESSION_DEVICES_QUEUE",
     "DEAD_LETTER_QUEUE",
     "may_reply_to",
     "shard_queue",
@@ -73,6 +75,8 @@ ACTIVITY_QUEUE = "aodm.registry.activity"
 NOTIFIER_ROUTING_KEY = "notifier.events"
 NOTIFIER_QUEUE = "aodm.notifier.events"
 WORKERS_QUEUE = "aodm.session.workers"
+SESSION_DEVICES_ROUTING_KEY = "session.devices"
+SESSION_DEVICES_QUEUE = "aodm.session.devices"
 DEAD_LETTER_QUEUE = "aodm.dead-letters"
 
 _DEAD = {"x-dead-letter-exchange": DEAD_LETTERS}
@@ -153,6 +157,8 @@ async def declare_session_shards(bus: Bus, shards: int) -> None:
         await bus.declare_queue(shard_queue(shard), arguments=_DEAD)
         await bus.bind(shard_queue(shard), SESSIONS, "1")
     await bus.declare_queue(WORKERS_QUEUE, arguments={"x-max-length": 0})
+    await bus.declare_queue(SESSION_DEVICES_QUEUE, arguments=_DEAD)
+    await bus.bind(SESSION_DEVICES_QUEUE, INTERNAL, SESSION_DEVICES_ROUTING_KEY)
 
 
 async def declare_notifier(bus: Bus) -> None:

@@ -8,14 +8,22 @@ import secrets
 import pytest
 from nacl.signing import SigningKey
 
-from aodm import devices, envelope, topology
+from aodm import crypto, devices, envelope, topology
 from aodm.client import Client
 from aodm.crypto import Identity
 from aodm.encoding import b64decode, b64encode
-from aodm.errors import Forbidden, InvalidArgument, InvalidSignature, RateLimited, Unauthorized
+from aodm.errors import (
+    Forbidden,
+    InvalidArgument,
+    KeyOutdated,
+    NoSessionKey,
+    RateLimited,
+    Unauthorized,
+)
 from aodm.inbox import Inbox, InboxUnavailable
 from aodm.notifications import DevicesChanged, NewMessage
 from aodm.registry_api import REGISTRY_TARGET, AddDevice, DeviceChange, DeviceKeys, RemoveDevice
+from aodm.session_api import Rotated, RotateSessionKey, SealedKey
 from services.registry import store as registry_store
 from services.registry.devices import DEVICE_CHANGES_PER_DAY
 from shared import db
@@ -66,7 +74,7 @@ def test_a_claim_not_signed_by_the_new_key_is_refused(log, first):
     phone, other = Identity.generate(), SigningKey.generate()
     keys = DeviceKeys(phone.sign_public, phone.box_public)
     forged = AddDevice(keys, devices.sign_claim(other, "alice", keys), log.head)
-    with pytest.raises(InvalidSignature):
+    with pytest.raises(InvalidArgument, match="Proof"):
         log.apply(_entry(first.signing_key, "alice", "AddDevice", forged))
 
 
@@ -202,7 +210,7 @@ async def test_bad_device_changes_are_refused_and_change_nothing(make_client):
     mallory.handle = bob.handle  # signs as bob with a key that is no device of bob's
     with pytest.raises(Unauthorized):
         await mallory.call(REGISTRY_TARGET, AddDevice(keys, proof, before.head), DeviceChange)
-    with pytest.raises(InvalidSignature):  # a claim the new key did not sign
+    with pytest.raises(InvalidArgument):  # a claim the new key did not sign
         forged = devices.sign_claim(SigningKey.generate(), bob.handle, keys)
         await bob.call(REGISTRY_TARGET, AddDevice(keys, forged, before.head), DeviceChange)
     with pytest.raises(InvalidArgument):  # a stale head
@@ -270,3 +278,153 @@ async def test_the_device_migration_gives_every_handle_its_first_device_and_log(
     finally:
         await pool.close()
         await drop_database(name)
+
+
+# -- devices in sessions ------------------------------------------------------------------------
+
+
+async def eventually(check, timeout: float = 10.0) -> None:
+    """The session workers learn of a device change a moment after the registry (an event)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            return await check()
+        except AssertionError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def known_to_the_session(device: Client, session: str) -> None:
+    """Wait until the session workers take `device`'s key (before: unauthorized)."""
+
+    async def known() -> None:
+        try:
+            await device.get_current_key(session)
+        except Unauthorized as exc:
+            raise AssertionError(str(exc)) from None
+        except NoSessionKey:
+            pass
+
+    await eventually(known)
+
+
+async def test_a_second_device_reads_and_sends_in_the_handles_sessions(make_client, devices_of):
+    alice, bob = await make_client("alice"), await make_client("bob")
+    [phone] = await devices_of(bob, 1)
+    session = (await alice.establish_session(bob.handle)).session_id
+    await known_to_the_session(phone, session)
+    await alice.rotate_session_key(session, bob.handle)  # one sealed key per device of both
+    batch = await phone.get_current_key(session)
+    assert sorted((k.handle, k.box_key) for k in batch.keys) == sorted(
+        [(alice.handle, alice.identity.box_public), (bob.handle, bob.identity.box_public),
+         (bob.handle, phone.identity.box_public)])
+    await alice.send_text(session, "to both of bob's devices")
+    sent = await phone.send_text(session, "from bob's phone")  # a reply: accepts the request
+    page = (await alice.query_messages(session)).messages
+    assert [await alice.read_text(session, m) for m in page] == ["to both of bob's devices", "from bob's phone"]
+    assert page[1].sender == bob.handle and page[1].sender_key == phone.identity.sign_public and sent.seq == 2
+    assert [await c.read_text(session, page[0]) for c in (bob, phone)] == ["to both of bob's devices"] * 2
+
+
+async def test_a_batch_must_seal_to_every_current_device(make_client, devices_of):
+    alice, bob = await make_client("alice"), await make_client("bob")
+    [phone] = await devices_of(bob, 1)
+    session = (await alice.establish_session(bob.handle)).session_id
+    await known_to_the_session(phone, session)
+    key = b"k" * 32
+    only_first = [SealedKey(h, c.identity.box_public, crypto.seal_session_key(key, c.identity.box_public))
+                  for h, c in sorted([(alice.handle, alice), (bob.handle, bob)])]
+    with pytest.raises(InvalidArgument, match="each current device"):
+        await alice.call(session, RotateSessionKey(only_first), Rotated)
+    twice = [*only_first, only_first[-1]]
+    with pytest.raises(InvalidArgument):
+        await alice.call(session, RotateSessionKey(twice), Rotated)
+    with pytest.raises(NoSessionKey):  # nothing was stored
+        await alice.get_current_key(session)
+
+
+async def test_a_removed_device_is_refused_in_sessions_and_cannot_open_the_next_key(make_client, devices_of):
+    alice, bob = await make_client("alice"), await make_client("bob")
+    [phone] = await devices_of(bob, 1)
+    session = (await alice.establish_session(bob.handle)).session_id
+    await bob.accept(session)
+    await known_to_the_session(phone, session)
+    await alice.rotate_session_key(session, bob.handle)
+    await bob.remove_device(phone.device_id)
+    assert await bob.rotate_all() == [session]  # sealed to the devices left
+
+    async def phone_refused() -> None:
+        try:
+            await phone.get_current_key(session)
+        except Unauthorized:
+            return
+        raise AssertionError("the removed phone still reads the session")
+
+    await eventually(phone_refused)
+    batch = await bob.get_current_key(session)
+    assert phone.identity.box_public not in {k.box_key for k in batch.keys}
+
+
+async def test_an_older_device_list_never_replaces_a_newer_one(stack):
+    from services.session import store as session_store
+
+    pool = await db.connect(stack.database_url, size=1)
+    try:
+        async with pool.acquire() as conn:
+            handle = f"h-{secrets.token_hex(4)}"
+            assert await session_store.set_handle_devices(conn, handle, 3, [b"n" * 32], [b"b" * 32])
+            assert not await session_store.set_handle_devices(conn, handle, 2, [b"o" * 32], [b"b" * 32])
+            assert [bytes(k) for k in (await session_store.handle_devices(conn, handle))["sign_keys"]] == [b"n" * 32]
+    finally:
+        await pool.close()
+
+
+async def test_the_session_device_migration_keeps_key_batches():
+    from services.session import store as session_store
+
+    name, dsn = await new_database("aodm_test_session_devices_upgrade")
+    pool = await db.connect(dsn, size=2)
+    try:
+        await db.migrate(pool, session_store.SCHEMA, session_store.MIGRATIONS[:-1])
+        await pool.execute("INSERT INTO session.sessions (session_id, created_at, key_generation) VALUES ('s', 0, 1)")
+        for handle in ("alice", "bob"):
+            await pool.execute("""INSERT INTO session.keys (session_id, generation, handle, box_key, sealed_key, rotated_by,
+                                  created_at) VALUES ('s', 1, $1, $2, $3, 'alice', 0)""", handle, handle.encode() * 8, b"x" * 80)
+        await db.migrate(pool, session_store.SCHEMA, session_store.MIGRATIONS)
+        async with pool.acquire() as conn:
+            assert [r["handle"] for r in await session_store.key_batch(conn, "s", 1)] == ["alice", "bob"]
+            await session_store.insert_key_batch(conn, "s", 2, "alice", 1, [
+                ("alice", b"a" * 32, b"x" * 80), ("bob", b"b" * 32, b"x" * 80), ("bob", b"p" * 32, b"x" * 80)])
+            assert len(await session_store.key_batch(conn, "s", 2)) == 3
+    finally:
+        await pool.close()
+        await drop_database(name)
+
+
+async def test_a_send_under_a_key_sealed_before_a_device_change_is_refused_and_the_client_rotates(
+        make_client, devices_of):
+    alice, bob = await make_client("alice"), await make_client("bob")
+    session = (await alice.establish_session(bob.handle)).session_id
+    old = await alice.rotate_session_key(session, bob.handle)
+    await bob.accept(session)
+    [phone] = await devices_of(bob, 1)
+    await known_to_the_session(phone, session)
+    _, key = await alice.session_key(session, old)
+    with pytest.raises(KeyOutdated):  # the phone could not read it: not stored
+        await alice.send_message(session, crypto.encrypt(key, "under the old key"), old)
+    sent = await alice.send_text(session, "under a key for the phone too")  # rotates, then sends
+    assert sent.generation == old + 1
+    [message] = (await phone.query_messages(session)).messages
+    assert message.seq == 1 and await phone.read_text(session, message) == "under a key for the phone too"
+    await bob.remove_device(phone.device_id)
+
+    async def refused_again() -> None:
+        try:
+            await alice.send_message(session, crypto.encrypt((await alice.session_key(session, sent.generation))[1], "x"),
+                                     sent.generation)
+        except KeyOutdated:
+            return
+        raise AssertionError("a key the removed phone holds was still taken")
+
+    await eventually(refused_again)

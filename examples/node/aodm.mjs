@@ -97,6 +97,8 @@ export const RateLimited = errorClass('rate_limited', 'RateLimited');
  * the same on purpose (§11.6).
  */
 export const NotAccepted = errorClass('not_accepted', 'NotAccepted');
+/** A member's devices changed since the key batch the message names: rotate, send under the new one (§10.8). */
+export const KeyOutdated = errorClass('key_outdated', 'KeyOutdated');
 export const InternalError = errorClass('internal', 'InternalError');
 /** Client side only: no reply within the deadline. Resend the same envelope (§9.2). */
 export const TimeoutError = errorClass('timeout', 'TimeoutError');
@@ -111,7 +113,8 @@ export class DecryptionFailed extends Error {
 export const ERRORS = Object.fromEntries(
   [
     MalformedRequest, PayloadTooLarge, InvalidSignature, StaleRequest, UnknownAction, Unauthorized,
-    Forbidden, InvalidArgument, NotFound, AlreadyExists, NoSessionKey, RateLimited, NotAccepted, InternalError,
+    Forbidden, InvalidArgument, NotFound, AlreadyExists, NoSessionKey, RateLimited, NotAccepted, KeyOutdated,
+    InternalError,
   ].map((cls) => [cls.code, cls]),
 );
 
@@ -572,7 +575,7 @@ export class DeviceLog {
     if (keys.BoxKey !== null) b64decode(keys.BoxKey, { length: 32, field: 'BoxKey' });
     const proof = b64decode(Proof, { length: 64, field: 'Proof' });
     if (!sodium.crypto_sign_verify_detached(proof, claimBytes(this.handle, keys), key)) {
-      throw new InvalidSignature("Proof is not the new key's signature of its claim");
+      throw new InvalidArgument("Proof is not the new key's signature of its claim"); // the envelope itself is well signed
     }
     const id = deviceId(key);
     if (this.ever.has(id)) throw new InvalidArgument(`device ${id} was a device of ${this.handle} before: a key is never taken back`);
@@ -860,13 +863,15 @@ export class Client {
 
   // ---- §11 session actions
 
-  /** Seal a session key (fresh unless given) to both members' registered box keys. */
+  /** Seal a session key (fresh unless given) to every current device of both members,
+   * each read from the member's device log as verified here (§10.8, §11.1). */
   async rotateSessionKey(sessionId, peer, sessionKey = newSessionKey()) {
     const handles = [...new Set([this.handle, peer])].sort();
     const keys = [];
     for (const handle of handles) {
-      const boxKey = handle === this.handle ? this.identity.boxPublic : (await this.queryHandle(handle)).BoxKey;
-      keys.push({ Handle: handle, BoxKey: boxKey, SealedKey: sealSessionKey(sessionKey, boxKey) });
+      const log = await this.getDeviceLog(handle);
+      const devices = [...log.devices.values()].filter((d) => d.Kind === 'device').sort((a, b) => a.AddedSeq - b.AddedSeq);
+      for (const { BoxKey } of devices) keys.push({ Handle: handle, BoxKey, SealedKey: sealSessionKey(sessionKey, BoxKey) });
     }
     const { Generation } = await this.call(sessionId, 'RotateSessionKey', { Keys: keys });
     this._keys.set(`${sessionId}/${Generation}`, sessionKey);
@@ -925,8 +930,8 @@ export class Client {
   // ---- plaintext on top
 
   _openBatch(sessionId, batch) {
-    const mine = batch.Keys.find((k) => k.Handle === this.handle);
-    if (!mine) throw new DecryptionFailed(`generation ${batch.Generation} holds no key for ${this.handle}`);
+    const mine = batch.Keys.find((k) => k.Handle === this.handle && k.BoxKey === this.identity.boxPublic);
+    if (!mine) throw new DecryptionFailed(`generation ${batch.Generation} holds no key for this device of ${this.handle}`);
     const key = openSessionKey(mine.SealedKey, this.identity);
     this._keys.set(`${sessionId}/${batch.Generation}`, key);
     return key;
@@ -947,9 +952,20 @@ export class Client {
     return [generation, this._openBatch(sessionId, await this.getKeyByGeneration(sessionId, generation))];
   }
 
+  /** Encrypt under the current key and send; if a member's devices changed since that key
+   * (KeyOutdated: nothing was stored), seal a new one to the devices of now and send under it. */
   async sendText(sessionId, text) {
     const [generation, key] = await this.sessionKey(sessionId);
-    return this.sendMessage(sessionId, encrypt(key, text), generation);
+    try {
+      return await this.sendMessage(sessionId, encrypt(key, text), generation);
+    } catch (err) {
+      if (!(err instanceof KeyOutdated)) throw err;
+      const batch = await this.getCurrentKey(sessionId);
+      const peer = batch.Keys.map((k) => k.Handle).find((h) => h !== this.handle) ?? this.handle;
+      const rotated = await this.rotateSessionKey(sessionId, peer);
+      const [, fresh] = await this.sessionKey(sessionId, rotated);
+      return this.sendMessage(sessionId, encrypt(fresh, text), rotated);
+    }
   }
 
   async decrypt(sessionId, generation, content) {

@@ -24,6 +24,7 @@ from aodm.registry_api import (
     RemoveDevice,
     check_handle,
 )
+from aodm.session_api import DeviceKeysOf, DevicesOf
 from services.registry import credentials, store
 from services.registry.inboxes import Inboxes
 from services.registry.limits import DAY_MS, within
@@ -60,6 +61,10 @@ async def _append(ctx: Context, before: DeviceLog) -> DeviceLog:
 
 
 async def _tell(ctx: Context, log: DeviceLog, change: str, changed: str) -> None:
+    """The session workers (which devices may act in the handle's sessions), then the
+    handle's devices and its peers."""
+    current = [DeviceKeysOf(d.sign_key, d.box_key) for d in log.devices.values() if d.kind == "device" and d.box_key]
+    ctx.emit(topology.INTERNAL, topology.SESSION_DEVICES_ROUTING_KEY, DevicesOf(log.handle, log.seq, current))
     recipients = [log.handle, *await store.peers_of(ctx.conn, log.handle)]
     ctx.notify(DevicesChanged, recipients, subject=log.handle, seq=log.seq, change=change, device_id=changed)
 

@@ -11,6 +11,7 @@ import functools
 import msgspec
 
 from aodm import topology
+from aodm.errors import AodmError
 from aodm.session_api import (
     Accept,
     Block,
@@ -24,7 +25,9 @@ from aodm.session_api import (
 from aodm.transport import Delivery
 from services.session import consent, keys, members, messages, store
 from services.session.activity import ActivityFeed
+from services.session.app import App
 from services.session.batches import Combiner
+from services.session.devices import Devices, store_devices
 from services.session.limits import SendLimits
 from services.session.shards import BATCH_SIZE, ShardOwner, fence
 from shared import db, runtime
@@ -54,14 +57,14 @@ def actions(limits: SendLimits) -> dict[str, Action]:
 
 
 async def start(rt: runtime.Runtime) -> None:
-    directory = members.MemberDirectory()
+    directory = members.MemberDirectory(Devices())
     feed = ActivityFeed(rt.bus)
     limits = SendLimits.per_second(rt.settings.send_rate, rt.settings.send_session_rate,
                                    request_messages=rt.settings.request_messages)
     processor = Processor(
         name="session", schema=store.SCHEMA, pool=rt.pool, read_pool=rt.read_pool, bus=rt.bus, actions=actions(limits),
         authenticate=directory.authenticate,
-        handler_timeout=rt.settings.handler_timeout_s, stopping=rt.stop, app=feed, fence=fence,
+        handler_timeout=rt.settings.handler_timeout_s, stopping=rt.stop, app=App(feed, directory), fence=fence,
     )
 
     async def run_batch(deliveries: list[Delivery]) -> "asyncio.Future | None":
@@ -97,7 +100,20 @@ async def start(rt: runtime.Runtime) -> None:
             log.warning("bad spawn dropped", error=str(exc))
         await delivery.ack()
 
+    async def on_devices(delivery: Delivery) -> None:
+        """A handle's devices changed (the registry's DevicesOf): stored, and every worker told."""
+        if delivery.user_id != rt.bus.user:
+            log.warning("devices event from another broker user dropped", user_id=delivery.user_id)
+            return await delivery.ack()
+        try:
+            await db.retrying(lambda: store_devices(rt.pool, delivery.body), what="devices", pool=rt.pool)
+        except (msgspec.DecodeError, AodmError) as exc:
+            log.warning("bad devices event dropped", error=str(exc))
+        await delivery.ack()
+
     runtime.requests_from_zero("session", processor.actions)
+    rt.background(directory.devices.listen(rt.settings.database_url, rt.stop))
+    await rt.consume(topology.SESSION_DEVICES_QUEUE, on_devices, concurrency=1)
     combiner = Combiner(run_batch, limit=COMBINED_BATCH)
     rt.background(combiner.serve())
     rt.background(feed.serve(rt.pool))

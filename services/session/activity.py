@@ -28,8 +28,8 @@ _encoder = msgspec.json.Encoder()
 
 def touch(ctx: Context, session_id: str, at: int) -> None:
     """The session was active at `at` (its members' chat lists sort by it), once what the
-    handler wrote has committed. The session worker hands its feed to handlers as ctx.app."""
-    feed: ActivityFeed = ctx.app
+    handler wrote has committed (the worker's feed is ctx.app.feed)."""
+    feed: ActivityFeed = ctx.app.feed
     ctx.on_commit(lambda: feed.add([Activity(session_id, at)]))
 
 

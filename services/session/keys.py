@@ -18,23 +18,22 @@ from services.session.members import Members
 from shared.actions import Context
 
 
-def _checked_entries(members: Members, req: RotateSessionKey) -> list[tuple[str, bytes, bytes]]:
-    """Exactly one entry per member, each sealed to that member's registered box key."""
-    handles = [entry.handle for entry in req.keys]
-    if sorted(handles) != sorted(members.handles):
-        raise InvalidArgument(f"Keys must hold exactly one entry for each of {', '.join(sorted(members.handles))}")
-    entries = []
-    for entry in req.keys:
-        box_key = b64decode(entry.box_key, field="BoxKey", length=32)
-        if box_key != members.box_key(entry.handle):
-            raise InvalidArgument(f"the key for {entry.handle!r} is not sealed to its registered box key")
-        entries.append((entry.handle, box_key, b64decode(entry.sealed_key, field="SealedKey", length=SEALED_KEY_BYTES)))
+async def _checked_entries(ctx: Context, members: Members, req: RotateSessionKey) -> list[tuple[str, bytes, bytes]]:
+    """Exactly one entry per current device of each member, sealed to that device's box key."""
+    expected = await ctx.app.directory.devices_now(ctx.conn, members)
+    entries = [(entry.handle, b64decode(entry.box_key, field="BoxKey", length=32),
+                b64decode(entry.sealed_key, field="SealedKey", length=SEALED_KEY_BYTES)) for entry in req.keys]
+    named = [(handle, box) for handle, box, _ in entries]
+    if len(set(named)) != len(named) or set(named) != expected:
+        counts = ", ".join(f"{h}: {sum(1 for eh, _ in expected if eh == h)}" for h in members.handles)
+        raise InvalidArgument(f"Keys must hold exactly one entry for each current device of each member, "
+                              f"sealed to its box key (devices: {counts}; GetDeviceLog lists them)")
     return entries
 
 
 async def rotate_session_key(ctx: Context, req: RotateSessionKey) -> Rotated:
     members: Members = ctx.scope
-    entries = _checked_entries(members, req)
+    entries = await _checked_entries(ctx, members, req)
     session_id = ctx.envelope.target
     rotated = await store.next_generation(ctx.conn, session_id, ctx.caller, REQUEST_GENERATIONS)
     if rotated is None:

@@ -1,6 +1,8 @@
 """Who belongs to a session: created by the registry's Spawn, read on every request.
 
-Members never change once spawned, so they are cached in memory after the first read."""
+Members never change once spawned, so they are cached in memory after the first read. Who
+may act as a member is any current device of its handle (devices.py): the one Spawn gave
+until the registry tells of others."""
 
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ from aodm.envelope import Envelope, now_ms
 from aodm.errors import Forbidden, NotFound, Unauthorized
 from aodm.session_api import Spawn
 from services.session import store
+from services.session.devices import Devices
 from shared.actions import Action
 
 
@@ -33,9 +36,35 @@ class Members:
 
 
 class MemberDirectory:
-    def __init__(self, capacity: int = 100_000) -> None:
+    def __init__(self, devices: Devices | None = None, capacity: int = 100_000) -> None:
         self._cache: OrderedDict[str, Members] = OrderedDict()
+        self._batches: OrderedDict[tuple[str, int], frozenset[tuple[str, bytes]]] = OrderedDict()
         self._capacity = capacity
+        self.devices = devices or Devices()
+
+    async def sealed_to(self, conn: asyncpg.Connection, session_id: str, generation: int) -> frozenset[tuple[str, bytes]] | None:
+        """Whose devices a key batch seals to (a batch never changes: cached); None if there is none."""
+        key = (session_id, generation)
+        if key not in self._batches:
+            rows = await store.sealed_to(conn, session_id, generation)
+            if not rows:
+                return None
+            self._batches[key] = frozenset((row["handle"], bytes(row["box_key"])) for row in rows)
+            if len(self._batches) > self._capacity:
+                self._batches.popitem(last=False)
+        return self._batches[key]
+
+    async def devices_now(self, conn: asyncpg.Connection, members: Members) -> frozenset[tuple[str, bytes]]:
+        """(handle, box key) of every current device of both members: what a batch must seal to."""
+        now = []
+        for handle in members.handles:
+            now += [(handle, box) for box in (await self.device_keys(conn, members, handle)).values()]
+        return frozenset(now)
+
+    async def device_keys(self, conn: asyncpg.Connection, members: Members, handle: str) -> dict[bytes, bytes]:
+        """The current devices of a member: signing key -> box key."""
+        known = await self.devices.of(conn, handle)
+        return known.keys if known is not None else {members.sign_keys[handle]: members.box_keys[handle]}
 
     async def lookup(self, conn: asyncpg.Connection, session_id: str) -> Members | None:
         members = self._cache.get(session_id)
@@ -56,11 +85,10 @@ class MemberDirectory:
         members = await self.lookup(conn, env.target)
         if members is None:
             raise NotFound(f"no session {env.target!r}")
-        key = members.sign_keys.get(env.from_)
-        if key is None:
+        if env.from_ not in members.sign_keys:
             raise Forbidden(f"{env.from_!r} is not a member of this session")
-        if key != b64decode(env.owner, field="Owner", length=32):
-            raise Unauthorized(f"handle {env.from_!r} is not owned by the key that signed")
+        if b64decode(env.owner, field="Owner", length=32) not in await self.device_keys(conn, members, env.from_):
+            raise Unauthorized(f"the key that signed is no current device of {env.from_!r}")
         return env.from_, members
 
 

@@ -3,7 +3,7 @@
 import re
 
 from aodm.encoding import b64decode, b64encode
-from aodm.errors import AodmError, InvalidArgument, NoSessionKey, NotFound
+from aodm.errors import AodmError, InvalidArgument, KeyOutdated, NoSessionKey, NotFound
 from aodm.notifications import NewMessage
 from aodm.session_api import MAX_PAGE, MAX_PAGE_BYTES, MessagePage, QueryMessage, SendMessage, Sent, StoredMessage
 from services.session import activity, store
@@ -40,6 +40,17 @@ def _unnamed(req: SendMessage) -> AodmError | None:
     return None
 
 
+async def _outdated(ctx: Context, generation: int) -> AodmError | None:
+    """A new message goes only under a batch sealed to the members' devices of now: one
+    added since could not read it, one removed since could (protocol §10.8)."""
+    directory = ctx.app.directory
+    sealed = await directory.sealed_to(ctx.conn, ctx.envelope.target, generation)
+    if sealed is None or sealed == await directory.devices_now(ctx.conn, ctx.scope):
+        return None  # no such generation is the statement's to answer
+    return KeyOutdated(f"generation {generation} is not sealed to the members' devices of now: "
+                       "RotateSessionKey, then send under the new generation")
+
+
 def _refused(asked: int | None, current: int) -> AodmError:
     """Why a message was not stored: no key yet, or no such generation."""
     if not current:
@@ -59,21 +70,23 @@ async def send_messages(
     over its rate is refused before the statement (limits.py); a resend counts too. A
     request without Generation is looked up but never stored (_unnamed)."""
     results: list[Sent | AodmError | None] = []
+    refusals: dict[int, AodmError] = {}  # why a request that names a generation is not taken
     batch = []
-    for ctx, req in zip(ctxs, reqs, strict=True):
+    for i, (ctx, req) in enumerate(zip(ctxs, reqs, strict=True)):
         try:
             content = _content(req)
         except AodmError as exc:
             results.append(exc)
             continue
         takeable = ctx.stale is None and req.generation is not None
+        if takeable and (outdated := await _outdated(ctx, req.generation)):  # looked up, not taken
+            takeable, refusals[i] = False, outdated
         if limits is not None and takeable and (refused := limits.take(ctx.caller, ctx.envelope.target)):
             results.append(refused)
             continue
-        members: Members = ctx.scope
         shard, epoch = (ctx.lease.shard, ctx.lease.epoch) if ctx.lease is not None else (None, None)
-        batch.append((ctx.envelope.target, req.generation, ctx.envelope.id, ctx.caller, members.sign_keys[ctx.caller],
-                      content, takeable, shard, epoch))
+        signer = b64decode(ctx.envelope.owner, field="Owner", length=32)  # the device that sent it
+        batch.append((ctx.envelope.target, req.generation, ctx.envelope.id, ctx.caller, signer, content, takeable, shard, epoch))
         results.append(None)
     request_messages = limits.request_messages if limits is not None else REQUEST_MESSAGES
     stored = await store.store_messages(ctxs[0].conn, max(ctx.now for ctx in ctxs), batch, request_messages) if batch else {}
@@ -89,7 +102,7 @@ async def send_messages(
         elif row["refused"] is not None:
             results[i] = refusal(row["refused"])
         else:
-            results[i] = ctx.stale or _unnamed(req) or _refused(req.generation, row["current"])
+            results[i] = ctx.stale or _unnamed(req) or refusals.get(i) or _refused(req.generation, row["current"])
     return results
 
 

@@ -320,6 +320,17 @@ MIGRATIONS = [
              LEFT JOIN advanced AS v ON v.session_id = b.session_id;
     END $fn$;
     """,
+    # Devices (protocol §10.8): each handle's current devices as the registry last told
+    # (none: the first device, from Spawn), and key batches with one sealed key per device.
+    """
+    CREATE TABLE session.handle_devices (
+        handle text PRIMARY KEY,
+        seq int NOT NULL,
+        sign_keys bytea[] NOT NULL,
+        box_keys bytea[] NOT NULL
+    );
+    ALTER TABLE session.keys DROP CONSTRAINT keys_pkey, ADD PRIMARY KEY (session_id, generation, handle, box_key);
+    """,
 ]
 
 
@@ -340,6 +351,22 @@ async def create_session(
                ON CONFLICT DO NOTHING""",
             [(session_id, *member) for member in members],
         )
+
+
+async def handle_devices(conn: asyncpg.Connection, handle: str) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT sign_keys, box_keys FROM session.handle_devices WHERE handle = $1", handle)
+
+
+async def set_handle_devices(conn: asyncpg.Connection, handle: str, seq: int, sign_keys: list[bytes],
+                             box_keys: list[bytes]) -> bool:
+    """Keep `handle`'s devices as of its log's entry `seq`, unless a later entry's are here."""
+    return bool(await conn.fetchval(
+        """INSERT INTO session.handle_devices AS d (handle, seq, sign_keys, box_keys) VALUES ($1, $2, $3, $4)
+           ON CONFLICT (handle) DO UPDATE SET seq = excluded.seq, sign_keys = excluded.sign_keys,
+                                              box_keys = excluded.box_keys
+           WHERE d.seq < excluded.seq RETURNING true""",
+        handle, seq, sign_keys, box_keys,
+    ))
 
 
 async def members(conn: asyncpg.Connection, session_id: str) -> list[asyncpg.Record]:
@@ -402,6 +429,13 @@ async def insert_key_batch(
     )
 
 
+async def sealed_to(conn: asyncpg.Connection, session_id: str, generation: int) -> list[asyncpg.Record]:
+    """(handle, box_key) of each key in a batch; none for a generation that does not exist."""
+    return await conn.fetch(
+        "SELECT handle, box_key FROM session.keys WHERE session_id = $1 AND generation = $2", session_id, generation
+    )
+
+
 async def current_generation(conn: asyncpg.Connection, session_id: str) -> int:
     return await conn.fetchval("SELECT key_generation FROM session.sessions WHERE session_id = $1", session_id)
 
@@ -409,7 +443,7 @@ async def current_generation(conn: asyncpg.Connection, session_id: str) -> int:
 async def key_batch(conn: asyncpg.Connection, session_id: str, generation: int) -> list[asyncpg.Record]:
     return await conn.fetch(
         """SELECT handle, box_key, sealed_key, rotated_by, created_at FROM session.keys
-           WHERE session_id = $1 AND generation = $2 ORDER BY handle""",
+           WHERE session_id = $1 AND generation = $2 ORDER BY handle, box_key""",
         session_id, generation,
     )
 
