@@ -631,6 +631,22 @@ export const inboxQueue = (handle) => `aodm.inbox.${handle}`;
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+const DEVICES_SETTLE_TRIES = 6; // ~2 s, as the Python client
+
+/** call(), again a moment later while it is refused for a device list the session workers
+ * have not caught up with (they learn of a change a moment after the registry). */
+async function onceDevicesSettle(call) {
+  for (let attempt = 1; attempt < DEVICES_SETTLE_TRIES; attempt += 1) {
+    try {
+      return await call();
+    } catch (err) {
+      if (!(err instanceof InvalidArgument) || !err.message.includes('current device')) throw err;
+      await sleep(100 * attempt);
+    }
+  }
+  return call();
+}
+
 export class Client {
   /**
    * @param {string} url amqp://user:password@host:port/vhost
@@ -869,14 +885,55 @@ export class Client {
     const handles = [...new Set([this.handle, peer])].sort();
     const keys = [];
     for (const handle of handles) {
-      const log = await this.getDeviceLog(handle);
-      const devices = [...log.devices.values()].filter((d) => d.Kind === 'device').sort((a, b) => a.AddedSeq - b.AddedSeq);
-      for (const { BoxKey } of devices) keys.push({ Handle: handle, BoxKey, SealedKey: sealSessionKey(sessionKey, BoxKey) });
+      for (const BoxKey of await this._deviceBoxes(handle)) keys.push({ Handle: handle, BoxKey, SealedKey: sealSessionKey(sessionKey, BoxKey) });
     }
     const { Generation } = await this.call(sessionId, 'RotateSessionKey', { Keys: keys });
     this._keys.set(`${sessionId}/${Generation}`, sessionKey);
     this._current.set(sessionId, Generation);
     return Generation;
+  }
+
+  /** The box keys of `handle`'s current devices, oldest first, from its log as verified here. */
+  async _deviceBoxes(handle) {
+    const log = await this.getDeviceLog(handle);
+    return [...log.devices.values()].filter((d) => d.Kind === 'device' && d.BoxKey)
+      .sort((a, b) => a.AddedSeq - b.AddedSeq).map((d) => d.BoxKey);
+  }
+
+  /**
+   * Give this handle's other current devices every key of the session that this device can
+   * open and they lack (a device added after those keys were sealed), so they read the
+   * history too: ShareKeys for each such generation. Resolves to how many keys were added.
+   */
+  async shareKeys(sessionId) {
+    let current;
+    try {
+      current = (await this.getCurrentKey(sessionId)).Generation;
+    } catch (err) {
+      if (err instanceof NoSessionKey) return 0;
+      throw err;
+    }
+    let added = 0;
+    const boxes = await this._deviceBoxes(this.handle);
+    for (let generation = 1; generation <= current; generation += 1) {
+      const batch = await this.getKeyByGeneration(sessionId, generation);
+      const have = new Set(batch.Keys.filter((k) => k.Handle === this.handle).map((k) => k.BoxKey));
+      const missing = boxes.filter((box) => !have.has(box));
+      if (!have.has(this.identity.boxPublic) || missing.length === 0) continue; // not this device's to give, or nothing to give
+      const key = this._openBatch(sessionId, batch);
+      const keys = missing.map((BoxKey) => ({ Handle: this.handle, BoxKey, SealedKey: sealSessionKey(key, BoxKey) }));
+      const shared = await onceDevicesSettle(() => this.call(sessionId, 'ShareKeys', { Generation: generation, Keys: keys }));
+      added += shared.Added;
+    }
+    return added;
+  }
+
+  /** shareKeys in every session of this handle: run it on an old device after adding a
+   * new one. Resolves to how many keys were added. */
+  async shareHistory() {
+    let added = 0;
+    for (const { SessionId } of (await this.getChatList()).Chats) added += await this.shareKeys(SessionId);
+    return added;
   }
 
   getCurrentKey(sessionId) {

@@ -11,7 +11,7 @@ import {
   MalformedRequest, InvalidSignature, StaleRequest, DecryptionFailed, errorFor, NotFound, InternalError,
   NotAccepted, RateLimited, ERRORS, Client, CONSENT_STATES, withDefaults,
   deviceId, claimBytes, entryHash, genesisEntry, verifyLog, deviceCode, readDeviceCode, decodeEnvelope, deviceInbox,
-  InvalidArgument, Unauthorized, Forbidden, PayloadTooLarge,
+  InvalidArgument, Unauthorized, Forbidden, PayloadTooLarge, NoSessionKey, newSessionKey,
 } from './aodm.mjs';
 
 const load = (name) => JSON.parse(readFileSync(new URL(`../../tests/vectors/${name}`, import.meta.url), 'utf8'));
@@ -405,14 +405,14 @@ describe('devices (§10.8), without a broker', () => {
     Devices: DEVICE_LOG.Devices.map((d, i) => ({ DeviceId: d.DeviceId, Kind: 'device', SignKey: d.SignPublic, BoxKey: d.BoxPublic, AddedSeq: i + 1 })),
     ...overrides,
   });
-  const offline = (pages, identity = Identity.generate()) => {
+  const offline = (pages, identity = Identity.generate(), answer = (env, data) => ({ DeviceId: data.DeviceId ?? 'x', Seq: 3, Head: 'h' })) => {
     const client = new Client({ on() {} }, identity, { handle: 'alice', timeout: 1000 });
     const sent = [];
     client.request = async (env) => {
       sent.push(env);
       const data = JSON.parse(env.Data);
       if (actionOf(env) === 'GetDeviceLog') return pages(data.After);
-      return { DeviceId: data.DeviceId ?? 'x', Seq: 3, Head: 'h' };
+      return answer(env, data);
     };
     return { client, sent };
   };
@@ -450,5 +450,72 @@ describe('devices (§10.8), without a broker', () => {
     await client.removeDevice(DEVICE_LOG.Devices[1].DeviceId);
     assert.deepEqual(JSON.parse(sent.at(-1).Data), { DeviceId: DEVICE_LOG.Devices[1].DeviceId, Prev: DEVICE_LOG.Head });
     await assert.rejects(client.addDevice(deviceCode('bob', tablet)), InvalidArgument); // a code for another handle
+  });
+
+  describe('shareKeys: the keys of generations sealed before a device was added', () => {
+    const entries = DEVICE_LOG.Entries.map((e) => ({ Seq: e.Seq, Entry: e.Entry }));
+    const session = 'wL33keTQCHWI7d3UVb-WDl3Wqm3KiIC6b0IYZWZsRt4';
+    const sealed = (key, to, handle = 'alice') => ({ Handle: handle, BoxKey: to.boxPublic, SealedKey: sealSessionKey(key, to.boxPublic) });
+    let first;
+    let phone;
+    let keys;
+    let batches;
+    before(() => {
+      [first, phone] = DEVICE_LOG.Devices.map((d) => new Identity(b64decode(d.SigningSeed, { length: 32 }), b64decode(d.BoxSecret, { length: 32 })));
+      const bob = Identity.generate();
+      keys = [newSessionKey(), newSessionKey()];
+      // Generation 1 was sealed before alice added her phone, generation 2 after.
+      batches = {
+        1: { Generation: 1, RotatedBy: 'alice', CreatedAt: 1, Keys: [sealed(keys[0], first), sealed(keys[0], bob, 'bob')] },
+        2: { Generation: 2, RotatedBy: 'bob', CreatedAt: 2, Keys: [sealed(keys[1], first), sealed(keys[1], phone), sealed(keys[1], bob, 'bob')] },
+      };
+    });
+    const server = ({ refuseFirst = false } = {}) => {
+      let refused = !refuseFirst;
+      return (env, data) => {
+        switch (actionOf(env)) {
+          case 'GetCurrentKey': return batches[2];
+          case 'GetKeyByGeneration': return batches[data.Generation];
+          case 'GetChatList': return { Chats: [{ SessionId: session, Peer: 'bob', CreatedAt: 1, LastActivity: 2 }] };
+          case 'ShareKeys':
+            if (!refused) {
+              refused = true; // the session workers have not heard of the phone yet
+              throw new InvalidArgument("ShareKeys seals only to the caller's own current devices (GetDeviceLog lists them)");
+            }
+            return { Generation: data.Generation, Added: data.Keys.length };
+          default: throw new Error(`unexpected ${actionOf(env)}`);
+        }
+      };
+    };
+
+    test('the old device seals what only it holds to the new one, once per generation', async () => {
+      const { client, sent } = offline(() => page(entries), first, server());
+      assert.equal(await client.shareKeys(session), 1);
+      const shares = sent.filter((env) => actionOf(env) === 'ShareKeys');
+      assert.equal(shares.length, 1);
+      assert.equal(shares[0].Target, session);
+      assert.equal(shares[0].From, 'alice');
+      verifyEnvelope(shares[0]);
+      const data = JSON.parse(shares[0].Data);
+      assert.equal(data.Generation, 1);
+      assert.deepEqual(data.Keys.map((k) => [k.Handle, k.BoxKey]), [['alice', phone.boxPublic]]);
+      assert.deepEqual(openSessionKey(data.Keys[0].SealedKey, phone), keys[0]);
+    });
+
+    test('shareHistory does it in every chat, again while the session has not heard of the device', async () => {
+      const { client, sent } = offline(() => page(entries), first, server({ refuseFirst: true }));
+      assert.equal(await client.shareHistory(), 1);
+      assert.equal(sent.filter((env) => actionOf(env) === 'ShareKeys').length, 2);
+    });
+
+    test('nothing to give: the new device itself, or a session without a key', async () => {
+      const fromPhone = offline(() => page(entries), phone, server());
+      assert.equal(await fromPhone.client.shareKeys(session), 0);
+      assert.ok(!fromPhone.sent.some((env) => actionOf(env) === 'ShareKeys'));
+      const keyless = offline(() => page(entries), first, (env) => {
+        throw new NoSessionKey('the session has no key yet: RotateSessionKey first');
+      });
+      assert.equal(await keyless.client.shareKeys(session), 0);
+    });
   });
 });
