@@ -21,7 +21,7 @@ from nacl.signing import SigningKey
 from aodm import crypto, devices, envelope, topology
 from aodm.devices import DeviceLog
 from aodm.encoding import b64decode, b64encode
-from aodm.errors import Forbidden, InvalidArgument, KeyOutdated, NotAccepted, Timeout, error_for
+from aodm.errors import Forbidden, InvalidArgument, KeyOutdated, NoSessionKey, NotAccepted, Timeout, error_for
 from aodm.registry_api import (
     REGISTRY_TARGET,
     AddDevice,
@@ -62,6 +62,8 @@ from aodm.session_api import (
     SealedKey,
     SendMessage,
     Sent,
+    Shared,
+    ShareKeys,
     StoredMessage,
     Unblock,
 )
@@ -73,6 +75,19 @@ T = TypeVar("T")
 C = TypeVar("C", bound="Client")
 _encoder = msgspec.json.Encoder()
 _DEVICES_SETTLE_TRIES = 6  # a rotation refused for a device list the session has not caught up with: ~2 s
+
+
+async def _once_devices_settle(call: Callable[[], Awaitable[T]]) -> T:
+    """`call()`, again a moment later while it is refused for a device list the session
+    workers have not caught up with (they learn of a change a moment after the registry)."""
+    for attempt in range(1, _DEVICES_SETTLE_TRIES):
+        try:
+            return await call()
+        except InvalidArgument as exc:
+            if "current device" not in exc.message:
+                raise
+            await asyncio.sleep(0.1 * attempt)
+    return await call()
 
 
 def with_credentials(url: str, user: str, password: str) -> str:
@@ -344,25 +359,55 @@ class Client:
     async def rotate_session_key(self, session_id: str, peer: str, session_key: bytes | None = None) -> int:
         """Seal a fresh key to every current device of both members, each read from the
         member's device log as verified here (steps 1–4 of the seed, for every device)."""
-        session_key = session_key or crypto.new_session_key()
-        for attempt in range(1, _DEVICES_SETTLE_TRIES + 1):
+        new_key = session_key or crypto.new_session_key()
+
+        async def rotate() -> int:
             keys = []
             for handle in sorted({self.acting_as, peer}):
-                log = await self.device_log(handle)
-                for device in sorted(log.devices.values(), key=lambda d: d.added_seq):
-                    if device.kind == "device" and device.box_key:
-                        keys.append(SealedKey(handle, device.box_key, crypto.seal_session_key(session_key, device.box_key)))
-            try:
-                generation = (await self.call(session_id, RotateSessionKey(keys), Rotated)).generation
-                break
-            except InvalidArgument as exc:
-                # The session workers learn of a device change a moment after the registry.
-                if "current device" not in exc.message or attempt == _DEVICES_SETTLE_TRIES:
-                    raise
-                await asyncio.sleep(0.1 * attempt)
-        self._keys[(session_id, generation)] = session_key
+                for box_key in await self._device_boxes(handle):
+                    keys.append(SealedKey(handle, box_key, crypto.seal_session_key(new_key, box_key)))
+            return (await self.call(session_id, RotateSessionKey(keys), Rotated)).generation
+
+        generation = await _once_devices_settle(rotate)
+        self._keys[(session_id, generation)] = new_key
         self._current[session_id] = generation
         return generation
+
+    async def _device_boxes(self, handle: str) -> list[str]:
+        """The box keys of `handle`'s current devices, oldest first, from its verified log."""
+        log = await self.device_log(handle)
+        return [d.box_key for d in sorted(log.devices.values(), key=lambda d: d.added_seq)
+                if d.kind == "device" and d.box_key]
+
+    async def share_keys(self, session_id: str) -> int:
+        """Give this handle's other current devices every key of the session that this
+        device can open and they lack (a device added after those keys were sealed), so
+        they read the history too. Returns how many keys were added."""
+        try:
+            current = (await self.get_current_key(session_id)).generation
+        except NoSessionKey:
+            return 0
+        added = 0
+        boxes = await self._device_boxes(self.acting_as)
+        for generation in range(1, current + 1):
+            batch = await self.get_key_by_generation(session_id, generation)
+            have = {k.box_key for k in batch.keys if k.handle == self.acting_as}
+            missing = [box for box in boxes if box not in have]
+            if self.identity.box_public not in have or not missing:
+                continue  # not this device's to give, or nothing to give
+            key = self._open(session_id, batch)
+            keys = [SealedKey(self.acting_as, box, crypto.seal_session_key(key, box)) for box in missing]
+
+            async def share(keys: list[SealedKey] = keys, generation: int = generation) -> int:
+                return (await self.call(session_id, ShareKeys(generation, keys), Shared)).added
+
+            added += await _once_devices_settle(share)
+        return added
+
+    async def share_history(self) -> int:
+        """`share_keys` in every session of this handle: run it on an old device after adding
+        a new one. Returns how many keys were added."""
+        return sum([await self.share_keys(chat.session_id) for chat in (await self.get_chat_list()).chats])
 
     async def get_current_key(self, session_id: str) -> KeyBatch:
         """The session's newest key batch (`NoSessionKey` before the first rotation)."""

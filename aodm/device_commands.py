@@ -35,9 +35,11 @@ async def add(ctx: Context) -> int:
     async with ctx.client() as client:
         change = await client.add_device(ctx.args.code)
         rotated = await client.rotate_all()
-    ctx.out.emit({"handle": client.handle, "device_id": change.device_id, "seq": change.seq, "rotated": len(rotated)},
+        shared = await client.share_history()
+    ctx.out.emit({"handle": client.handle, "device_id": change.device_id, "seq": change.seq, "rotated": len(rotated),
+                  "keys_shared": shared},
                  f"added device {change.device_id} to {client.handle} (device log entry {change.seq}); "
-                 f"new keys in {len(rotated)} chats, which it reads from now on")
+                 f"new keys in {len(rotated)} chats, and {shared} older keys shared with it: it reads the history too")
     return 0
 
 

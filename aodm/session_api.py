@@ -18,6 +18,7 @@ __all__ = [
     "Request",
     "SealedKey",
     "RotateSessionKey",
+    "ShareKeys",
     "GetCurrentKey",
     "GetKeyByGeneration",
     "SendMessage",
@@ -30,6 +31,7 @@ __all__ = [
     "Consent",
     "KeyBatch",
     "Rotated",
+    "Shared",
     "Sent",
     "StoredMessage",
     "MessagePage",
@@ -61,6 +63,14 @@ class SealedKey(msgspec.Struct, forbid_unknown_fields=True, rename="pascal"):
 
 
 class RotateSessionKey(Request):
+    keys: list[SealedKey]
+
+
+class ShareKeys(Request):
+    """Give your own other devices the key of an older generation you can read (a device
+    added after it was sealed): one entry per device, each sealed to its box key."""
+
+    generation: Generation
     keys: list[SealedKey]
 
 
@@ -125,6 +135,13 @@ class KeyBatch(msgspec.Struct, rename="pascal"):
 
 class Rotated(msgspec.Struct, rename="pascal"):
     generation: int
+
+
+class Shared(msgspec.Struct, rename="pascal"):
+    """ShareKeys' result: how many of its keys the batch did not hold yet."""
+
+    generation: int
+    added: int
 
 
 class Sent(msgspec.Struct, rename="pascal"):

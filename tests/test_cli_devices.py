@@ -13,7 +13,8 @@ async def test_a_second_machine_is_added_listed_and_removed(stack, tmp_path):
     assert (await aodm(stack.amqp_url, laptop, "register", handle)).code == 0
     code = (await aodm(stack.amqp_url, phone, "--json", "device", "code", handle)).json()
     added = await aodm(stack.amqp_url, laptop, "--json", "device", "add", code["code"])
-    assert added.json() == {"handle": handle, "device_id": code["device_id"], "seq": 2, "rotated": 0}, added.err
+    assert added.json() == {"handle": handle, "device_id": code["device_id"], "seq": 2, "rotated": 0,
+                            "keys_shared": 0}, added.err
     listed = [(await aodm(stack.amqp_url, home, "--json", "device", "list")).json() for home in (laptop, phone)]
     assert listed[0]["head"] == listed[1]["head"] and listed[0]["seq"] == 2
     assert [d["this_device"] for d in listed[1]["devices"]] == [False, True]

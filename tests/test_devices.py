@@ -17,13 +17,14 @@ from aodm.errors import (
     InvalidArgument,
     KeyOutdated,
     NoSessionKey,
+    NotFound,
     RateLimited,
     Unauthorized,
 )
 from aodm.inbox import Inbox, InboxUnavailable
 from aodm.notifications import DevicesChanged, NewMessage
 from aodm.registry_api import REGISTRY_TARGET, AddDevice, DeviceChange, DeviceKeys, RemoveDevice
-from aodm.session_api import Rotated, RotateSessionKey, SealedKey
+from aodm.session_api import Rotated, RotateSessionKey, SealedKey, Shared, ShareKeys
 from services.registry import store as registry_store
 from services.registry.devices import DEVICE_CHANGES_PER_DAY
 from shared import db
@@ -428,3 +429,26 @@ async def test_a_send_under_a_key_sealed_before_a_device_change_is_refused_and_t
         raise AssertionError("a key the removed phone holds was still taken")
 
     await eventually(refused_again)
+
+
+async def test_an_old_device_shares_the_history_with_a_new_one(make_client, devices_of):
+    alice, bob = await make_client("alice"), await make_client("bob")
+    session = (await alice.establish_session(bob.handle)).session_id
+    await alice.rotate_session_key(session, bob.handle)
+    await bob.accept(session)
+    await alice.send_text(session, "before the phone")
+    [phone] = await devices_of(bob, 1)
+    await known_to_the_session(phone, session)
+    [early] = (await phone.query_messages(session)).messages
+    with pytest.raises(crypto.DecryptionFailed):  # sealed before it was added
+        await phone.read_text(session, early)
+    assert await bob.share_history() == 1
+    assert await phone.read_text(session, early) == "before the phone"
+    assert await bob.share_history() == 0  # nothing left to give
+    await alice.send_text(session, "under the first key still")  # the batch seals to every device now
+    key = SealedKey(alice.handle, alice.identity.box_public, crypto.seal_session_key(b"k" * 32, alice.identity.box_public))
+    with pytest.raises(InvalidArgument):  # only to one's own devices
+        await bob.call(session, ShareKeys(1, [key]), Shared)
+    own = SealedKey(bob.handle, phone.identity.box_public, crypto.seal_session_key(b"k" * 32, phone.identity.box_public))
+    with pytest.raises(NotFound):
+        await bob.call(session, ShareKeys(9, [own]), Shared)

@@ -57,7 +57,7 @@ from aodm.registry_api import (
     SessionRef,
 )
 from aodm.replies import Err, Ok, reply_decoder
-from aodm.session_api import Consent, KeyBatch, MessagePage, Rotated, Sent
+from aodm.session_api import Consent, KeyBatch, MessagePage, Rotated, Sent, Shared
 from services.registry.__main__ import ACTIONS as REGISTRY_ACTIONS
 from services.session.__main__ import ACTIONS as SESSION_ACTIONS
 from shared.actions import Action, decode_data
@@ -84,6 +84,7 @@ RESULT_TYPES: dict[str, type] = {
     "RemoveDevice": DeviceChange,
     "GetDeviceLog": DeviceLogPage,
     "RotateSessionKey": Rotated,
+    "ShareKeys": Shared,
     "GetCurrentKey": KeyBatch,
     "GetKeyByGeneration": KeyBatch,
     "SendMessage": Sent,
@@ -671,6 +672,7 @@ def near_valid_data(m: Members, name: str, action: Action) -> st.SearchStrategy[
             "Prev": st.one_of(b64(32, 32), strings)}),
         "GetDeviceLog": st.fixed_dictionaries({"Handle": handles}, optional={"After": st.integers(-1, 3)}),
         "RotateSessionKey": st.fixed_dictionaries({"Keys": st.one_of(entries, exact, exact)}),
+        "ShareKeys": st.fixed_dictionaries({"Generation": st.integers(0, 3), "Keys": st.one_of(entries, exact)}),
         "GetCurrentKey": st.just({}),
         "Accept": st.just({}),
         "Block": st.just({}),

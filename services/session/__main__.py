@@ -20,6 +20,7 @@ from aodm.session_api import (
     QueryMessage,
     RotateSessionKey,
     SendMessage,
+    ShareKeys,
     Unblock,
 )
 from aodm.transport import Delivery
@@ -40,6 +41,7 @@ COMBINED_BATCH = 4 * BATCH_SIZE  # deliveries of all held shards run as one batc
 
 ACTIONS = {
     "RotateSessionKey": Action(RotateSessionKey, keys.rotate_session_key, "send"),
+    "ShareKeys": Action(ShareKeys, keys.share_keys, "send"),
     "GetCurrentKey": Action(GetCurrentKey, keys.get_current_key, "dryrun"),
     "GetKeyByGeneration": Action(GetKeyByGeneration, keys.get_key_by_generation, "dryrun"),
     "SendMessage": Action(SendMessage, messages.send_messages, "send", batched=True, own_record=True),

@@ -79,10 +79,11 @@ class Devices:
                         await asyncio.wait_for(stop.wait(), RELISTEN_S)
                     except TimeoutError:  # still listening? (a silent cut shows only when used)
                         await asyncio.wait_for(conn.fetchval("SELECT 1"), RELISTEN_S)
-            except (*DatabaseUnavailable, asyncpg.PostgresError, TimeoutError) as exc:
+            except Exception as exc:  # whatever cut it: listen again (a cache nobody corrects must not stay)
                 log.warning("device changes: listening again", error=repr(exc))
             finally:
                 conn.terminate()  # a listener holds nothing to finish
+                self.forget_all()  # no change is heard until it listens again: read them afresh
 
 
 async def store_devices(pool: asyncpg.Pool, body: bytes) -> None:

@@ -11,6 +11,8 @@ from aodm.session_api import (
     Rotated,
     RotateSessionKey,
     SealedKey,
+    Shared,
+    ShareKeys,
 )
 from services.session import activity, store
 from services.session.consent import REQUEST_GENERATIONS, refusal
@@ -47,6 +49,29 @@ async def rotate_session_key(ctx: Context, req: RotateSessionKey) -> Rotated:
     ctx.notify(KeyRotated, told, session_id=session_id, generation=generation, rotated_by=ctx.caller)
     activity.touch(ctx, session_id, ctx.now)
     return Rotated(generation)
+
+
+async def share_keys(ctx: Context, req: ShareKeys) -> Shared:
+    """A member gives its own current devices the key of a generation it can read: each
+    entry is the caller's, sealed to one of its current devices' box keys. Only the
+    caller's own devices: it cannot give anyone else a key. The server cannot see what is
+    sealed; a device that gets a wrong key is its own other device's doing."""
+    members: Members = ctx.scope
+    mine = set((await ctx.app.directory.device_keys(ctx.conn, members, ctx.caller)).values())
+    entries = []
+    for entry in req.keys:
+        box = b64decode(entry.box_key, field="BoxKey", length=32)
+        if entry.handle != ctx.caller or box not in mine:
+            raise InvalidArgument("ShareKeys seals only to the caller's own current devices (GetDeviceLog lists them)")
+        entries.append((entry.handle, box, b64decode(entry.sealed_key, field="SealedKey", length=SEALED_KEY_BYTES)))
+    if len({box for _, box, _ in entries}) != len(entries):
+        raise InvalidArgument("one entry per device")
+    if not await store.key_batch(ctx.conn, ctx.envelope.target, req.generation):
+        raise NotFound(f"no key generation {req.generation}")
+    added = await store.share_keys(ctx.conn, ctx.envelope.target, req.generation, entries)
+    directory, key = ctx.app.directory, (ctx.envelope.target, req.generation)
+    ctx.on_commit(lambda: directory.forget_batch(*key))  # it seals to more devices now
+    return Shared(req.generation, added)
 
 
 async def _batch(ctx: Context, generation: int) -> KeyBatch:

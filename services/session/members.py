@@ -54,6 +54,11 @@ class MemberDirectory:
                 self._batches.popitem(last=False)
         return self._batches[key]
 
+    def forget_batch(self, session_id: str, generation: int) -> None:
+        """A batch got keys for more devices (ShareKeys); elsewhere a cached copy lacks them,
+        which can only refuse a send (key_outdated), never take one it should not."""
+        self._batches.pop((session_id, generation), None)
+
     async def devices_now(self, conn: asyncpg.Connection, members: Members) -> frozenset[tuple[str, bytes]]:
         """(handle, box key) of every current device of both members: what a batch must seal to."""
         now = []

@@ -429,6 +429,22 @@ async def insert_key_batch(
     )
 
 
+async def share_keys(conn: asyncpg.Connection, session_id: str, generation: int,
+                     entries: list[tuple[str, bytes, bytes]]) -> int:
+    """Add keys to an existing batch (same rotator and time); a device that has one keeps
+    it. Returns how many were added."""
+    return await conn.fetchval(
+        """WITH batch AS (SELECT rotated_by, created_at FROM session.keys WHERE session_id = $1 AND generation = $2 LIMIT 1),
+                added AS (
+                    INSERT INTO session.keys (session_id, generation, handle, box_key, sealed_key, rotated_by, created_at)
+                    SELECT $1, $2, e.handle, e.box_key, e.sealed_key, b.rotated_by, b.created_at
+                    FROM unnest($3::text[], $4::bytea[], $5::bytea[]) AS e(handle, box_key, sealed_key), batch AS b
+                    ON CONFLICT DO NOTHING RETURNING 1)
+           SELECT count(*) FROM added""",
+        session_id, generation, [e[0] for e in entries], [e[1] for e in entries], [e[2] for e in entries],
+    )
+
+
 async def sealed_to(conn: asyncpg.Connection, session_id: str, generation: int) -> list[asyncpg.Record]:
     """(handle, box_key) of each key in a batch; none for a generation that does not exist."""
     return await conn.fetch(
