@@ -277,7 +277,7 @@ def add_listen(sub: Subcommands) -> None:
                 "seen: the last 50), and a message whose notification the full queue dropped\n"
                 "is read back before the next one: each message once, in order. Ctrl-C stops.\n"
                 "With --json: one event per line (JSON lines), {\"event\": \"message\", ...}; the other\n"
-                "events are catching_up, session_established, key_rotated and request_failed.",
+                "events are catching_up, session_established, key_rotated, devices_changed and request_failed.",
                 timeout=False)
     p.add_argument("--once", action="store_true",
                    help="print what is waiting (or the first to arrive within --timeout), then exit")

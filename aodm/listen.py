@@ -6,7 +6,7 @@ in `Seq` order: a NewMessage past a gap (its notifications were dropped from a f
 or are the handle's own) comes after the messages it skipped, read back (aodm/catchup.py).
 
 With --json every line on stdout is one event (JSON lines): "message", "catching_up",
-"session_established", "key_rotated", "request_failed"."""
+"session_established", "key_rotated", "devices_changed", "request_failed"."""
 
 import time
 
@@ -15,7 +15,14 @@ from aodm.client import Client
 from aodm.commands import Context
 from aodm.errors import AodmError
 from aodm.inbox import Inbox
-from aodm.notifications import AnyNotification, KeyRotated, NewMessage, RequestFailed, SessionEstablished
+from aodm.notifications import (
+    AnyNotification,
+    DevicesChanged,
+    KeyRotated,
+    NewMessage,
+    RequestFailed,
+    SessionEstablished,
+)
 from aodm.output import Document, Output, local_time, moment
 from aodm.session_api import StoredMessage
 from aodm.state import State
@@ -158,6 +165,12 @@ class Listener:
                             "generation": note.generation, "rotated_by": note.rotated_by, **moment(note.at)}
                 what = f"key of the chat with {peer} rotated to generation {note.generation} by {note.rotated_by}"
                 return document, f"{at} * {what}"
+            case DevicesChanged():
+                document = {"event": "devices_changed", "handle": note.subject, "change": note.change,
+                            "device_id": note.device_id, "seq": note.seq, **moment(note.at)}
+                whose = "your handle" if note.subject == self.client.handle else note.subject
+                return document, (f"{at} * device {note.device_id} {note.change} {'to' if note.change == 'added' else 'from'} "
+                                  f"{whose} (device log entry {note.seq}; `aodm device list {note.subject}` verifies it)")
             case RequestFailed():
                 document = {"event": "request_failed", "action": note.action, "code": note.code,
                             "message": note.message, "request_id": note.request_id, **moment(note.at)}

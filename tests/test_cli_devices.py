@@ -2,6 +2,8 @@
 device of a handle with a code carried from it, both list the same verified devices, and
 a removed device is refused."""
 
+import json
+
 from tests.test_cli import aodm, name
 
 
@@ -15,6 +17,10 @@ async def test_a_second_machine_is_added_listed_and_removed(stack, tmp_path):
     added = await aodm(stack.amqp_url, laptop, "--json", "device", "add", code["code"])
     assert added.json() == {"handle": handle, "device_id": code["device_id"], "seq": 2, "rotated": 0,
                             "keys_shared": 0}, added.err
+    heard = await aodm(stack.amqp_url, laptop, "--json", "listen", "--once", "--timeout", "5")
+    events = [json.loads(line) for line in heard.out.splitlines()]
+    assert {"event": "devices_changed", "handle": handle, "change": "added", "device_id": code["device_id"],
+            "seq": 2}.items() <= next(e for e in events if e["event"] == "devices_changed").items(), heard.out
     listed = [(await aodm(stack.amqp_url, home, "--json", "device", "list")).json() for home in (laptop, phone)]
     assert listed[0]["head"] == listed[1]["head"] and listed[0]["seq"] == 2
     assert [d["this_device"] for d in listed[1]["devices"]] == [False, True]
