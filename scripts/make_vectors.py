@@ -15,7 +15,7 @@ from pathlib import Path
 import msgspec
 from nacl.encoding import RawEncoder
 from nacl.hash import blake2b
-from nacl.public import Box, PrivateKey
+from nacl.public import Box, PrivateKey, PublicKey
 from nacl.signing import SigningKey
 
 from aodm import crypto, devices
@@ -76,6 +76,34 @@ def sealed_key(recipient: dict) -> dict:
         "Nonce": b64encode(nonce),
         "SealedKey": b64encode(sealed),
     }
+
+
+def seal_by_hand(session_key: bytes, recipient_box_public: bytes, label: str) -> tuple[bytes, bytes]:
+    """crypto_box_seal with a fixed ephemeral key: (ephemeral secret, sealed)."""
+    ephemeral = PrivateKey(seed(label))
+    epk = bytes(ephemeral.public_key)
+    nonce = blake2b(epk + recipient_box_public, digest_size=24, encoder=RawEncoder)
+    sealed = epk + Box(ephemeral, PublicKey(recipient_box_public)).encrypt(session_key, nonce).ciphertext
+    return bytes(ephemeral), sealed
+
+
+def key_batch(session_id: str, members: dict[str, list[dict]]) -> dict:
+    """A RotateSessionKey for three devices (protocol §11.1, §10.8): one sealed key per
+    current device of each member, each opening to the same session key."""
+    session_key = seed("session key generation 2")
+    entries, keys = [], []
+    for handle, its_devices in sorted(members.items()):
+        for dev in its_devices:
+            box_public = bytes(PrivateKey(seed(f"{dev['Name']} box secret")).public_key)
+            ephemeral, sealed = seal_by_hand(session_key, box_public, f"key batch ephemeral {dev['Name']}")
+            keys.append({"Handle": handle, "BoxKey": b64encode(box_public), "SealedKey": b64encode(sealed)})
+            entries.append({"Device": dev["Name"], "DeviceId": device(dev)["DeviceId"], "BoxSecret": dev["BoxSecret"],
+                            "EphemeralSecret": b64encode(ephemeral), **keys[-1]})
+    signer = members["alice"][0]
+    data = json.dumps({"Keys": keys}, separators=(",", ":"))
+    rotation = envelope_case("rotate-for-three-devices", signer, target=session_id, from_="alice",
+                             action="RotateSessionKey", anchor="3a9c51e07b24d8f6", data=data)
+    return {"SessionId": session_id, "SessionKey": b64encode(session_key), "Entries": entries, "Rotation": rotation}
 
 
 def secretbox_cases() -> list[dict]:
@@ -216,6 +244,7 @@ def build() -> dict[str, dict]:
         "secretbox.json": {"Cases": secretbox_cases()},
         "base64url.json": base64url_cases(),
         "device_log.json": device_log("alice", alice, identity("alice-phone")),
+        "key_batch.json": key_batch(session_id, {"alice": [alice, identity("alice-phone")], "bob": [bob]}),
     }
 
 

@@ -42,6 +42,7 @@ SECRETBOX = load("secretbox.json")["Cases"]
 SEALED = load("sealed_key.json")
 BASE64 = load("base64url.json")
 DEVICE_LOG = load("device_log.json")
+KEY_BATCH = load("key_batch.json")
 
 
 def as_envelope(case: dict) -> envelopes.Envelope:
@@ -219,6 +220,24 @@ def test_device_code_carries_the_second_device():
         DEVICE_LOG["Handle"], second["SignPublic"], second["BoxPublic"], "device", added["Proof"])
     signing = SigningKey(b64decode(second["SigningSeed"], length=32))
     assert devices.device_code(handle, signing, second["BoxPublic"]) == DEVICE_LOG["DeviceCode"]
+
+
+@pytest.mark.parametrize("entry", KEY_BATCH["Entries"], ids=lambda e: e["Device"])
+def test_a_batch_for_three_devices_opens_on_each(entry):
+    box = PrivateKey(b64decode(entry["BoxSecret"], length=32))
+    assert b64encode(bytes(box.public_key)) == entry["BoxKey"]
+    assert crypto.open_session_key(entry["SealedKey"], box) == b64decode(KEY_BATCH["SessionKey"], length=32)
+    ephemeral = PrivateKey(b64decode(entry["EphemeralSecret"], length=32))
+    assert b64decode(entry["SealedKey"]).startswith(bytes(ephemeral.public_key))
+
+
+def test_a_batch_for_three_devices_is_one_rotation_signed_by_a_device():
+    env = as_envelope(KEY_BATCH["Rotation"])
+    envelopes.verify(env)
+    keys = json.loads(env.data)["Keys"]
+    assert [(k["Handle"], k["BoxKey"]) for k in keys] == [(e["Handle"], e["BoxKey"]) for e in KEY_BATCH["Entries"]]
+    assert len({k["BoxKey"] for k in keys}) == 3 and sorted({k["Handle"] for k in keys}) == ["alice", "bob"]
+    assert env.owner == next(i["Address"] for i in IDENTITIES if i["Name"] == "alice")  # alice's first device
 
 
 def test_vectors_are_what_the_generator_builds():

@@ -18,6 +18,7 @@ const load = (name) => JSON.parse(readFileSync(new URL(`../../tests/vectors/${na
 const IDENTITIES = load('identity.json').Identities;
 const ENVELOPES = load('envelope.json').Envelopes;
 const SEALED = load('sealed_key.json');
+const KEY_BATCH = load('key_batch.json');
 const SECRETBOX = load('secretbox.json').Cases;
 const BASE64 = load('base64url.json');
 const DEVICE_LOG = load('device_log.json');
@@ -106,6 +107,19 @@ describe('envelope.json', () => {
 
   test('register-from-address: 246 signing bytes (§6.2)', () => {
     assert.equal(signingBytes(ENVELOPES[0].Envelope).length, 246);
+  });
+});
+
+describe('key_batch.json', () => {
+  test('a batch for three devices: each device opens its own entry to the same session key', () => {
+    assert.equal(KEY_BATCH.Entries.length, 3);
+    for (const entry of KEY_BATCH.Entries) {
+      const device = new Identity(new Uint8Array(32), b64decode(entry.BoxSecret, { length: 32 }));
+      assert.equal(device.boxPublic, entry.BoxKey, entry.Device);
+      assert.equal(b64encode(openSessionKey(entry.SealedKey, device)), KEY_BATCH.SessionKey, entry.Device);
+    }
+    const keys = JSON.parse(KEY_BATCH.Rotation.Envelope.Data).Keys;
+    assert.deepEqual(keys.map((k) => [k.Handle, k.BoxKey]), KEY_BATCH.Entries.map((e) => [e.Handle, e.BoxKey]));
   });
 });
 
