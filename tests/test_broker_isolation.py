@@ -24,7 +24,7 @@ from aodm import envelope, topology
 from aodm.client import Client, with_credentials
 from aodm.crypto import Identity
 from aodm.encoding import b64encode
-from aodm.errors import InvalidArgument, NoSessionKey, NotFound
+from aodm.errors import InvalidArgument, NoSessionKey, NotFound, Unauthorized
 from aodm.inbox import Inbox, InboxUnavailable
 from aodm.notifications import Fanout, HandleRegistered, NewMessage, SessionEstablished
 from aodm.registry_api import REGISTRY_TARGET, Activity, ActivityReport
@@ -528,3 +528,26 @@ async def test_each_device_has_its_own_broker_user_reading_only_its_own_queue(sy
         assert phone.broker_user not in users and alice.broker_user in users
     finally:
         await phone.close()
+
+
+async def test_a_forged_device_list_from_another_user_is_ignored(system, person):
+    """A DevicesOf from a broker user that is not the services' would make any key a device
+    of anyone's handle in its sessions: the session workers drop it."""
+    from aodm.session_api import DeviceKeysOf, DevicesOf
+
+    alice, bob = await person("alice"), await person("bob")
+    session = (await alice.establish_session(bob.handle)).session_id
+    mallory = Identity.generate()
+    rogue_url = system.make_user("rogue.devices", {"configure": "^$", "write": ".*", "read": "^$"})
+    rogue = await Bus.connect(rogue_url, name="aodm-test-rogue")
+    try:
+        forged = DevicesOf(alice.handle, 99, [DeviceKeysOf(mallory.sign_public, mallory.box_public)])
+        await rogue.publish(topology.INTERNAL, topology.SESSION_DEVICES_ROUTING_KEY, _encoder.encode(forged))
+    finally:
+        await rogue.close()
+    await asyncio.sleep(1.0)
+    impostor = Client(alice.bus, mallory, alice.handle)
+    with pytest.raises(Unauthorized):
+        await impostor.get_current_key(session)
+    with pytest.raises(NoSessionKey):  # alice's own key still acts for her
+        await alice.get_current_key(session)

@@ -18,6 +18,7 @@ from aodm.errors import (
     KeyOutdated,
     NoSessionKey,
     NotFound,
+    PayloadTooLarge,
     RateLimited,
     Unauthorized,
 )
@@ -452,3 +453,20 @@ async def test_an_old_device_shares_the_history_with_a_new_one(make_client, devi
     own = SealedKey(bob.handle, phone.identity.box_public, crypto.seal_session_key(b"k" * 32, phone.identity.box_public))
     with pytest.raises(NotFound):
         await bob.call(session, ShareKeys(9, [own]), Shared)
+
+
+async def test_the_new_actions_refuse_strangers_and_oversized_data(make_client):
+    alice, bob, mallory = await make_client("alice"), await make_client("bob"), await make_client("mallory")
+    session = (await alice.establish_session(bob.handle)).session_id
+    await alice.rotate_session_key(session, bob.handle)
+    own = SealedKey(mallory.handle, mallory.identity.box_public,
+                    crypto.seal_session_key(b"k" * 32, mallory.identity.box_public))
+    with pytest.raises(Forbidden):  # not a member: no ShareKeys in someone else's session
+        await mallory.call(session, ShareKeys(1, [own]), Shared)
+    with pytest.raises(NotFound):
+        await mallory.device_log(f"nobody-{secrets.token_hex(4)}")
+    phone = Identity.generate()
+    keys = DeviceKeys(phone.sign_public, phone.box_public)
+    with pytest.raises(PayloadTooLarge):
+        await bob.call(REGISTRY_TARGET, AddDevice(keys, "A" * 70_000, "x"), DeviceChange)
+    assert (await bob.device_log()).seq == 1
