@@ -10,7 +10,6 @@ every handle when it listens again."""
 
 import asyncio
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import asyncpg
 import msgspec
@@ -26,31 +25,21 @@ RELISTEN_S = 1.0
 devices_decoder = msgspec.json.Decoder(DevicesOf)
 
 
-@dataclass(frozen=True)
-class DeviceSet:
-    """A handle's current devices: signing key -> box key."""
-
-    keys: dict[bytes, bytes]
-
-    @property
-    def box_keys(self) -> set[bytes]:
-        return set(self.keys.values())
-
-
 class Devices:
     """The devices of the handles this worker has seen lately, each forgotten when it changes."""
 
     def __init__(self, capacity: int = 100_000) -> None:
-        self._cache: OrderedDict[str, DeviceSet | None] = OrderedDict()
+        self._cache: OrderedDict[str, dict[bytes, bytes] | None] = OrderedDict()  # signing key -> box key
         self._capacity = capacity
 
-    async def of(self, conn: asyncpg.Connection, handle: str) -> DeviceSet | None:
-        """None: the registry never told of any (the first device, as Spawn gave it)."""
+    async def of(self, conn: asyncpg.Connection, handle: str) -> dict[bytes, bytes] | None:
+        """A handle's current devices, signing key -> box key; None: the registry never told
+        of any (the first device, as Spawn gave it)."""
         if handle in self._cache:
             self._cache.move_to_end(handle)
             return self._cache[handle]
         row = await store.handle_devices(conn, handle)
-        found = None if row is None else DeviceSet({bytes(s): bytes(b) for s, b in zip(row["sign_keys"], row["box_keys"], strict=True)})
+        found = None if row is None else {bytes(s): bytes(b) for s, b in zip(row["sign_keys"], row["box_keys"], strict=True)}
         self._cache[handle] = found
         if len(self._cache) > self._capacity:
             self._cache.popitem(last=False)

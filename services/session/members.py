@@ -28,9 +28,6 @@ class Members:
     def handles(self) -> list[str]:
         return sorted(self.sign_keys)
 
-    def box_key(self, handle: str) -> bytes:
-        return self.box_keys[handle]
-
     def other(self, handle: str) -> str:
         return next(h for h in self.sign_keys if h != handle)
 
@@ -69,7 +66,7 @@ class MemberDirectory:
     async def device_keys(self, conn: asyncpg.Connection, members: Members, handle: str) -> dict[bytes, bytes]:
         """The current devices of a member: signing key -> box key."""
         known = await self.devices.of(conn, handle)
-        return known.keys if known is not None else {members.sign_keys[handle]: members.box_keys[handle]}
+        return known if known is not None else {members.sign_keys[handle]: members.box_keys[handle]}
 
     async def lookup(self, conn: asyncpg.Connection, session_id: str) -> Members | None:
         members = self._cache.get(session_id)
