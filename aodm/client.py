@@ -20,8 +20,17 @@ from nacl.signing import SigningKey
 
 from aodm import crypto, devices, envelope, topology
 from aodm.devices import DeviceLog
-from aodm.encoding import b64decode, b64encode
-from aodm.errors import Forbidden, InvalidArgument, KeyOutdated, NoSessionKey, NotAccepted, Timeout, error_for
+from aodm.encoding import b64encode
+from aodm.errors import (
+    Forbidden,
+    InvalidArgument,
+    KeyOutdated,
+    MalformedRequest,
+    NoSessionKey,
+    NotAccepted,
+    Timeout,
+    error_for,
+)
 from aodm.registry_api import (
     REGISTRY_TARGET,
     AddDevice,
@@ -88,6 +97,17 @@ async def _once_devices_settle(call: Callable[[], Awaitable[T]]) -> T:
                 raise
             await asyncio.sleep(0.1 * attempt)
     return await call()
+
+
+def _recovery_seed(secret: str) -> bytes:
+    """The 32-byte seed of a recovery secret (64 hex digits); MalformedRequest otherwise."""
+    try:
+        seed = bytes.fromhex(secret.strip())
+    except ValueError:
+        seed = b""
+    if len(seed) != 32:
+        raise MalformedRequest("a recovery secret is 64 hex digits (as `aodm device recovery-key` printed it)")
+    return seed
 
 
 def with_credentials(url: str, user: str, password: str) -> str:
@@ -319,11 +339,13 @@ class Client:
         return await self.call(REGISTRY_TARGET, RemoveDevice(device_id, log.head), DeviceChange)
 
     async def add_recovery_key(self) -> str:
-        """A new recovery key for this handle, added by this device: returns its secret (keep
-        it offline; with it `recover` adds a device when every device is lost)."""
+        """A new recovery key for this handle, added by this device: returns its secret, 64
+        hex digits (keep it offline; with it `recover` adds a device when every device is
+        lost). Hex, not base64url: a secret starting with "-" would read as an option on a
+        command line."""
         recovery = SigningKey.generate()
         await self.add_device(devices.device_code(self.acting_as, recovery, None))
-        return b64encode(bytes(recovery))
+        return bytes(recovery).hex()
 
     async def rotate_all(self) -> list[str]:
         """A new key, sealed to the devices of now, in every session of this handle that
@@ -343,7 +365,7 @@ class Client:
     async def recover(self, handle: str, recovery_secret: str) -> DeviceChange:
         """Make this identity a device of `handle` with the handle's recovery key (every
         device lost): the AddDevice is signed by the recovery key."""
-        recovery = SigningKey(b64decode(recovery_secret.strip(), field="recovery secret", length=32))
+        recovery = SigningKey(_recovery_seed(recovery_secret))
         keys = DeviceKeys(self.identity.sign_public, self.identity.box_public)
         proof = devices.sign_claim(self.identity.signing_key, handle, keys)
         log = await self.device_log(handle)

@@ -3,6 +3,7 @@ device of a handle with a code carried from it, both list the same verified devi
 a removed device is refused."""
 
 import json
+import re
 
 from tests.test_cli import aodm, name
 
@@ -39,6 +40,7 @@ async def test_a_recovery_secret_brings_a_handle_back_to_a_new_machine(stack, tm
         assert (await aodm(stack.amqp_url, home, "identity", "new")).code == 0
     assert (await aodm(stack.amqp_url, lost, "register", handle)).code == 0
     secret = (await aodm(stack.amqp_url, lost, "--json", "device", "recovery-key")).json()["recovery_secret"]
+    assert re.fullmatch("[0-9a-f]{64}", secret), secret  # never read as an option (base64url could start with "-")
     recovered = await aodm(stack.amqp_url, new, "--json", "recover", handle, secret)
     assert recovered.json()["seq"] == 3, recovered.err
     kinds = sorted(d["kind"] for d in (await aodm(stack.amqp_url, new, "--json", "device", "list")).json()["devices"])
